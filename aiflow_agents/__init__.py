@@ -1,0 +1,59 @@
+"""aiflow-agents runtime: agents, nodes, request/reply client, brokers and plugins over MQTT."""
+
+from .agent import Accepts, Agent, AgentContext, Reply
+from .broker import BrokerURL, EmbeddedBroker, broker_from_env, broker_scope, free_port
+from .builtin_agents import EchoAgent, ScriptedAgent, TensorStatsAgent
+from .client import Client, Exchange
+from .connection import Backoff, Connection
+from .errors import (
+    AgentError,
+    AgentUnavailableError,
+    AiflowError,
+    BrokerUnavailableError,
+    ConnectionLostError,
+    RemoteAgentError,
+    RequestTimeoutError,
+)
+from .launch import NodeProcess
+from .log import configure_logging
+from .node import Node
+from .presence import Presence
+from .registry import AgentSpec, UnknownAgentTypeError, available, create, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accepts",
+    "Agent",
+    "AgentContext",
+    "AgentError",
+    "AgentSpec",
+    "AgentUnavailableError",
+    "AiflowError",
+    "Backoff",
+    "BrokerURL",
+    "BrokerUnavailableError",
+    "Client",
+    "Connection",
+    "ConnectionLostError",
+    "EchoAgent",
+    "EmbeddedBroker",
+    "Exchange",
+    "Node",
+    "NodeProcess",
+    "Presence",
+    "RemoteAgentError",
+    "Reply",
+    "RequestTimeoutError",
+    "ScriptedAgent",
+    "TensorStatsAgent",
+    "UnknownAgentTypeError",
+    "__version__",
+    "available",
+    "broker_from_env",
+    "broker_scope",
+    "configure_logging",
+    "create",
+    "free_port",
+    "load",
+]

@@ -1,0 +1,220 @@
+"""The ``aiflow`` command. Subcommands from other packages (topologies, demos) plug in through
+entry-point groups, so the runtime never imports them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib.metadata import entry_points
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .broker import ENV_BROKER, BrokerURL, EmbeddedBroker, broker_from_env, broker_scope
+from .client import Client
+from .errors import AiflowError
+from .log import configure_logging
+from .node import Node
+from .registry import AgentSpec, available
+
+CLI_GROUP = "aiflow_agents.cli"
+DEMO_GROUP = "aiflow_agents.demos"
+
+app = typer.Typer(help="aiflow-agents: heterogeneous model agents over MQTT.", no_args_is_help=True)
+agents_app = typer.Typer(help="Agent types and online agents.", no_args_is_help=True)
+demo_app = typer.Typer(help="Demo scenarios (each starts its own node processes).", no_args_is_help=True)
+app.add_typer(agents_app, name="agents")
+app.add_typer(demo_app, name="demo")
+console = Console()
+err = Console(stderr=True)
+
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker", "-b", envvar=ENV_BROKER, help="mqtt[s]://[user:pass@]host:port; none = embedded broker"),
+]
+NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", envvar="AIFLOW_NAMESPACE", help="topic namespace")]
+LogOpt = Annotated[str, typer.Option("--log-level", envvar="AIFLOW_LOG_LEVEL")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(__version__)
+
+
+@app.command()
+def broker(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 1883,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run the embedded (amqtt, MQTT 3.1.1) broker in the foreground until Ctrl-C."""
+    configure_logging(log_level)
+
+    async def main() -> None:
+        b = EmbeddedBroker(host, port)
+        url = await b.start()
+        console.print(f"embedded broker listening on [bold]{url}[/] (Ctrl-C to stop)")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await b.stop()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    except AiflowError as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def node(
+    agent: Annotated[list[str], typer.Option("--agent", "-a", help="NAME[:ID][?key=value&...] (repeatable)")],
+    broker: BrokerOpt = None,
+    namespace: NamespaceOpt = "default",
+    node_id: Annotated[str | None, typer.Option(help="stable node id (default: host-pid-random)")] = None,
+    tier: Annotated[str | None, typer.Option(help="device, edge or cloud (shown in presence)")] = None,
+    concurrency: Annotated[int, typer.Option(help="handlers running at once")] = 64,
+    max_pending: Annotated[int, typer.Option(help="requests waiting beyond that before 'overloaded'")] = 1024,
+    log_level: LogOpt = "info",
+) -> None:
+    """Host agents on a node until SIGINT/SIGTERM."""
+    configure_logging(log_level)
+    try:
+        agents = [AgentSpec.parse(a).create(**({"tier": tier} if tier else {})) for a in agent]
+    except (AiflowError, ValueError, TypeError) as e:
+        raise _fail(str(e)) from None
+
+    async def main() -> None:
+        async with broker_scope(broker) as url:
+            if broker_from_env(broker) is None:
+                err.print(f"no broker configured: started an embedded one at [bold]{url}[/]")
+            n = Node(
+                agents,
+                url,
+                node_id=node_id,
+                namespace=namespace,
+                tier=tier,
+                max_concurrency=concurrency,
+                max_pending=max_pending,
+            )
+            await n.run()
+
+    try:
+        asyncio.run(main())
+    except AiflowError as e:
+        raise _fail(str(e)) from None
+
+
+@agents_app.command("list")
+def agents_list(
+    online: Annotated[bool, typer.Option("--online", help="also list agents online on the broker")] = False,
+    broker: BrokerOpt = None,
+    namespace: NamespaceOpt = "default",
+    wait: Annotated[float, typer.Option(help="seconds to collect presence")] = 1.0,
+) -> None:
+    """Installed agent types (entry-point group aiflow_agents.agents) and, with --online, live agents."""
+    table = Table(title="installed agent types")
+    table.add_column("name")
+    table.add_column("class")
+    table.add_column("distribution")
+    for name, ep in sorted(available().items()):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        table.add_row(name, ep.value, dist)
+    console.print(table)
+    if not online:
+        return
+
+    async def main() -> None:
+        url = broker_from_env(broker)
+        if url is None:
+            raise _fail("--online needs --broker or AIFLOW_BROKER")
+        async with Client(url, namespace=namespace) as c:
+            await asyncio.sleep(wait)
+            t = Table(title=f"online agents on {url}")
+            for col in ("agent", "type", "tier", "nodes"):
+                t.add_column(col)
+            for agent_id, hosts in sorted(c.presence.online().items()):
+                t.add_row(
+                    agent_id, hosts[0].agent_type or "?", hosts[0].tier or "", ", ".join(h.node_id for h in hosts)
+                )
+            console.print(t)
+
+    try:
+        asyncio.run(main())
+    except AiflowError as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def send(
+    agent_id: Annotated[str, typer.Argument(help="the agent to ask")],
+    text: Annotated[str, typer.Argument(help="the request text")],
+    broker: BrokerOpt = None,
+    namespace: NamespaceOpt = "default",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the reply as JSON")] = False,
+) -> None:
+    """Send one request and print the reply (exit code 1 with the reason if it fails)."""
+
+    async def main() -> None:
+        async with broker_scope(broker) as url, Client(url, namespace=namespace) as c:
+            reply = await c.request(agent_id, text, timeout=timeout)
+            if as_json:
+                console.print_json(json.dumps(_reply_json(reply)))
+                return
+            console.print(reply.text)
+            for part in reply.tensors():
+                console.print(f"[dim]tensor {part.dtype} {list(part.shape)} role={part.role} space={part.space}[/]")
+            if reply.meta:
+                console.print(f"[dim]meta {json.dumps(reply.meta)}[/]")
+
+    try:
+        asyncio.run(main())
+    except AiflowError as e:
+        raise _fail(str(e)) from None
+
+
+def _reply_json(reply: Any) -> dict[str, Any]:
+    return {
+        "id": reply.id,
+        "kind": str(reply.kind),
+        "sender": reply.sender,
+        "text": reply.text,
+        "meta": reply.meta,
+        "tensors": [{"dtype": str(p.dtype), "shape": list(p.shape), "role": str(p.role)} for p in reply.tensors()],
+    }
+
+
+def _load_extensions() -> None:
+    for ep in entry_points(group=CLI_GROUP):
+        try:
+            sub = ep.load()
+        except Exception as e:  # a broken plugin must not break the CLI
+            err.print(f"[yellow]warning:[/] CLI extension {ep.name!r} failed to load: {e}")
+            continue
+        app.add_typer(sub, name=ep.name)
+    for ep in entry_points(group=DEMO_GROUP):
+        try:
+            fn = ep.load()
+        except Exception as e:
+            err.print(f"[yellow]warning:[/] demo {ep.name!r} failed to load: {e}")
+            continue
+        demo_app.command(ep.name)(fn)
+
+
+def main() -> None:
+    _load_extensions()
+    app()
+
+
+__all__ = ["BrokerURL", "app", "main"]

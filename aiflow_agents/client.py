@@ -1,0 +1,324 @@
+"""Request/reply over the bus. A request never hangs: it returns the reply or raises a typed error
+naming the agent (absent, timed out, failed, connection lost)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import aiomqtt
+import structlog
+
+from protocols import (
+    DEFAULT_LIMITS,
+    Envelope,
+    ErrorInfo,
+    Kind,
+    Limits,
+    ProtocolError,
+    Topics,
+    decode,
+    encode,
+    mqtt5_properties,
+    new_id,
+    peek_header,
+)
+
+from .broker import BrokerURL, broker_from_env
+from .connection import Connection
+from .errors import (
+    AgentUnavailableError,
+    AiflowError,
+    BrokerUnavailableError,
+    ConnectionLostError,
+    RemoteAgentError,
+    RequestTimeoutError,
+)
+from .presence import Presence
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request and what came of it: the unit of a run's trace."""
+
+    agent_id: str
+    request: Envelope
+    reply: Envelope | None = None
+    error: AiflowError | None = None
+    bytes_out: int = 0
+    bytes_in: int = 0
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    topic: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.reply is not None and self.reply.kind != Kind.ERROR
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+class _Pending:
+    """Replies awaited under one correlation id: one for a request, several for a group scatter."""
+
+    __slots__ = ("expected", "queue")
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.queue: asyncio.Queue[tuple[Envelope | None, int, AiflowError | None]] = asyncio.Queue()
+
+
+class Client:
+    """Sends requests to agents by id and matches replies by correlation id.
+
+    Pass ``connection`` to ride on an existing connection (nodes do, so their agents can call
+    other agents); otherwise the client owns one and must be started (``async with Client(...)``).
+    """
+
+    def __init__(
+        self,
+        broker: str | BrokerURL | None = None,
+        *,
+        namespace: str = "default",
+        client_id: str | None = None,
+        connection: Connection | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        presence_grace: float = 1.0,
+        default_timeout: float = 30.0,
+        qos: int = 1,
+    ) -> None:
+        self.topics = Topics(namespace)
+        self.client_id = client_id or (connection.client_id if connection else f"client-{new_id()[:12]}")
+        if connection is None:
+            url = broker_from_env(broker)
+            if url is None:
+                raise BrokerUnavailableError(
+                    "no broker configured: pass a URL, set AIFLOW_BROKER, "
+                    "or start one with aiflow_agents.broker_scope()"
+                )
+            connection = Connection(url, client_id=self.client_id)
+            self._owns_connection = True
+        else:
+            self._owns_connection = False
+        self.connection = connection
+        self.limits = limits
+        self.presence = Presence(self.topics)
+        self.presence_grace = presence_grace
+        self.default_timeout = default_timeout
+        self.qos = qos
+        self.reply_topic = self.topics.replies(self.client_id)
+        self._pending: dict[str, _Pending] = {}
+        self._connected_at = 0.0
+        self._started = False
+        self.stats = {"late_or_duplicate_replies": 0, "bad_replies": 0}
+        self.on_exchange: list[Callable[[Exchange], Awaitable[None] | None]] = []
+        self.log = structlog.get_logger("aiflow.client").bind(client=self.client_id)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self, timeout: float = 10.0) -> Client:
+        if self._started:
+            return self
+        self._started = True
+        conn = self.connection
+        conn.route(self.reply_topic, self._on_reply)
+        conn.route(self.topics.presence_filter, self._on_presence)
+        conn.on_connect(self._on_connect)
+        conn.on_disconnect(self._on_disconnect)
+        await conn.subscribe(self.reply_topic, qos=self.qos)
+        await conn.subscribe(self.topics.presence_filter, qos=1)
+        if conn.connected:
+            self._connected_at = time.monotonic()
+        if self._owns_connection:
+            await conn.start(timeout=timeout)
+        return self
+
+    async def stop(self) -> None:
+        for p in self._pending.values():
+            p.queue.put_nowait((None, 0, ConnectionLostError("client stopped")))
+        if self._owns_connection:
+            await self.connection.stop()
+        self._started = False
+
+    async def __aenter__(self) -> Client:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _on_connect(self) -> None:
+        self._connected_at = time.monotonic()
+
+    async def _on_disconnect(self) -> None:
+        # Our reply subscription is gone with the session: no in-flight reply can arrive any more.
+        for p in self._pending.values():
+            for _ in range(p.expected):
+                p.queue.put_nowait((None, 0, ConnectionLostError(f"connection to {self.connection.url} lost")))
+
+    async def _on_presence(self, message: aiomqtt.Message) -> None:
+        await self.presence.update(message.topic.value, bytes(message.payload))  # type: ignore[arg-type]
+
+    async def _on_reply(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        size = len(payload)  # type: ignore[arg-type]
+        try:
+            env = decode(payload, self.limits)  # type: ignore[arg-type]
+        except ProtocolError as e:
+            self.stats["bad_replies"] += 1
+            corr = None
+            with contextlib.suppress(ProtocolError):
+                corr = peek_header(payload).get("correlation_id")  # type: ignore[arg-type]
+            self.log.warning("undecodable reply", error=str(e), code=e.code, correlation_id=corr)
+            if isinstance(corr, str) and corr in self._pending:
+                self._pending[corr].queue.put_nowait((None, size, AiflowError(f"undecodable reply: {e}")))
+            return
+        pending = self._pending.get(env.correlation_id or "")
+        if pending is None:
+            self.stats["late_or_duplicate_replies"] += 1
+            self.log.debug("reply with no pending request", correlation_id=env.correlation_id, sender=env.sender)
+            return
+        pending.queue.put_nowait((env, size, None))
+
+    # -- presence -----------------------------------------------------------------------------
+    async def wait_for_agents(self, agent_ids: Iterable[str], timeout: float = 10.0) -> None:
+        missing = await self.presence.wait_online(agent_ids, timeout)
+        if missing:
+            raise AgentUnavailableError(missing[0], list(self.presence.online()))
+
+    async def ensure_online(self, agent_id: str) -> None:
+        """Fail fast for an absent agent, allowing retained presence a moment to arrive after connect."""
+        if self.presence.is_online(agent_id):
+            return
+        grace = self._connected_at + self.presence_grace - time.monotonic()
+        if grace > 0 and not await self.presence.wait_online([agent_id], grace):
+            return
+        raise AgentUnavailableError(agent_id, list(self.presence.online()))
+
+    # -- requests -----------------------------------------------------------------------------
+    def prepare(self, agent_id: str | None, message: Envelope | str, timeout: float) -> Envelope:
+        """Address a request: reply address, correlation id, deadline (never later than the caller's)."""
+        env = Envelope.request(message) if isinstance(message, str) else message
+        deadline = time.time() + timeout
+        if env.deadline is not None:
+            deadline = min(deadline, env.deadline)
+        return env.model_copy(
+            update={
+                "kind": Kind.REQUEST,
+                "recipient": agent_id if agent_id is not None else env.recipient,
+                "reply_to": self.reply_topic,
+                "correlation_id": env.correlation_id or env.id,
+                "sender": env.sender if env.sender != "anonymous" else self.client_id,
+                "deadline": deadline,
+            }
+        )
+
+    async def request(
+        self,
+        agent_id: str,
+        message: Envelope | str,
+        *,
+        timeout: float | None = None,
+        raise_on_error: bool = True,
+        check_presence: bool = True,
+    ) -> Envelope:
+        """Send one request and return the reply; raise a typed :class:`AiflowError` otherwise."""
+        ex = await self.exchange(agent_id, message, timeout=timeout, check_presence=check_presence)
+        if ex.error is not None:
+            raise ex.error
+        assert ex.reply is not None
+        if raise_on_error and ex.reply.kind == Kind.ERROR:
+            raise RemoteAgentError(
+                ex.reply.error or ErrorInfo(code="unknown", message="error without details"), agent_id
+            )
+        return ex.reply
+
+    async def exchange(
+        self,
+        agent_id: str,
+        message: Envelope | str,
+        *,
+        timeout: float | None = None,
+        check_presence: bool = True,
+        topic: str | None = None,
+    ) -> Exchange:
+        """Like :meth:`request`, but never raises for the remote side: failures land in the record."""
+        timeout = self.default_timeout if timeout is None else timeout
+        env = self.prepare(agent_id, message, timeout)
+        ex = Exchange(agent_id=agent_id, request=env, topic=topic or self.topics.inbox(agent_id))
+        try:
+            if check_presence:
+                await self.ensure_online(agent_id)
+            results = await self._send_and_collect(ex.topic, env, 1, timeout, ex)
+            reply, size, error = results[0]
+            ex.reply, ex.bytes_in, ex.error = reply, size, error
+            if error is None and reply is not None and reply.kind == Kind.ERROR and reply.error is not None:
+                ex.error = RemoteAgentError(reply.error, agent_id)
+            if isinstance(error, RequestTimeoutError):
+                ex.error = RequestTimeoutError(agent_id, timeout, env.id)
+        except AiflowError as e:
+            ex.error = e
+        ex.ended = time.time()
+        await self._notify(ex)
+        return ex
+
+    async def scatter(
+        self, topic: str, message: Envelope | str, *, expected: int, timeout: float | None = None
+    ) -> tuple[Envelope, int, list[tuple[Envelope, int]], bool]:
+        """Publish once to a group topic and collect up to ``expected`` replies (the broker fans out).
+
+        Returns (request sent, its size, [(reply, size)], timed_out).
+        """
+        timeout = self.default_timeout if timeout is None else timeout
+        env = self.prepare(None, message, timeout)
+        ex = Exchange(agent_id=topic, request=env, topic=topic)
+        results = await self._send_and_collect(topic, env, expected, timeout, ex)
+        replies = [(r, n) for r, n, err in results if r is not None and err is None]
+        timed_out = any(isinstance(err, RequestTimeoutError) for _, _, err in results)
+        return env, ex.bytes_out, replies, timed_out
+
+    async def _send_and_collect(
+        self, topic: str, env: Envelope, expected: int, timeout: float, ex: Exchange
+    ) -> list[tuple[Envelope | None, int, AiflowError | None]]:
+        corr = env.correlation_id or env.id
+        if corr in self._pending:
+            raise AiflowError(f"correlation id {corr!r} is already in flight")
+        frame = encode(env, self.limits)
+        ex.bytes_out = len(frame)
+        pending = self._pending[corr] = _Pending(expected)
+        results: list[tuple[Envelope | None, int, AiflowError | None]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self.connection.publish(
+                topic, frame, qos=self.qos, properties=mqtt5_properties(env), timeout=max(timeout, 0.001)
+            )
+            while len(results) < expected:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                results.append(await asyncio.wait_for(pending.queue.get(), remaining))
+                if results[-1][2] is not None and isinstance(results[-1][2], ConnectionLostError):
+                    break
+        except TimeoutError:
+            results.append((None, 0, RequestTimeoutError(ex.agent_id, timeout, env.id)))
+        finally:
+            self._pending.pop(corr, None)
+        return results
+
+    async def publish(self, topic: str, envelope: Envelope, *, qos: int | None = None) -> int:
+        """Fire-and-forget publish of an envelope (events); returns bytes on the wire."""
+        frame = encode(envelope, self.limits)
+        await self.connection.publish(
+            topic, frame, qos=self.qos if qos is None else qos, properties=mqtt5_properties(envelope)
+        )
+        return len(frame)
+
+    async def _notify(self, ex: Exchange) -> None:
+        for hook in self.on_exchange:
+            r = hook(ex)
+            if r is not None:
+                await r

@@ -1,0 +1,64 @@
+"""Runtime failures a caller can catch by type; each names the agent and the reason."""
+
+from __future__ import annotations
+
+from protocols import ErrorInfo
+
+
+class AiflowError(Exception):
+    """Base of every runtime error of aiflow-agents."""
+
+    code = "aiflow_error"
+
+
+class BrokerUnavailableError(AiflowError):
+    """The broker could not be reached (or refused us) within the allowed time."""
+
+    code = "broker_unavailable"
+
+
+class ConnectionLostError(AiflowError):
+    """The broker connection dropped while a request was in flight; its reply can no longer arrive."""
+
+    code = "connection_lost"
+
+
+class AgentUnavailableError(AiflowError):
+    """No online node hosts the agent: fail fast instead of waiting for a timeout."""
+
+    code = "agent_unavailable"
+
+    def __init__(self, agent_id: str, online: list[str] | None = None) -> None:
+        hint = f"; online agents: {', '.join(sorted(online))}" if online else "; no agents are online"
+        super().__init__(f"agent {agent_id!r} is not online{hint}")
+        self.agent_id = agent_id
+
+
+class RequestTimeoutError(AiflowError, TimeoutError):
+    code = "timeout"
+
+    def __init__(self, agent_id: str, timeout: float, request_id: str) -> None:
+        super().__init__(f"no reply from agent {agent_id!r} within {timeout:.3g}s (request {request_id})")
+        self.agent_id = agent_id
+        self.timeout = timeout
+        self.request_id = request_id
+
+
+class RemoteAgentError(AiflowError):
+    """The agent (or its node) answered with an error envelope."""
+
+    def __init__(self, info: ErrorInfo, agent_id: str | None = None) -> None:
+        who = info.agent or agent_id or "?"
+        super().__init__(f"agent {who!r} failed [{info.code}]: {info.message}")
+        self.info = info
+        self.code = info.code
+        self.agent_id = who
+
+
+class AgentError(AiflowError):
+    """Raise from a handler to answer with a chosen error code instead of ``handler_error``."""
+
+    def __init__(self, message: str, *, code: str = "agent_error", retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable

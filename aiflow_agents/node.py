@@ -1,0 +1,432 @@
+"""A node: one process-level MQTT connection hosting one or more agents.
+
+A node never dies on a bad frame or a raising handler: every failure becomes an error envelope
+to the requester when a reply address is known (from the envelope, or from the MQTT 5
+ResponseTopic/CorrelationData of a frame that could not be decoded), and otherwise a log line
+plus an error envelope on the agent's ``errors`` topic.
+
+Load policy: at most ``max_concurrency`` handlers run at once; up to ``max_pending`` more wait;
+beyond that requests are refused at once with the retryable error ``overloaded`` (the incoming
+queue never grows without bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from protocols import (
+    DEFAULT_LIMITS,
+    Envelope,
+    ErrorInfo,
+    Kind,
+    Limits,
+    PresenceRecord,
+    ProtocolError,
+    Status,
+    TensorPart,
+    TextPart,
+    Topics,
+    decode,
+    encode,
+    mqtt5_properties,
+    new_id,
+)
+
+from .agent import Agent, AgentContext, Reply
+from .broker import BrokerURL, broker_from_env
+from .client import Client
+from .connection import Connection
+from .errors import AgentError, BrokerUnavailableError
+
+
+class _RecentIds:
+    """Message ids seen lately: QoS 1 may redeliver, and a request must run once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def seen(self, key: str) -> bool:
+        if key in self._ids:
+            self._ids.move_to_end(key)
+            return True
+        self._ids[key] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return False
+
+
+class Node:
+    def __init__(
+        self,
+        agents: Sequence[Agent],
+        broker: str | BrokerURL | None = None,
+        *,
+        node_id: str | None = None,
+        namespace: str = "default",
+        max_concurrency: int = 64,
+        max_pending: int = 1024,
+        limits: Limits = DEFAULT_LIMITS,
+        dedupe_window: int = 4096,
+        tier: str | None = None,
+    ) -> None:
+        if not agents:
+            raise ValueError("a node needs at least one agent")
+        ids = [a.agent_id for a in agents]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate agent ids on one node: {ids}")
+        url = broker_from_env(broker)
+        if url is None:
+            raise BrokerUnavailableError("no broker configured: pass a URL or set AIFLOW_BROKER")
+        self.url = url
+        self.agents = {a.agent_id: a for a in agents}
+        self.node_id = node_id or f"node-{socket.gethostname().split('.')[0][:20]}-{os.getpid()}-{new_id()[:6]}"
+        self.node_id = "".join(c if c.isalnum() or c in "_.-" else "-" for c in self.node_id)
+        self.topics = Topics(namespace)
+        self.limits = limits
+        self.tier = tier
+        self.max_concurrency = max_concurrency
+        self.max_pending = max_pending
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._recent = _RecentIds(dedupe_window)
+        offline = PresenceRecord(status=Status.OFFLINE, node_id=self.node_id, tier=tier, pid=os.getpid())
+        self.connection = Connection(
+            url,
+            client_id=self.node_id,
+            will=aiomqtt.Will(self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True),
+        )
+        self.client = Client(connection=self.connection, namespace=namespace, limits=limits)
+        self.stats: dict[str, int] = {
+            "requests": 0,
+            "replies": 0,
+            "errors": 0,
+            "bad_frames": 0,
+            "duplicates": 0,
+            "overloaded": 0,
+        }
+        self._stopped = asyncio.Event()
+        self._started = False
+        self.log = structlog.get_logger("aiflow.node").bind(node=self.node_id)
+
+    # -- subscriptions ------------------------------------------------------------------------
+    def _inbox_subscription(self, agent_id: str) -> str:
+        # MQTT 5: a shared subscription, so replicas of this agent on other nodes split the load.
+        if self.connection.is_v5:
+            return self.topics.shared_inbox(agent_id)
+        return self.topics.inbox(agent_id)
+
+    async def _announce(self) -> None:
+        """(Re)subscribe inboxes for the negotiated protocol and publish presence."""
+        for agent in self.agents.values():
+            plain, shared = self.topics.inbox(agent.agent_id), self.topics.shared_inbox(agent.agent_id)
+            want = self._inbox_subscription(agent.agent_id)
+            stale = shared if want == plain else plain
+            if stale in self.connection.subscriptions:
+                await self.connection.unsubscribe(stale)
+            await self.connection.subscribe(want, qos=1)
+            for g in agent.groups:
+                await self.connection.subscribe(self.topics.group(g), qos=1)
+        record = PresenceRecord(
+            status=Status.ONLINE, node_id=self.node_id, tier=self.tier, pid=os.getpid(), host=socket.gethostname()
+        )
+        await self.connection.publish(self.topics.node_presence(self.node_id), record.to_bytes(), qos=1, retain=True)
+        for agent in self.agents.values():
+            rec = PresenceRecord(
+                status=Status.ONLINE,
+                node_id=self.node_id,
+                agent_id=agent.agent_id,
+                agent_type=agent.type_name,
+                accepts=agent.accepts.describe(),
+                groups=list(agent.groups),
+                tier=agent.tier or self.tier,
+                pid=os.getpid(),
+            )
+            await self.connection.publish(
+                self.topics.agent_presence(agent.agent_id, self.node_id), rec.to_bytes(), qos=1, retain=True
+            )
+        self.log.info("online", broker=str(self.url), agents=list(self.agents), v5=self.connection.is_v5)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self, timeout: float = 10.0) -> Node:
+        if self._started:
+            return self
+        self._started = True
+        for agent in self.agents.values():
+            await agent.setup()
+        for agent in self.agents.values():
+            self.connection.route(self.topics.inbox(agent.agent_id), self._on_message)
+        for g in {g for a in self.agents.values() for g in a.groups}:
+            self.connection.route(self.topics.group(g), self._on_message)
+        await self.client.start()
+        self.connection.on_connect(self._announce)
+        await self.connection.start(timeout=timeout)
+        return self
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking requests, let in-flight ones finish (or fail them), then go offline."""
+        if not self._started:
+            return
+        self._started = False
+        for agent in self.agents.values():
+            with contextlib.suppress(Exception):
+                await self.connection.unsubscribe(self._inbox_subscription(agent.agent_id))
+            for g in agent.groups:
+                with contextlib.suppress(Exception):
+                    await self.connection.unsubscribe(self.topics.group(g))
+        if self._inflight:
+            _, still = await asyncio.wait(set(self._inflight), timeout=grace)
+            for task in still:
+                task.cancel()  # the task answers its requester with ``node_stopping``
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        with contextlib.suppress(Exception):
+            for agent in self.agents.values():
+                # An empty retained payload deletes the retained record.
+                await self.connection.publish(
+                    self.topics.agent_presence(agent.agent_id, self.node_id), b"", qos=1, retain=True, timeout=2.0
+                )
+            offline = PresenceRecord(status=Status.OFFLINE, node_id=self.node_id, tier=self.tier, pid=os.getpid())
+            await self.connection.publish(
+                self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True, timeout=2.0
+            )
+        await self.client.stop()
+        await self.connection.stop()
+        for agent in self.agents.values():
+            with contextlib.suppress(Exception):
+                await agent.teardown()
+        self._stopped.set()
+        self.log.info("offline", stats=self.stats)
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Serve until SIGINT/SIGTERM (or :meth:`request_stop`), then stop gracefully."""
+        self._stopped.clear()
+        stop = asyncio.Event()
+        self._stop_request = stop
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        stop = getattr(self, "_stop_request", None)
+        if stop is not None:
+            stop.set()
+
+    # -- message handling ---------------------------------------------------------------------
+    def _targets(self, topic: str) -> list[Agent]:
+        return [
+            a
+            for a in self.agents.values()
+            if topic == self.topics.inbox(a.agent_id) or any(topic == self.topics.group(g) for g in a.groups)
+        ]
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        targets = self._targets(topic)
+        if not targets:
+            return
+        payload = message.payload
+        try:
+            env = decode(payload, self.limits)  # type: ignore[arg-type]
+        except ProtocolError as e:
+            self.stats["bad_frames"] += 1
+            await self._reject_frame(targets[0], message, e)
+            return
+        for agent in targets:
+            await self._accept(agent, env, len(payload))  # type: ignore[arg-type]
+
+    async def _accept(self, agent: Agent, env: Envelope, size: int) -> None:
+        if env.kind != Kind.REQUEST:
+            with contextlib.suppress(Exception):
+                await agent.on_event(env, self._context(agent, env))
+            return
+        if self._recent.seen(f"{agent.agent_id}/{env.id}"):
+            self.stats["duplicates"] += 1
+            self.log.info("duplicate request ignored", agent=agent.agent_id, id=env.id)
+            return
+        self.stats["requests"] += 1
+        if env.expired():
+            await self._send_error(agent, env, "deadline_exceeded", "request arrived after its deadline")
+            return
+        reason = agent.accepts.check(env)
+        if reason is not None:
+            await self._send_error(agent, env, "unsupported_input", reason)
+            return
+        if len(self._inflight) >= self.max_concurrency + self.max_pending:
+            self.stats["overloaded"] += 1
+            await self._send_error(
+                agent,
+                env,
+                "overloaded",
+                f"node {self.node_id} has {len(self._inflight)} requests queued",
+                retryable=True,
+            )
+            return
+        task = asyncio.create_task(self._serve(agent, env), name=f"serve-{agent.agent_id}-{env.id[:8]}")
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _context(self, agent: Agent, env: Envelope) -> AgentContext:
+        return AgentContext(
+            agent_id=agent.agent_id,
+            node_id=self.node_id,
+            client=self.client,
+            deadline=env.deadline,
+            log=self.log.bind(agent=agent.agent_id, request=env.id, trace=env.trace_id),
+        )
+
+    async def _serve(self, agent: Agent, env: Envelope) -> None:
+        ctx = self._context(agent, env)
+        try:
+            async with self._sem:
+                remaining = env.remaining()
+                async with asyncio.timeout(remaining if remaining is not None else None):
+                    result = await agent.handle(env, ctx)
+            reply = self._as_reply(agent, env, result)
+        except asyncio.CancelledError:
+            await self._send_error(
+                agent, env, "node_stopping", f"node {self.node_id} stopped before the handler finished"
+            )
+            raise
+        except TimeoutError:
+            ctx.log.warning("handler missed the deadline")
+            await self._send_error(agent, env, "deadline_exceeded", "the handler did not finish before the deadline")
+            return
+        except AgentError as e:
+            ctx.log.info("handler refused", code=e.code, error=str(e))
+            await self._send_error(agent, env, e.code, str(e), retryable=e.retryable)
+            return
+        except Exception as e:
+            ctx.log.exception("handler raised")
+            await self._send_error(agent, env, "handler_error", f"{type(e).__name__}: {e}", exception=type(e).__name__)
+            return
+        await self._send(agent, env, reply)
+
+    def _as_reply(self, agent: Agent, env: Envelope, result: Reply) -> Envelope:
+        if isinstance(result, Envelope):
+            return result.model_copy(
+                update={
+                    "kind": result.kind if result.kind in (Kind.REPLY, Kind.ERROR) else Kind.REPLY,
+                    "sender": agent.agent_id,
+                    "recipient": env.sender,
+                    "correlation_id": env.correlation_id or env.id,
+                    "trace_id": env.trace_id,
+                    "parent_id": env.id,
+                    "reply_to": None,
+                }
+            )
+        if result is None:
+            return env.reply(sender=agent.agent_id)
+        if isinstance(result, str):
+            return env.reply(result, sender=agent.agent_id)
+        if isinstance(result, (list, tuple)) and all(isinstance(p, (TextPart, TensorPart)) for p in result):
+            return env.reply(*result, sender=agent.agent_id)
+        raise TypeError(f"handler returned {type(result).__name__}; expected Envelope, str, list of parts or None")
+
+    async def _send(self, agent: Agent, request: Envelope, reply: Envelope) -> None:
+        if reply.kind == Kind.ERROR:
+            self.stats["errors"] += 1
+        else:
+            self.stats["replies"] += 1
+        if not request.reply_to:
+            return  # fire-and-forget request: nobody waits for the answer
+        try:
+            frame = encode(reply, self.limits)
+        except ProtocolError as e:
+            self.log.error("reply could not be encoded", agent=agent.agent_id, error=str(e))
+            await self._send_error(agent, request, "bad_reply", f"the agent's reply could not be encoded: {e}")
+            return
+        remaining = request.remaining()
+        try:
+            await self.connection.publish(
+                request.reply_to,
+                frame,
+                qos=1,
+                properties=mqtt5_properties(reply),
+                timeout=max(1.0, remaining) if remaining is not None else None,
+            )
+        except BrokerUnavailableError as e:
+            self.log.error("reply lost: broker unavailable", agent=agent.agent_id, request=request.id, error=str(e))
+
+    async def _send_error(
+        self, agent: Agent, request: Envelope, code: str, message: str, *, retryable: bool = False, **detail: Any
+    ) -> None:
+        reply = request.error_reply(code, message, sender=agent.agent_id, retryable=retryable, **detail)
+        if not request.reply_to:
+            self.stats["errors"] += 1
+            self.log.warning("request failed with no reply address", agent=agent.agent_id, code=code, error=message)
+            with contextlib.suppress(Exception):
+                await self.client.publish(self.topics.errors(agent.agent_id), reply)
+            return
+        await self._send(agent, request, reply)
+
+    async def _reject_frame(self, agent: Agent, message: aiomqtt.Message, error: ProtocolError) -> None:
+        """Answer a frame we could not decode, if we can tell where the answer should go."""
+        props = message.properties
+        reply_to = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr_raw = getattr(props, "CorrelationData", None) if props is not None else None
+        corr = corr_raw.decode("utf-8", "replace") if isinstance(corr_raw, (bytes, bytearray)) else None
+        header = error.header or {}
+        if not reply_to and isinstance(header.get("reply_to"), str):
+            reply_to = header["reply_to"]
+        if corr is None:
+            for key in ("correlation_id", "id"):
+                if isinstance(header.get(key), str):
+                    corr = header[key]
+                    break
+        sender = header.get("sender") if isinstance(header.get("sender"), str) else "unknown"
+        self.log.warning(
+            "bad frame",
+            agent=agent.agent_id,
+            code=error.code,
+            error=error.message,
+            reply_to=reply_to,
+            size=len(message.payload),  # type: ignore[arg-type]
+        )
+        info = ErrorInfo(code="bad_frame", message=f"{error.code}: {error.message}", agent=agent.agent_id)
+        reply = Envelope(
+            kind=Kind.ERROR,
+            sender=agent.agent_id,
+            recipient=sender,
+            correlation_id=corr,
+            created_at=time.time(),
+            error=info,
+        )
+        if reply_to and corr:
+            try:
+                await self.connection.publish(
+                    reply_to, encode(reply, self.limits), qos=1, properties=mqtt5_properties(reply)
+                )
+            except BrokerUnavailableError:
+                self.log.error("error reply lost: broker unavailable", agent=agent.agent_id)
+        else:
+            with contextlib.suppress(Exception):
+                await self.client.publish(self.topics.errors(agent.agent_id), reply)

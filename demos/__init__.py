@@ -1,0 +1,1 @@
+"""Demo scenarios run with ``aiflow demo NAME``."""

@@ -1,0 +1,638 @@
+"""Write the golden frames of latent-message protocol v1.
+
+Every valid vector is a pair ``NAME.bin`` (the frame) + ``NAME.json`` (what it decodes to); every
+invalid one is ``bad_NAME.bin`` + ``bad_NAME.json`` (the error code a decoder must raise). The
+files are data for other implementations, so this script is deterministic: fixed ids, fixed
+timestamps, tensors built from ``torch.arange``. Run it from the repository root::
+
+    PYTHONPATH=. python protocols/vectors/generate.py          # (re)write the files
+    PYTHONPATH=. python protocols/vectors/generate.py --check  # exit 1 if the files are stale
+
+``NAME.json`` (valid vectors)::
+
+    {"description": str, "frame_size": int, "header_length": int,
+     "header": <the frame's JSON header, exactly as decoded>,
+     "tensors": [{"part": index in header.parts, "dtype": str, "shape": [int],
+                  "values": [flat row-major values]}]}
+
+Tensor values are JSON numbers (bool tensors: true/false). Floating-point values that JSON
+cannot carry are the strings "NaN", "Infinity" and "-Infinity".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protocols import (
+    ALIGNMENT,
+    MAGIC,
+    PREAMBLE_SIZE,
+    WIRE_VERSION,
+    BadMagicError,
+    DType,
+    Envelope,
+    ErrorInfo,
+    FeatureSpace,
+    FrameTooShortError,
+    HeaderDecodeError,
+    HeaderTooLargeError,
+    HeaderValidationError,
+    Kind,
+    ProtocolError,
+    SegmentError,
+    TensorPart,
+    TensorRole,
+    TextPart,
+    UnsupportedVersionError,
+    decode,
+    encode,
+)
+
+HERE = Path(__file__).resolve().parent
+CREATED_AT = 1_700_000_000.25
+DEADLINE = 1_700_000_030.5
+
+
+def _id(n: int) -> str:
+    return f"{n:032x}"
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _env(n: int, *parts: TextPart | TensorPart, **fields: Any) -> Envelope:
+    base: dict[str, Any] = {
+        "id": _id(n),
+        "trace_id": _id(0x7000 + n),
+        "created_at": CREATED_AT,
+        "sender": "vector-gen",
+    }
+    base.update(fields)
+    return Envelope(parts=list(parts), **base)
+
+
+def _dtype_tensor(dtype: DType) -> torch.Tensor:
+    """A small (2, 3) or so tensor per dtype whose values include each type's edge cases."""
+    if dtype is DType.FLOAT64:
+        return torch.tensor([[0.1, -2.5, 1e-300], [1.7976931348623157e308, -0.0, 3.0]], dtype=torch.float64)
+    if dtype is DType.FLOAT32:
+        return (torch.arange(6, dtype=torch.float32) * 0.25 - 0.5).reshape(2, 3)
+    if dtype is DType.FLOAT16:
+        return torch.tensor([[65504.0, -65504.0, 2.0**-24], [0.5, -1.0, 1024.0]], dtype=torch.float16)
+    if dtype is DType.BFLOAT16:
+        return (torch.arange(-4, 4, dtype=torch.bfloat16) * 0.375).reshape(2, 4)
+    if dtype is DType.INT64:
+        return torch.tensor([-(2**63), -1, 0, 1, 2**53 + 1, 2**63 - 1], dtype=torch.int64)
+    if dtype is DType.INT32:
+        return torch.tensor([[-(2**31), -1, 0], [1, 65536, 2**31 - 1]], dtype=torch.int32)
+    if dtype is DType.INT16:
+        return torch.tensor([-(2**15), -2, 0, 3, 2**15 - 1], dtype=torch.int16)
+    if dtype is DType.INT8:
+        return torch.arange(-128, 128, 51, dtype=torch.int8)
+    if dtype is DType.UINT8:
+        return torch.arange(0, 256, 51, dtype=torch.uint8).reshape(2, 3)
+    if dtype is DType.BOOL:
+        return (torch.arange(6) % 3 == 0).reshape(3, 2)
+    raise AssertionError(dtype)  # pragma: no cover
+
+
+def valid_envelopes() -> dict[str, tuple[str, Envelope]]:
+    """name -> (description, envelope)."""
+    space = FeatureSpace(family="qwen2", model="Qwen2-0.5B-Instruct", layer=-1, hidden_size=8, tokenizer="qwen2")
+    out: dict[str, tuple[str, Envelope]] = {}
+    out["example_small"] = (
+        "The worked example of SPEC.md: one text part and one float16 tensor.",
+        Envelope(
+            id="m1",
+            kind=Kind.REQUEST,
+            sender="a",
+            recipient="b",
+            trace_id="t1",
+            created_at=1_700_000_000.0,
+            parts=[
+                TextPart(text="hi"),
+                TensorPart(tensor=torch.tensor([1.0, -2.0, 0.5], dtype=torch.float16), role=TensorRole.HIDDEN_STATE),
+            ],
+        ),
+    )
+    out["text_only"] = (
+        "A request with a single text part and a reply address; no tensor bytes, so the frame ends at 12 + header.",
+        _env(
+            1,
+            TextPart(text="What is the capital of France?"),
+            kind=Kind.REQUEST,
+            recipient="qa-agent",
+            reply_to="aiflow/v1/default/clients/cli-1/replies",
+            deadline=DEADLINE,
+        ),
+    )
+    out["hidden_state_f16"] = (
+        "A text prompt plus a (1, 3, 8) float16 hidden state tagged with the feature space it lives in.",
+        _env(
+            2,
+            TextPart(text="The quick brown fox"),
+            TensorPart(
+                tensor=(torch.arange(24, dtype=torch.float16) / 8 - 1.5).reshape(1, 3, 8),
+                role=TensorRole.HIDDEN_STATE,
+                space=space,
+                meta={"tokens": [464, 2068, 7586], "pooling": None},
+            ),
+            recipient="decoder",
+        ),
+    )
+    for dt in DType:
+        out[f"dtype_{dt.value}"] = (
+            f"One {dt.value} tensor ({dt.itemsize} byte{'s' if dt.itemsize > 1 else ''} per element) with edge values.",
+            _env(10 + list(DType).index(dt), TensorPart(tensor=_dtype_tensor(dt))),
+        )
+    out["zero_size"] = (
+        "Only a zero-size tensor: no tensor bytes, yet the frame runs to the aligned offset of that part.",
+        _env(30, TensorPart(tensor=torch.zeros(0, 4, dtype=torch.float32), role=TensorRole.EMBEDDING)),
+    )
+    out["zero_size_mixed"] = (
+        "Zero-size tensors between and after non-empty ones: the trailing one keeps the padding before it.",
+        _env(
+            31,
+            TensorPart(tensor=torch.arange(3, dtype=torch.float16)),
+            TensorPart(tensor=torch.zeros(0, dtype=torch.float32)),
+            TensorPart(tensor=torch.arange(5, dtype=torch.int8)),
+            TensorPart(tensor=torch.zeros(2, 0, 3, dtype=torch.bool)),
+        ),
+    )
+    out["scalar"] = (
+        "0-dimensional tensors: shape [] holds exactly one element.",
+        _env(
+            32,
+            TensorPart(tensor=torch.tensor(3.5, dtype=torch.float32), meta={"name": "temperature"}),
+            TensorPart(tensor=torch.tensor(-7, dtype=torch.int64), meta={"name": "step"}),
+        ),
+    )
+    out["multi_tensor"] = (
+        "Text and tensor parts interleaved; segments follow part order.",
+        _env(
+            33,
+            TextPart(text="logits follow"),
+            TensorPart(
+                tensor=torch.softmax(torch.arange(8, dtype=torch.float32), 0).reshape(2, 4).round(decimals=3),
+                role=TensorRole.TOKEN_DISTRIBUTION,
+            ),
+            TextPart(text="embedding follows"),
+            TensorPart(tensor=torch.arange(4, dtype=torch.bfloat16) - 1.5, role=TensorRole.EMBEDDING),
+            TensorPart(tensor=torch.arange(12, dtype=torch.int64).reshape(2, 3, 2), role=TensorRole.KV_CACHE),
+        ),
+    )
+    out["special_floats"] = (
+        "Tensor data may hold NaN, infinities, -0.0 and subnormals (only the JSON header forbids them).",
+        _env(
+            34,
+            TensorPart(
+                tensor=torch.tensor(
+                    [float("nan"), float("inf"), float("-inf"), -0.0, 2.0**-149, 3.4028234663852886e38],
+                    dtype=torch.float32,
+                )
+            ),
+        ),
+    )
+    out["error"] = (
+        "An error envelope answering request 1: kind error, error info, no parts.",
+        _env(
+            35,
+            kind=Kind.ERROR,
+            sender="qa-agent",
+            recipient="cli-1",
+            correlation_id=_id(1),
+            parent_id=_id(1),
+            trace_id=_id(0x7001),
+            error=ErrorInfo(
+                code="deadline_exceeded",
+                message="the request expired before it was handled",
+                agent="qa-agent",
+                retryable=True,
+                detail={"deadline": DEADLINE, "late_by_s": 0.5},
+            ),
+        ),
+    )
+    out["unicode_text"] = (
+        "Non-ASCII text travels as raw UTF-8 (not \\u escapes); control characters are JSON-escaped.",
+        _env(
+            36,
+            TextPart(text='héllo wörld — 你好 🌍 مرحبا\n\t"quoted" back\\slash nul:\u0000 bell:\u0007'),
+            TextPart(text="", meta={"ключ": "значение", "emoji": "👍🏽"}),
+            sender="agent-ü",
+        ),
+    )
+    out["meta_nested"] = (
+        "An event whose meta nests objects, arrays, null, booleans, integers and floats at every level.",
+        _env(
+            37,
+            TextPart(text="progress", meta={"step": {"i": 3, "of": 10}, "tags": ["a", "b"]}),
+            TensorPart(
+                tensor=torch.arange(4, dtype=torch.int32),
+                meta={"source": {"layer": [1, 2, {"x": None}]}, "ok": True, "scale": 0.5},
+            ),
+            kind=Kind.EVENT,
+            meta={
+                "nested": {"list": [1, 2.5, "three", None, True, False, {"deep": [[[]]]}], "empty": {}},
+                "big_int": 2**64 + 1,
+                "negative": -12.75,
+            },
+        ),
+    )
+    out["route"] = (
+        "A reply in a cascade: route lists the agents the conversation passed through, in order.",
+        _env(
+            38,
+            TextPart(text="final answer: Paris"),
+            kind=Kind.REPLY,
+            sender="judge",
+            recipient="cli-1",
+            correlation_id="req-42",
+            parent_id=_id(1),
+            trace_id=_id(0x7001),
+            deadline=DEADLINE,
+            route=["planner", "drafter@node-a", "critic", "judge"],
+        ),
+    )
+    return out
+
+
+def _values(t: torch.Tensor) -> list[Any]:
+    flat = t.reshape(-1).tolist()
+    if not t.dtype.is_floating_point:
+        return flat
+    return [_float_value(v) for v in flat]
+
+
+def _float_value(v: float) -> float | str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return v
+
+
+def expected_of(description: str, envelope: Envelope, frame: bytes) -> dict[str, Any]:
+    header_len = struct.unpack_from("<I", frame, 8)[0]
+    header = json.loads(frame[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len])
+    tensors = [
+        {"part": i, "dtype": p.dtype.value, "shape": list(p.shape), "values": _values(p.tensor)}
+        for i, p in enumerate(envelope.parts)
+        if isinstance(p, TensorPart)
+    ]
+    return {
+        "description": description,
+        "frame_size": len(frame),
+        "header_length": header_len,
+        "header": header,
+        "tensors": tensors,
+    }
+
+
+# -- invalid frames --------------------------------------------------------------------------
+def _preamble(
+    header_len: int, *, magic: bytes = MAGIC, version: int = WIRE_VERSION, flags: int = 0, reserved: int = 0
+) -> bytes:
+    return struct.pack("<4sBBHI", magic, version, flags, reserved, header_len)
+
+
+def _header(**overrides: Any) -> dict[str, Any]:
+    h: dict[str, Any] = {
+        "id": _id(99),
+        "kind": "request",
+        "sender": "vector-gen",
+        "trace_id": _id(0x7099),
+        "created_at": CREATED_AT,
+        "parts": [],
+    }
+    h.update(overrides)
+    return h
+
+
+def _tensor(dtype: str, shape: list[int], **overrides: Any) -> dict[str, Any]:
+    n = math.prod(shape) * DType(dtype).itemsize
+    p: dict[str, Any] = {"type": "tensor", "role": "other", "dtype": dtype, "shape": shape, "offset": 0, "nbytes": n}
+    p.update(overrides)
+    return p
+
+
+def craft(
+    header: dict[str, Any],
+    *,
+    layout: list[tuple[int, int]] | None = None,
+    offsets: list[int | None] | None = None,
+) -> bytes:
+    """A frame with this header whose tensor parts' data (bytes 0x11) sit at ``data_start + rel`` for
+    one ``(rel, nbytes)`` per tensor part (default: the encoder's own layout). ``offsets`` forces
+    what the header declares for a part (None: the real position). The frame ends after the
+    furthest data placed, or right after the header when there is none."""
+    tensors = [p for p in header["parts"] if p["type"] == "tensor"]
+    forced = offsets or [None] * len(tensors)
+    if layout is None:
+        layout, cursor = [], 0
+        for p in tensors:
+            layout.append((cursor, p["nbytes"]))
+            cursor = _align(cursor + p["nbytes"])
+    for _ in range(8):  # offsets change the header length, which moves data_start: iterate to a fixpoint
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        start = _align(PREAMBLE_SIZE + len(raw))
+        changed = False
+        for p, (rel, _n), force in zip(tensors, layout, forced, strict=True):
+            want = start + rel if force is None else force
+            if p["offset"] != want:
+                p["offset"], changed = want, True
+        if not changed:
+            break
+    end = max((start + rel + n for rel, n in layout if n), default=PREAMBLE_SIZE + len(raw))
+    buf = bytearray(end)
+    buf[:PREAMBLE_SIZE] = _preamble(len(raw))
+    buf[PREAMBLE_SIZE : PREAMBLE_SIZE + len(raw)] = raw
+    for rel, n in layout:
+        buf[start + rel : start + rel + n] = b"\x11" * n
+    return bytes(buf)
+
+
+def _raw_frame(header_bytes: bytes, **preamble: Any) -> bytes:
+    return _preamble(len(header_bytes), **preamble) + header_bytes
+
+
+def invalid_frames(valid: dict[str, bytes]) -> dict[str, tuple[str, str, str, bytes]]:
+    """name -> (description, error code, exception class, frame)."""
+    good = valid["text_only"]
+    tensor_frame = valid["dtype_float32"]
+    h_ok = json.dumps(_header(), separators=(",", ":")).encode()
+    out: dict[str, tuple[str, str, str, bytes]] = {}
+
+    def add(name: str, description: str, exc: type[ProtocolError], frame: bytes) -> None:
+        out[f"bad_{name}"] = (description, exc.code, exc.__name__, frame)
+
+    add("empty", "Zero bytes: shorter than the preamble.", FrameTooShortError, b"")
+    add("short_preamble", "Eight bytes: shorter than the 12-byte preamble.", FrameTooShortError, good[:8])
+    add("magic", "Magic 'AIFX' instead of 'AIFL'.", BadMagicError, b"AIFX" + good[4:])
+    add("version", "Wire version 2.", UnsupportedVersionError, good[:4] + b"\x02" + good[5:])
+    add("version_zero", "Wire version 0.", UnsupportedVersionError, good[:4] + b"\x00" + good[5:])
+    add("flags", "Flags byte 0x01 (v1 defines no flags).", UnsupportedVersionError, good[:5] + b"\x01" + good[6:])
+    add("reserved", "Reserved u16 = 1.", UnsupportedVersionError, good[:6] + b"\x01\x00" + good[8:])
+    add(
+        "header_too_large",
+        "Header length 1 MiB + 1 (over the default limit), checked before the bytes are looked for.",
+        HeaderTooLargeError,
+        _preamble((1 << 20) + 1),
+    )
+    add(
+        "truncated_header",
+        "The header length runs past the end of the frame.",
+        FrameTooShortError,
+        good[: PREAMBLE_SIZE + 10],
+    )
+    add("header_utf8", "Header bytes are not UTF-8 (a lone 0xFF).", HeaderDecodeError, _raw_frame(h_ok[:-1] + b"\xff}"))
+    add("header_json", "Header is not JSON (unterminated object).", HeaderDecodeError, _raw_frame(h_ok[:-1]))
+    add("header_not_object", "Header is a JSON array, not an object.", HeaderDecodeError, _raw_frame(b"[]"))
+    add(
+        "header_bom",
+        "Header starts with a UTF-8 byte-order mark.",
+        HeaderDecodeError,
+        _raw_frame(b"\xef\xbb\xbf" + h_ok),
+    )
+    add(
+        "header_nan",
+        "NaN in meta: not JSON.",
+        HeaderDecodeError,
+        _raw_frame(h_ok[:-1] + b',"meta":{"x":NaN}}'),
+    )
+    add(
+        "header_infinity",
+        "Infinity as a header number: not JSON.",
+        HeaderDecodeError,
+        _raw_frame(h_ok.replace(b'"created_at":1700000000.25', b'"created_at":Infinity')),
+    )
+    add(
+        "header_float_overflow",
+        "The literal 1e400 overflows a binary64 double (it would decode as infinity).",
+        HeaderDecodeError,
+        _raw_frame(h_ok[:-1] + b',"meta":{"x":1e400}}'),
+    )
+    add(
+        "header_int_overflow_float",
+        "created_at is an integer literal of 400 digits: out of range for a double.",
+        HeaderValidationError,
+        _raw_frame(h_ok.replace(b'"created_at":1700000000.25', b'"created_at":1' + b"0" * 400)),
+    )
+    add(
+        "header_control_char",
+        "A raw control character (U+0001) inside a JSON string.",
+        HeaderDecodeError,
+        _raw_frame(h_ok.replace(b'"sender":"vector-gen"', b'"sender":"vector\x01gen"')),
+    )
+    add(
+        "lone_surrogate",
+        "A \\ud800 escape (lone surrogate) in a string: not a Unicode scalar value.",
+        HeaderValidationError,
+        _raw_frame(h_ok.replace(b'"sender":"vector-gen"', b'"sender":"\\ud800"')),
+    )
+    add("unknown_kind", "kind 'command' is not a v1 kind.", HeaderValidationError, craft(_header(kind="command")))
+    add("unknown_field", "An unknown top-level field 'priority'.", HeaderValidationError, craft(_header(priority=1)))
+    h = _header()
+    del h["trace_id"]
+    add("missing_field", "The required field trace_id is missing.", HeaderValidationError, craft(h))
+    add("empty_id", "id is the empty string (1..128 characters).", HeaderValidationError, craft(_header(id="")))
+    add("id_too_long", "id has 129 characters (limit 128).", HeaderValidationError, craft(_header(id="x" * 129)))
+    add(
+        "string_created_at",
+        'created_at is the string "1700000000": no coercion.',
+        HeaderValidationError,
+        craft(_header(created_at="1700000000")),
+    )
+    add(
+        "null_meta",
+        "meta is null (must be an object, may be omitted).",
+        HeaderValidationError,
+        craft(_header(meta=None)),
+    )
+    add(
+        "route_not_strings",
+        "route holds a number.",
+        HeaderValidationError,
+        craft(_header(route=["a", 2])),
+    )
+    add(
+        "unknown_part_type",
+        "A part of type 'image'.",
+        HeaderValidationError,
+        craft(_header(parts=[{"type": "image", "url": "x"}])),
+    )
+    add(
+        "unknown_dtype",
+        "A tensor of dtype 'complex64'.",
+        HeaderValidationError,
+        craft(_header(parts=[{**_tensor("float32", [2]), "dtype": "complex64"}])),
+    )
+    add(
+        "unknown_role",
+        "A tensor of role 'attention'.",
+        HeaderValidationError,
+        craft(_header(parts=[_tensor("float32", [2], role="attention")])),
+    )
+    add(
+        "float_shape",
+        "A shape entry 2.0 (a float, not an integer).",
+        HeaderValidationError,
+        craft(_header(parts=[_tensor("float32", [2]) | {"shape": [2.0]}])),
+    )
+    add(
+        "bool_retryable",
+        "error.retryable is 1 instead of a boolean.",
+        HeaderValidationError,
+        craft(_header(kind="error", error={"code": "x", "message": "m", "retryable": 1})),
+    )
+    add(
+        "space_hidden_size_zero",
+        "A feature space with hidden_size 0 (must be >= 1).",
+        HeaderValidationError,
+        craft(_header(parts=[_tensor("float32", [2], space={"family": "f", "hidden_size": 0})])),
+    )
+    add(
+        "negative_offset",
+        "A negative tensor offset.",
+        HeaderValidationError,
+        _raw_frame(json.dumps(_header(parts=[_tensor("uint8", [0], offset=-64)]), separators=(",", ":")).encode()),
+    )
+    add(
+        "too_many_dims",
+        "A tensor of 33 dimensions (default limit 32).",
+        SegmentError,
+        craft(_header(parts=[_tensor("uint8", [1] * 33)])),
+    )
+    add(
+        "negative_dim",
+        "Shape [2, -1].",
+        SegmentError,
+        craft(_header(parts=[_tensor("float32", [2, -1], nbytes=0)]), layout=[(0, 0)]),
+    )
+    add(
+        "shape_overflow",
+        "A zero-size tensor of shape [0, 2**62, 4]: more elements than an int64 counts in its non-zero dims.",
+        SegmentError,
+        craft(_header(parts=[_tensor("float32", [0, 2**62, 4])])),
+    )
+    add(
+        "huge_shape",
+        "Shape [65536, 65536, 65536] float32 with a matching nbytes: runs far past the frame (no allocation).",
+        SegmentError,
+        craft(_header(parts=[_tensor("float32", [65536] * 3)]), layout=[(0, 0)]),
+    )
+    add(
+        "nbytes_mismatch",
+        "Shape [4] float32 declares nbytes 12 (must be 16).",
+        SegmentError,
+        craft(_header(parts=[_tensor("float32", [4], nbytes=12)])),
+    )
+    add(
+        "misaligned_offset",
+        "A tensor offset 8 bytes past a 64-byte boundary.",
+        SegmentError,
+        craft(_header(parts=[_tensor("float32", [4])]), layout=[(8, 16)]),
+    )
+    add(
+        "offset_in_header",
+        "An aligned offset of 0: inside the preamble and header.",
+        SegmentError,
+        craft(_header(parts=[_tensor("uint8", [4])]), offsets=[0]),
+    )
+    add(
+        "overlap",
+        "Two 16-byte segments at the same offset.",
+        SegmentError,
+        craft(_header(parts=[_tensor("float32", [4]), _tensor("float32", [4])]), layout=[(0, 16), (0, 16)]),
+    )
+    add(
+        "overlap_partial",
+        "A 128-byte segment and a later one starting 64 bytes into it.",
+        SegmentError,
+        craft(_header(parts=[_tensor("uint8", [128]), _tensor("uint8", [64])]), layout=[(0, 128), (64, 64)]),
+    )
+    add(
+        "truncated_segment",
+        "dtype_float32 with its last 4 bytes cut: the segment runs past the end.",
+        SegmentError,
+        tensor_frame[:-4],
+    )
+    add("trailing_bytes", "text_only with one extra byte after the header.", SegmentError, good + b"\x00")
+    add(
+        "trailing_after_segment",
+        "dtype_float32 followed by 64 bytes of zero padding that no part accounts for.",
+        SegmentError,
+        tensor_frame + b"\x00" * 64,
+    )
+    add(
+        "padding_only",
+        "No tensor parts, but padding to the 64-byte boundary after the header.",
+        SegmentError,
+        good + b"\x00" * (_align(len(good)) - len(good) or 64),
+    )
+    return out
+
+
+def build() -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """Every vector, in memory: name -> (frame, expectation)."""
+    vectors: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    frames: dict[str, bytes] = {}
+    for name, (description, env) in valid_envelopes().items():
+        frame = bytes(encode(env))
+        decode(frame)  # the reference decoder must accept every valid vector
+        frames[name] = frame
+        vectors[name] = (frame, expected_of(description, env, frame))
+    for name, (description, code, exc, frame) in invalid_frames(frames).items():
+        try:
+            decode(frame)
+        except ProtocolError as e:
+            if e.code != code:
+                raise AssertionError(f"{name}: expected {code}, reference decoder raised {e.code}: {e}") from e
+        else:
+            raise AssertionError(f"{name}: the reference decoder accepted it")
+        vectors[name] = (frame, {"description": description, "error": code, "exception": exc})
+    return vectors
+
+
+def _json_text(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
+    ap.add_argument("--out", type=Path, default=HERE, help="where to write (default: next to this script)")
+    args = ap.parse_args(argv)
+    vectors = build()
+    stale = []
+    for name, (frame, expected) in vectors.items():
+        bin_path, json_path = args.out / f"{name}.bin", args.out / f"{name}.json"
+        text = _json_text(expected)
+        if args.check:
+            if not bin_path.exists() or bin_path.read_bytes() != frame or json_path.read_text("utf-8") != text:
+                stale.append(name)
+            continue
+        bin_path.write_bytes(frame)
+        json_path.write_text(text, "utf-8")
+    known = {f"{n}.{ext}" for n in vectors for ext in ("bin", "json")}
+    extra = sorted(p.name for p in args.out.iterdir() if p.suffix in (".bin", ".json") and p.name not in known)
+    if args.check:
+        if stale or extra:
+            print(f"stale: {stale}; unexpected files: {extra}", file=sys.stderr)
+            return 1
+        print(f"{len(vectors)} vectors up to date")
+        return 0
+    print(f"wrote {len(vectors)} vectors to {args.out}" + (f" (unexpected files left: {extra})" if extra else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Agent graphs and collaboration patterns (debate, cascade, ensemble, mixture-of-agents)."""
