@@ -202,7 +202,10 @@ def _load_extensions() -> None:
         except Exception as e:  # a broken plugin must not break the CLI
             err.print(f"[yellow]warning:[/] CLI extension {ep.name!r} failed to load: {e}")
             continue
-        app.add_typer(sub, name=ep.name)
+        if isinstance(sub, typer.Typer):
+            app.add_typer(sub, name=ep.name)
+        else:
+            app.command(ep.name)(sub)
     for ep in entry_points(group=DEMO_GROUP):
         try:
             fn = ep.load()

@@ -64,12 +64,11 @@ class Exchange:
 
 
 class _Pending:
-    """Replies awaited under one correlation id: one for a request, several for a group scatter."""
+    """What arrived under one correlation id: one reply, several (group scatter) or events too."""
 
-    __slots__ = ("expected", "queue")
+    __slots__ = ("queue",)
 
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
+    def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[Envelope | None, int, AiflowError | None]] = asyncio.Queue()
 
 
@@ -156,8 +155,7 @@ class Client:
     async def _on_disconnect(self) -> None:
         # Our reply subscription is gone with the session: no in-flight reply can arrive any more.
         for p in self._pending.values():
-            for _ in range(p.expected):
-                p.queue.put_nowait((None, 0, ConnectionLostError(f"connection to {self.connection.url} lost")))
+            p.queue.put_nowait((None, 0, ConnectionLostError(f"connection to {self.connection.url} lost")))
 
     async def _on_presence(self, message: aiomqtt.Message) -> None:
         await self.presence.update(message.topic.value, bytes(message.payload))  # type: ignore[arg-type]
@@ -257,13 +255,21 @@ class Client:
             ex.reply, ex.bytes_in, ex.error = reply, size, error
             if error is None and reply is not None and reply.kind == Kind.ERROR and reply.error is not None:
                 ex.error = RemoteAgentError(reply.error, agent_id)
-            if isinstance(error, RequestTimeoutError):
-                ex.error = RequestTimeoutError(agent_id, timeout, env.id)
         except AiflowError as e:
             ex.error = e
         ex.ended = time.time()
         await self._notify(ex)
         return ex
+
+    def conversation(self, message: Envelope | str, *, timeout: float | None = None) -> Conversation:
+        """Open a conversation: everything that comes back under the request's correlation id
+        (replies from one or many agents, progress events from forwarding nodes, errors).
+
+        The building block of patterns: ``async with client.conversation(env) as conv: await
+        conv.send(topic); reply, size = await conv.receive(timeout)``.
+        """
+        timeout = self.default_timeout if timeout is None else timeout
+        return Conversation(self, self.prepare(None, message, timeout))
 
     async def scatter(
         self, topic: str, message: Envelope | str, *, expected: int, timeout: float | None = None
@@ -273,40 +279,41 @@ class Client:
         Returns (request sent, its size, [(reply, size)], timed_out).
         """
         timeout = self.default_timeout if timeout is None else timeout
-        env = self.prepare(None, message, timeout)
-        ex = Exchange(agent_id=topic, request=env, topic=topic)
-        results = await self._send_and_collect(topic, env, expected, timeout, ex)
-        replies = [(r, n) for r, n, err in results if r is not None and err is None]
-        timed_out = any(isinstance(err, RequestTimeoutError) for _, _, err in results)
-        return env, ex.bytes_out, replies, timed_out
+        replies: list[tuple[Envelope, int]] = []
+        timed_out = False
+        async with self.conversation(message, timeout=timeout) as conv:
+            size = await conv.send(topic)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while len(replies) < expected:
+                try:
+                    env, n = await conv.receive(deadline - loop.time())
+                except TimeoutError:
+                    timed_out = True
+                    break
+                if env.kind != Kind.EVENT:
+                    replies.append((env, n))
+        return conv.request, size, replies, timed_out
 
     async def _send_and_collect(
         self, topic: str, env: Envelope, expected: int, timeout: float, ex: Exchange
     ) -> list[tuple[Envelope | None, int, AiflowError | None]]:
-        corr = env.correlation_id or env.id
-        if corr in self._pending:
-            raise AiflowError(f"correlation id {corr!r} is already in flight")
-        frame = encode(env, self.limits)
-        ex.bytes_out = len(frame)
-        pending = self._pending[corr] = _Pending(expected)
         results: list[tuple[Envelope | None, int, AiflowError | None]] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        try:
-            await self.connection.publish(
-                topic, frame, qos=self.qos, properties=mqtt5_properties(env), timeout=max(timeout, 0.001)
-            )
+        async with Conversation(self, env) as conv:
+            ex.bytes_out = await conv.send(topic)
             while len(results) < expected:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError
-                results.append(await asyncio.wait_for(pending.queue.get(), remaining))
-                if results[-1][2] is not None and isinstance(results[-1][2], ConnectionLostError):
+                try:
+                    reply, size = await conv.receive(deadline - loop.time())
+                except TimeoutError:
+                    results.append((None, 0, RequestTimeoutError(ex.agent_id, timeout, env.id)))
                     break
-        except TimeoutError:
-            results.append((None, 0, RequestTimeoutError(ex.agent_id, timeout, env.id)))
-        finally:
-            self._pending.pop(corr, None)
+                except AiflowError as e:
+                    results.append((None, 0, e))
+                    break
+                if reply.kind != Kind.EVENT:
+                    results.append((reply, size, None))
         return results
 
     async def publish(self, topic: str, envelope: Envelope, *, qos: int | None = None) -> int:
@@ -322,3 +329,47 @@ class Client:
             r = hook(ex)
             if r is not None:
                 await r
+
+
+class Conversation:
+    """The replies, errors and events that come back under one correlation id."""
+
+    def __init__(self, client: Client, request: Envelope) -> None:
+        self.client = client
+        self.request = request
+        self.correlation_id = request.correlation_id or request.id
+        self._pending: _Pending | None = None
+
+    async def __aenter__(self) -> Conversation:
+        if self.correlation_id in self.client._pending:
+            raise AiflowError(f"correlation id {self.correlation_id!r} is already in flight")
+        self._pending = self.client._pending[self.correlation_id] = _Pending()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.client._pending.pop(self.correlation_id, None)
+
+    async def send(self, topic: str, envelope: Envelope | None = None) -> int:
+        """Publish the request (or a follow-up under the same correlation id); returns bytes on the wire."""
+        env = envelope or self.request
+        frame = encode(env, self.client.limits)
+        remaining = env.remaining()
+        await self.client.connection.publish(
+            topic,
+            frame,
+            qos=self.client.qos,
+            properties=mqtt5_properties(env),
+            timeout=max(remaining, 0.001) if remaining is not None else None,
+        )
+        return len(frame)
+
+    async def receive(self, timeout: float | None) -> tuple[Envelope, int]:
+        """The next envelope and its size; raises TimeoutError, or the connection/decoding error."""
+        assert self._pending is not None, "use the conversation as an async context manager"
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError
+        env, size, error = await asyncio.wait_for(self._pending.queue.get(), timeout)
+        if error is not None:
+            raise error
+        assert env is not None
+        return env, size

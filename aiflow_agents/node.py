@@ -41,6 +41,7 @@ from protocols import (
     encode,
     mqtt5_properties,
     new_id,
+    ops,
 )
 
 from .agent import Agent, AgentContext, Reply
@@ -48,6 +49,21 @@ from .broker import BrokerURL, broker_from_env
 from .client import Client
 from .connection import Connection
 from .errors import AgentError, BrokerUnavailableError
+
+HOPS = "hops"
+ACCEPT_POLICY = "accept"
+
+
+def _accepted(request: Envelope, reply: Envelope) -> bool:
+    """The cascade acceptance policy carried in ``meta.accept`` (``{"min_confidence": x}``)."""
+    if reply.kind != Kind.REPLY:
+        return False
+    policy = request.meta.get(ACCEPT_POLICY) or {}
+    threshold = policy.get("min_confidence")
+    if threshold is None:
+        return True
+    confidence = reply.meta.get(ops.CONFIDENCE)
+    return isinstance(confidence, (int, float)) and confidence >= float(threshold)
 
 
 class _RecentIds:
@@ -101,6 +117,11 @@ class Node:
         self._sem = asyncio.Semaphore(max_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._recent = _RecentIds(dedupe_window)
+        # group topic -> agent ids on this node in that group (static from config, or joined at run time)
+        self._groups: dict[str, set[str]] = {}
+        for a in agents:
+            for g in a.groups:
+                self._groups.setdefault(self.topics.group(g), set()).add(a.agent_id)
         offline = PresenceRecord(status=Status.OFFLINE, node_id=self.node_id, tier=tier, pid=os.getpid())
         self.connection = Connection(
             url,
@@ -136,8 +157,8 @@ class Node:
             if stale in self.connection.subscriptions:
                 await self.connection.unsubscribe(stale)
             await self.connection.subscribe(want, qos=1)
-            for g in agent.groups:
-                await self.connection.subscribe(self.topics.group(g), qos=1)
+        for topic in self._groups:
+            await self.connection.subscribe(topic, qos=1)
         record = PresenceRecord(
             status=Status.ONLINE, node_id=self.node_id, tier=self.tier, pid=os.getpid(), host=socket.gethostname()
         )
@@ -167,8 +188,7 @@ class Node:
             await agent.setup()
         for agent in self.agents.values():
             self.connection.route(self.topics.inbox(agent.agent_id), self._on_message)
-        for g in {g for a in self.agents.values() for g in a.groups}:
-            self.connection.route(self.topics.group(g), self._on_message)
+        self.connection.route(self.topics.group_filter, self._on_message)
         await self.client.start()
         self.connection.on_connect(self._announce)
         await self.connection.start(timeout=timeout)
@@ -182,9 +202,9 @@ class Node:
         for agent in self.agents.values():
             with contextlib.suppress(Exception):
                 await self.connection.unsubscribe(self._inbox_subscription(agent.agent_id))
-            for g in agent.groups:
-                with contextlib.suppress(Exception):
-                    await self.connection.unsubscribe(self.topics.group(g))
+        for topic in self._groups:
+            with contextlib.suppress(Exception):
+                await self.connection.unsubscribe(topic)
         if self._inflight:
             _, still = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in still:
@@ -242,11 +262,24 @@ class Node:
 
     # -- message handling ---------------------------------------------------------------------
     def _targets(self, topic: str) -> list[Agent]:
-        return [
-            a
-            for a in self.agents.values()
-            if topic == self.topics.inbox(a.agent_id) or any(topic == self.topics.group(g) for g in a.groups)
-        ]
+        members = self._groups.get(topic)
+        if members is not None:
+            return [self.agents[a] for a in sorted(members)]
+        return [a for a in self.agents.values() if topic == self.topics.inbox(a.agent_id)]
+
+    async def _join_group(self, agent: Agent, env: Envelope) -> None:
+        """Node-level control: subscribe an agent to a group so a pattern can fan out with one publish."""
+        group = env.meta.get(ops.GROUP)
+        try:
+            topic = self.topics.group(str(group))
+        except ValueError as e:
+            await self._send_error(agent, env, "bad_request", str(e))
+            return
+        members = self._groups.setdefault(topic, set())
+        if not members:
+            await self.connection.subscribe(topic, qos=1)
+        members.add(agent.agent_id)
+        await self._send(agent, env, env.reply(sender=agent.agent_id, meta={ops.GROUP: group, "joined": True}))
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
@@ -276,6 +309,9 @@ class Node:
         if env.expired():
             await self._send_error(agent, env, "deadline_exceeded", "request arrived after its deadline")
             return
+        if env.meta.get(ops.OP) == ops.Op.JOIN_GROUP:
+            await self._join_group(agent, env)
+            return
         reason = agent.accepts.check(env)
         if reason is not None:
             await self._send_error(agent, env, "unsupported_input", reason)
@@ -304,6 +340,7 @@ class Node:
         )
 
     async def _serve(self, agent: Agent, env: Envelope) -> None:
+        started = time.time()
         ctx = self._context(agent, env)
         try:
             async with self._sem:
@@ -318,17 +355,80 @@ class Node:
             raise
         except TimeoutError:
             ctx.log.warning("handler missed the deadline")
-            await self._send_error(agent, env, "deadline_exceeded", "the handler did not finish before the deadline")
-            return
+            reply = env.error_reply(
+                "deadline_exceeded", "the handler did not finish before the deadline", sender=agent.agent_id
+            )
         except AgentError as e:
             ctx.log.info("handler refused", code=e.code, error=str(e))
-            await self._send_error(agent, env, e.code, str(e), retryable=e.retryable)
-            return
+            reply = env.error_reply(e.code, str(e), sender=agent.agent_id, retryable=e.retryable)
         except Exception as e:
             ctx.log.exception("handler raised")
-            await self._send_error(agent, env, "handler_error", f"{type(e).__name__}: {e}", exception=type(e).__name__)
+            reply = env.error_reply(
+                "handler_error", f"{type(e).__name__}: {e}", sender=agent.agent_id, exception=type(e).__name__
+            )
+        if env.route and not env.expired() and not _accepted(env, reply):
+            await self._forward(agent, env, reply, started)
             return
+        if env.meta.get(HOPS):
+            reply.meta = {**reply.meta, HOPS: env.meta[HOPS]}
         await self._send(agent, env, reply)
+
+    async def _forward(self, agent: Agent, env: Envelope, reply: Envelope, started: float) -> None:
+        """Escalate straight to the next agent on the route: one hop, not a round trip through the
+        requester. The requester gets a progress event so it can time the hop and fall through if
+        the next stage never answers."""
+        nxt, rest = env.route[0], env.route[1:]
+        hop = {
+            "agent": agent.agent_id,
+            "node": self.node_id,
+            "answer": reply.meta.get(ops.ANSWER, reply.text) if reply.kind == Kind.REPLY else None,
+            "confidence": reply.meta.get(ops.CONFIDENCE),
+            "error": reply.error.code if reply.error else None,
+            "error_message": reply.error.message if reply.error else None,
+            "cost": reply.meta.get(ops.COST),
+            "start": started,
+            "end": time.time(),
+            "forwarded_to": nxt,
+        }
+        fwd = Envelope(
+            kind=Kind.REQUEST,
+            sender=env.sender,
+            recipient=nxt,
+            correlation_id=env.correlation_id or env.id,
+            reply_to=env.reply_to,
+            trace_id=env.trace_id,
+            parent_id=env.id,
+            deadline=env.deadline,
+            route=rest,
+            # the original input, plus whatever latents this stage produced (e.g. its hidden states)
+            parts=[*env.parts, *reply.tensors()],
+            meta={**env.meta, HOPS: [*env.meta.get(HOPS, []), hop]},
+        )
+        try:
+            frame = encode(fwd, self.limits)
+        except ProtocolError as e:
+            self.log.error("forward failed", agent=agent.agent_id, to=nxt, error=str(e))
+            await self._send(agent, env, env.error_reply("forward_failed", str(e), sender=agent.agent_id))
+            return
+        hop["bytes"] = len(frame)
+        # The progress event goes first: MQTT keeps one client's publishes in order, so the
+        # requester learns of the hop before the next stage can possibly answer.
+        if env.reply_to:
+            event = Envelope(
+                kind=Kind.EVENT,
+                sender=agent.agent_id,
+                recipient=env.sender,
+                correlation_id=env.correlation_id or env.id,
+                trace_id=env.trace_id,
+                parent_id=env.id,
+                meta={"hop": hop},
+            )
+            with contextlib.suppress(BrokerUnavailableError):
+                await self.connection.publish(env.reply_to, encode(event, self.limits), qos=1)
+        try:
+            await self.connection.publish(self.topics.inbox(nxt), frame, qos=1, properties=mqtt5_properties(fwd))
+        except BrokerUnavailableError as e:
+            self.log.error("forward failed", agent=agent.agent_id, to=nxt, error=str(e))
 
     def _as_reply(self, agent: Agent, env: Envelope, result: Reply) -> Envelope:
         if isinstance(result, Envelope):

@@ -29,6 +29,7 @@ from .envelope import (
     is_valid_agent_id,
     new_id,
 )
+from . import ops
 from .errors import (
     BadMagicError,
     EncodeError,
@@ -83,5 +84,6 @@ __all__ = [
     "is_valid_agent_id",
     "mqtt5_properties",
     "new_id",
+    "ops",
     "peek_header",
 ]

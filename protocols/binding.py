@@ -55,6 +55,11 @@ class Topics:
         """Fan-out: publish once, every member subscribed to the group gets a copy from the broker."""
         return f"{self.base}/groups/{check_level(group_id, 'group id')}/inbox"
 
+    @property
+    def group_filter(self) -> str:
+        """Matches every group inbox (nodes route all group traffic to their own dispatcher)."""
+        return f"{self.base}/groups/+/inbox"
+
     def replies(self, client_id: str) -> str:
         return f"{self.base}/clients/{check_level(client_id, 'client id')}/replies"
 

@@ -1,1 +1,67 @@
-"""Agent graphs and collaboration patterns (debate, cascade, ensemble, mixture-of-agents)."""
+"""Agent graphs and collaboration patterns over the bus: debate, cascade, ensemble,
+mixture-of-agents (and any pattern you write with the same building blocks)."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from .aggregate import Aggregate, cross_score, latent_average, vote
+from .cascade import Cascade
+from .dataflow import Dataflow
+from .debate import Debate
+from .ensemble import Ensemble
+from .graph import AgentGraph, AgentRef, GraphError, Tier, agent
+from .manager import RunResult, TopologyManager
+from .moa import MixtureOfAgents
+from .pattern import Outcome, Pattern, Runtime
+from .policy import AcceptPolicy, ConfidenceAtLeast, Verifier, parse_policy, verifier
+from .trace import Trace, TraceEvent
+
+
+def ensemble(members: Sequence[Any], aggregate: str = "vote", **kw: Any) -> Ensemble:
+    return Ensemble(members, aggregate=aggregate, **kw)
+
+
+def debate(agents: Sequence[Any], rounds: int = 2, aggregate: str = "vote", **kw: Any) -> Debate:
+    return Debate(agents, rounds=rounds, aggregate=aggregate, **kw)
+
+
+def cascade(stages: Sequence[Any], accept: str | float | AcceptPolicy = "confidence>=0.8", **kw: Any) -> Cascade:
+    return Cascade(stages, accept=accept, **kw)
+
+
+def mixture_of_agents(layers: Sequence[Sequence[Any]], aggregator: Any, **kw: Any) -> MixtureOfAgents:
+    return MixtureOfAgents(layers, aggregator, **kw)
+
+
+__all__ = [
+    "AcceptPolicy",
+    "AgentGraph",
+    "AgentRef",
+    "Aggregate",
+    "Cascade",
+    "ConfidenceAtLeast",
+    "Dataflow",
+    "Debate",
+    "Ensemble",
+    "GraphError",
+    "MixtureOfAgents",
+    "Outcome",
+    "Pattern",
+    "RunResult",
+    "Runtime",
+    "Tier",
+    "TopologyManager",
+    "Trace",
+    "TraceEvent",
+    "Verifier",
+    "agent",
+    "cascade",
+    "cross_score",
+    "debate",
+    "ensemble",
+    "latent_average",
+    "mixture_of_agents",
+    "parse_policy",
+    "verifier",
+    "vote",
+]

@@ -1,0 +1,322 @@
+"""Pattern semantics, exactly, with deterministic scripted agents in separate node processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aiflow_agents import AgentSpec, AgentUnavailableError, BrokerURL
+from topologies import (
+    AgentGraph,
+    GraphError,
+    RunResult,
+    TopologyManager,
+    cascade,
+    debate,
+    ensemble,
+    mixture_of_agents,
+    verifier,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextlib.asynccontextmanager
+async def start(spawn, broker: BrokerURL, namespace: str, *nodes: list[str]) -> AsyncIterator[TopologyManager]:
+    """Start one node process per list of agent specs, and a manager that waits until all are online."""
+    for agents in nodes:
+        spawn(agents, broker, namespace)
+    ids = [AgentSpec.parse(a).agent_id or AgentSpec.parse(a).type_name for agents in nodes for a in agents]
+    async with TopologyManager(broker, namespace=namespace) as mgr:
+        await mgr.client.wait_for_agents(ids, timeout=60)
+        yield mgr
+
+
+def requests_to(result: RunResult, agent: str) -> list[dict]:
+    return [e for e in result.trace.to_list() if e["recipient"] == agent and e["kind"] in ("request", "forward")]
+
+
+async def test_ensemble_vote_publishes_once_to_a_group(broker: BrokerURL, namespace: str, spawn) -> None:
+    async with start(
+        spawn, broker, namespace, ["scripted:a1?answer=7", "scripted:a2?answer=7"], ["scripted:a3?answer=5"]
+    ) as mgr:
+        r = await mgr.run(ensemble(["a1", "a2", "a3"], "vote"), "3+4?", timeout=20)
+        assert r.ok and r.answer == "7"
+        assert r.outcome.details["votes"] == {"7": 2.0, "5": 1.0}
+        requests = [e for e in r.trace.to_list() if e["kind"] == "request"]
+        assert len(requests) == 1 and requests[0]["via"] == "group" and requests[0]["recipient"].startswith("group:")
+        replies = sorted(e["sender"] for e in r.trace.to_list() if e["kind"] == "reply")
+        assert replies == ["a1", "a2", "a3"]
+        assert {c["agent"]: c["answer"] for c in r.contributions()} == {"a1": "7", "a2": "7", "a3": "5"}
+        # weighted vote with explicit weights flips it
+        w = await mgr.run(ensemble(["a1", "a2", "a3"], "weighted", weights={"a3": 5.0}), "3+4?", timeout=20)
+        assert w.answer == "5"
+
+
+async def test_ensemble_quorum_and_failures_are_listed(broker: BrokerURL, namespace: str, spawn) -> None:
+    async with start(
+        spawn, broker, namespace, ["scripted:ok1?answer=42", "scripted:bad?fail=true", "scripted:slow?hang=true"]
+    ) as mgr:
+        t0 = time.monotonic()
+        r = await mgr.run(ensemble(["ok1", "bad", "slow"], "vote"), "q", timeout=3)
+        assert time.monotonic() - t0 < 6
+        assert r.ok and r.answer == "42"
+        failed = r.outcome.details["failed"]
+        assert set(failed) == {"bad", "slow"}
+        assert "scripted_failure" in failed["bad"] and "timeout" in failed["slow"]
+        strict = await mgr.run(ensemble(["ok1", "bad", "slow"], "vote", quorum=2), "q", timeout=3)
+        assert not strict.ok and "quorum not met" in (strict.error or "")
+
+
+async def test_ensemble_cross_scoring_beats_the_vote_when_scores_say_so(
+    broker: BrokerURL, namespace: str, spawn
+) -> None:
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        ['scripted:c1?answer=7&scores={"7":-1,"5":-3}', 'scripted:c2?answer=5&scores={"7":-1,"5":-4}'],
+        ['scripted:c3?answer=5&scores={"7":-1,"5":-2.5}'],
+    ) as mgr:
+        voted = await mgr.run(ensemble(["c1", "c2", "c3"], "vote"), "x", timeout=20)
+        scored = await mgr.run(ensemble(["c1", "c2", "c3"], "cross_score"), "x", timeout=20)
+        assert voted.answer == "5" and scored.answer == "7"
+        d = scored.outcome.details
+        assert d["candidates"] == ["7", "5"] and d["totals"] == [-3.0, -9.5]
+        # each member scored every proposal: one score request (group) with both candidates
+        score_reqs = [
+            e for e in scored.trace.to_list() if e["label"].endswith("cross-score") and e["kind"] == "request"
+        ]
+        assert len(score_reqs) == 1
+
+
+async def test_latent_averaging_differs_from_text_voting(broker: BrokerURL, namespace: str, spawn) -> None:
+    vocab = '["A","B","<eos>"]'
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        [
+            f"scripted:l1?answer=A&vocab={vocab}&dist=[0.51,0.49,0]",
+            f"scripted:l2?answer=A&vocab={vocab}&dist=[0.51,0.49,0]",
+        ],
+        [f"scripted:l3?answer=B&vocab={vocab}&dist=[0,1,0]"],
+    ) as mgr:
+        voted = await mgr.run(ensemble(["l1", "l2", "l3"], "vote"), "pick", timeout=20)
+        latent = await mgr.run(ensemble(["l1", "l2", "l3"], "latent"), "pick", timeout=20)
+        assert voted.answer == "A"
+        assert latent.answer == "B"  # (0.49 + 0.49 + 1) / 3 > (0.51 + 0.51 + 0) / 3
+        steps = latent.outcome.details["steps"]
+        assert steps[0]["token_id"] == 1 and steps[-1]["token_id"] == 2 and steps[0]["members"] == 3
+
+
+async def test_ensemble_with_judge(broker: BrokerURL, namespace: str, spawn) -> None:
+    async with start(
+        spawn, broker, namespace, ["scripted:j1?answer=1", "scripted:j2?answer=2", "scripted:judge?judge_pick=2"]
+    ) as mgr:
+        r = await mgr.run(ensemble(["j1", "j2"], "judge", judge="judge"), "which?", timeout=20)
+        assert r.answer == "2" and r.outcome.details["judge"] == "judge"
+
+
+async def test_debate_rounds_see_peers_and_continue_without_a_dead_agent(
+    broker: BrokerURL, namespace: str, spawn
+) -> None:
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        ["scripted:d1?answer=5&follow_majority=true", "scripted:d2?answer=7"],
+        ["scripted:d3?answer=7&crash_after=1"],
+    ) as mgr:
+        r = await mgr.run(debate(["d1", "d2", "d3"], rounds=2), "2+5?", timeout=10)
+        rounds = r.outcome.details["rounds"]
+        assert rounds[0]["answers"] == {"d1": "5", "d2": "7", "d3": "7"}
+        # round 2: d1 saw the others' answers and changed its mind; d3's node died
+        assert rounds[1]["answers"]["d1"] == "7" and rounds[1]["answers"]["d3"] is None
+        assert "d3" in r.outcome.details["dropped"]
+        assert r.ok and r.answer == "7"
+        assert r.elapsed < 10
+
+
+async def test_cascade_escalates_in_direct_hops(broker: BrokerURL, namespace: str, spawn) -> None:
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        ["scripted:dev?answer=1&confidence=0.3"],
+        ["scripted:edge?answer=2&confidence=0.9"],
+        ["scripted:cloud?answer=3&confidence=1.0"],
+    ) as mgr:
+        r = await mgr.run(cascade(["dev", "edge", "cloud"], accept="confidence>=0.8"), "hard?", timeout=20)
+        assert r.ok and r.answer == "2" and r.answered_by == "edge"
+        events = r.trace.to_list()
+        # one request from the manager, one forward device->edge, one reply edge->manager; cloud never asked
+        assert [(e["sender"], e["recipient"], e["kind"]) for e in events] == [
+            ("manager", "dev", "request"),
+            ("dev", "edge", "forward"),
+            ("edge", "manager", "reply"),
+        ]
+        stages = r.outcome.details["stages"]
+        assert [(s["member"], s["answer"]) for s in stages] == [("dev", "1"), ("edge", "2")]
+        confident = await mgr.run(cascade(["edge", "cloud"], accept=0.8), "easy", timeout=20)
+        assert confident.answered_by == "edge" and not requests_to(confident, "cloud")
+
+
+async def test_cascade_falls_through_on_error_and_on_timeout(broker: BrokerURL, namespace: str, spawn) -> None:
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        ["scripted:broken?fail=true", "scripted:stuck?hang=true"],
+        ["scripted:backup?answer=ok&confidence=0.95"],
+    ) as mgr:
+        r = await mgr.run(cascade(["broken", "backup"], accept=0.8), "x", timeout=20)
+        assert r.answer == "ok" and r.answered_by == "backup"
+        assert "scripted_failure" in r.outcome.details["stages"][0]["error"]
+        t0 = time.monotonic()
+        r2 = await mgr.run(cascade(["stuck", "backup"], accept=0.8, hop_timeout=1.0), "x", timeout=20)
+        assert r2.answer == "ok" and r2.answered_by == "backup" and time.monotonic() - t0 < 5
+        assert "timeout" in r2.outcome.details["stages"][0]["error"]
+        assert any(e["kind"] == "timeout" and e["sender"] == "stuck" for e in r2.trace.to_list())
+
+
+async def test_cascade_with_a_verifier_agent(broker: BrokerURL, namespace: str, spawn) -> None:
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        ["scripted:v-dev?answer=1", "scripted:v-edge?answer=2", "scripted:v-cloud?answer=3"],
+        ['scripted:ver?accept_answers=["2"]'],
+    ) as mgr:
+        r = await mgr.run(cascade(["v-dev", "v-edge", "v-cloud"], accept=verifier("ver")), "x", timeout=20)
+        assert r.answer == "2" and r.answered_by == "v-edge"
+        assert [s.get("verified") for s in r.outcome.details["stages"]] == [False, True]
+        assert not requests_to(r, "v-cloud")
+        assert len([e for e in r.trace.to_list() if e["recipient"] == "ver"]) == 2
+
+
+async def test_patterns_nest(broker: BrokerURL, namespace: str, spawn) -> None:
+    g = cascade(["n-dev", ensemble(["n1", "n2", "n3"], "vote", name="cloud-ensemble")], accept="confidence>=0.8")
+    assert set(g.agent_ids()) == {"n-dev", "n1", "n2", "n3"}
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        ["scripted:n-dev?answer=9&confidence=0.2"],
+        ["scripted:n1?answer=4", "scripted:n2?answer=4", "scripted:n3?answer=6"],
+    ) as mgr:
+        r = await mgr.run(g, "q", timeout=20)
+        assert r.answer == "4" and r.answered_by == "cloud-ensemble"
+
+
+async def test_mixture_of_agents_feeds_layers_forward(broker: BrokerURL, namespace: str, spawn) -> None:
+    async with start(
+        spawn,
+        broker,
+        namespace,
+        ["scripted:p1?answer=x", "scripted:p2?answer=y", "scripted:p3?answer=y"],
+        ["scripted:refine?answer=z&follow_majority=true", "scripted:agg?answer=none&follow_majority=true"],
+    ) as mgr:
+        r = await mgr.run(mixture_of_agents([["p1", "p2", "p3"], ["refine"]], aggregator="agg"), "q", timeout=20)
+        layers = r.outcome.details["layers"]
+        assert layers[0]["answers"] == {"p1": "x", "p2": "y", "p3": "y"}
+        assert layers[1]["answers"] == {"refine": "y"}  # it saw layer 1's answers
+        assert r.answer == "y" and r.outcome.details["aggregator"] == "agg"
+
+
+async def test_hand_built_graph_runs_as_dataflow(broker: BrokerURL, namespace: str, spawn) -> None:
+    g = AgentGraph("flow")
+    for a, tier in (("g1", "device"), ("g2", "edge"), ("g3", "cloud")):
+        g.add_agent(a, tier)
+    g.add_flow("g1", "g3")
+    g.add_flow("g2", "g3")
+    async with start(
+        spawn, broker, namespace, ["scripted:g1?answer=a", "scripted:g2?answer=b", "scripted:g3?follow_majority=true"]
+    ) as mgr:
+        r = await mgr.run(g, "q", timeout=20)
+        assert r.answer == "a" and r.outcome.details["sinks"] == ["g3"]
+
+
+async def test_nothing_hangs_past_the_run_deadline(embedded: BrokerURL, namespace: str, spawn) -> None:
+    async with start(spawn, embedded, namespace, ["scripted:h1?hang=true", "scripted:h2?hang=true"]) as mgr:
+        t0 = time.monotonic()
+        r = await mgr.run(debate(["h1", "h2"], rounds=3), "q", timeout=2)
+        assert time.monotonic() - t0 < 3.5
+        assert not r.ok and r.error
+
+
+async def test_offline_agents_fail_fast_and_validation_errors_are_clear(embedded: BrokerURL, namespace: str) -> None:
+    async with TopologyManager(embedded, namespace=namespace, presence_timeout=0.5) as mgr:
+        t0 = time.monotonic()
+        with pytest.raises(AgentUnavailableError, match="ghost"):
+            await mgr.run(ensemble(["ghost", "phantom"]), "q", timeout=30)
+        assert time.monotonic() - t0 < 3
+    with pytest.raises(GraphError, match="no members"):
+        ensemble([]).validate()
+    with pytest.raises(GraphError, match="rounds"):
+        debate(["a", "b"], rounds=0)
+    with pytest.raises(GraphError, match="quorum"):
+        ensemble(["a", "b"], quorum=3)
+    with pytest.raises(GraphError, match="judge"):
+        ensemble(["a", "b"], "judge")
+    with pytest.raises(GraphError, match="unknown aggregate"):
+        ensemble(["a"], "median")
+    with pytest.raises(GraphError, match="cycle"):
+        cascade(["a", "b", "a"])
+    with pytest.raises(GraphError, match="acceptance policy"):
+        cascade(["a", "b"], accept="vibes")
+    with pytest.raises(GraphError, match="invalid agent id"):
+        ensemble(["bad/id"])
+    with pytest.raises(GraphError, match="threshold"):
+        cascade(["a"], accept=1.5)
+    g = AgentGraph("loop")
+    g.add_agent("x")
+    g.add_agent("y")
+    g.add_flow("x", "y")
+    g.add_flow("y", "x")
+    with pytest.raises(GraphError, match="cycle"):
+        g.validate(acyclic=True)
+    with pytest.raises(GraphError, match="unknown agent"):
+        g.validate(known=["x"])
+
+
+def test_graph_pictures_and_mermaid(tmp_path: Path) -> None:
+    g = cascade(["dev", "edge", ensemble(["c1", "c2"], "vote")], accept=0.7).graph()
+    mmd = g.to_mermaid()
+    assert mmd.startswith("flowchart LR") and "escalate" in mmd
+    assert g.draw(tmp_path / "g.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert (tmp_path / "g.png").exists() is False
+    assert g.draw(tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_trace_exports_json_and_timeline(embedded: BrokerURL, namespace: str, spawn, tmp_path: Path) -> None:
+    async with start(
+        spawn, embedded, namespace, ["scripted:t1?answer=1&confidence=0.1", "scripted:t2?answer=2"]
+    ) as mgr:
+        r = await mgr.run(cascade(["t1", "t2"], accept=0.5), "q", timeout=20)
+    data = json.loads(r.to_json(tmp_path / "run.json"))
+    assert data["answer"] == "2" and data["answered_by"] == "t2"
+    for ev in data["trace"]:
+        assert {"sender", "recipient", "kind", "bytes", "start", "end", "latency_ms", "error"} <= set(ev)
+    assert sum(ev["bytes"] for ev in data["trace"]) == data["bytes_on_wire"] > 0
+    assert r.trace.timeline(tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_large_ensemble_runs_concurrently(embedded: BrokerURL, namespace: str, spawn) -> None:
+    members = [f"w{i}" for i in range(8)]
+    async with start(
+        spawn,
+        embedded,
+        namespace,
+        [f"scripted:{m}?answer=1&delay=0.5" for m in members[:4]],
+        [f"scripted:{m}?answer=1&delay=0.5" for m in members[4:]],
+    ) as mgr:
+        r = await mgr.run(ensemble(members), "q", timeout=30)
+        assert r.ok and r.answer == "1"
+        # 8 members x 0.5 s each would take 4 s in sequence
+        assert r.elapsed < 2.5

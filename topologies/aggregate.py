@@ -1,0 +1,125 @@
+"""Ways to turn several members' outputs into one answer."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+from protocols import Envelope, TensorRole, ops
+
+from .graph import GraphError
+from .pattern import Outcome, Runtime
+
+
+class Aggregate(StrEnum):
+    VOTE = "vote"
+    WEIGHTED = "weighted"  # weights per member, or each vote weighted by its confidence
+    JUDGE = "judge"
+    CROSS_SCORE = "cross_score"
+    LATENT = "latent"  # average token distributions of members sharing a feature space
+
+    @classmethod
+    def parse(cls, value: str | Aggregate) -> Aggregate:
+        try:
+            return cls(value)
+        except ValueError:
+            raise GraphError(f"unknown aggregate {value!r}; choose from {', '.join(a.value for a in cls)}") from None
+
+
+def vote(
+    outcomes: Sequence[Outcome], weights: Mapping[str, float] | None = None, *, by_confidence: bool = False
+) -> tuple[str | None, dict[str, Any]]:
+    """Majority (or weighted) vote over answers. Ties go to the higher summed confidence, then to
+    the answer proposed first — deterministic, so runs reproduce."""
+    tally: dict[str, float] = defaultdict(float)
+    conf: dict[str, float] = defaultdict(float)
+    first: dict[str, int] = {}
+    for i, o in enumerate(outcomes):
+        if not o.ok or o.answer is None:
+            continue
+        w = (weights or {}).get(o.source, 1.0)
+        if by_confidence:
+            w *= o.confidence if o.confidence is not None else 0.0
+        tally[o.answer] += w
+        conf[o.answer] += o.confidence or 0.0
+        first.setdefault(o.answer, i)
+    if not tally:
+        return None, {"votes": {}}
+    winner = max(tally, key=lambda a: (tally[a], conf[a], -first[a]))
+    return winner, {"votes": dict(tally)}
+
+
+async def cross_score(
+    rt: Runtime, scorers: Sequence[Any], task: Envelope, proposals: Sequence[Outcome], *, label: str = "cross-score"
+) -> tuple[str | None, dict[str, Any]]:
+    """Every scorer scores every distinct proposal by its own log-likelihood; the highest sum wins.
+    Works across tokenizers: each member scores in its own."""
+    candidates = list(dict.fromkeys(o.answer for o in proposals if o.ok and o.answer is not None))
+    if not candidates:
+        return None, {"candidates": [], "scores": {}}
+    if len(candidates) == 1:
+        return candidates[0], {"candidates": candidates, "scores": {}, "unanimous": True}
+    per_member = await rt.score(scorers, task, candidates, label=label)
+    usable = {m: s for m, s in per_member.items() if s is not None}
+    if not usable:
+        winner, _ = vote(proposals)
+        return winner, {"candidates": candidates, "scores": {}, "fallback": "vote: no member could score"}
+    totals = [sum(s[i] for s in usable.values()) for i in range(len(candidates))]
+    best = max(range(len(candidates)), key=lambda i: (totals[i], -i))
+    return candidates[best], {
+        "candidates": candidates,
+        "scores": usable,
+        "totals": totals,
+        "failed_scorers": sorted(m for m, s in per_member.items() if s is None),
+    }
+
+
+async def latent_average(
+    rt: Runtime, members: Sequence[Any], task: Envelope, *, max_steps: int = 64, quorum: int = 1, label: str = "latent"
+) -> tuple[str | None, dict[str, Any]]:
+    """Decode together on latents: at each step every member sends its next-token distribution, the
+    distributions are averaged, the most probable token is appended for everyone.
+
+    Only members whose distributions live in one feature space (same tokenizer) can be averaged; a
+    member from another space is an error, never silently mixed in.
+    """
+    prefix = ""
+    steps: list[dict[str, Any]] = []
+    failed: set[str] = set()
+    space = None
+    for _ in range(max_steps):
+        outs = await rt.next_distributions(members, task, prefix, label=f"{label} step {len(steps) + 1}")
+        dists: list[torch.Tensor] = []
+        tokens: dict[str, str] = {}
+        eos: int | None = None
+        for o in outs:
+            part = o.reply.tensor(TensorRole.TOKEN_DISTRIBUTION) if (o.reply is not None and not o.error) else None
+            if part is None:
+                failed.add(o.source)
+                continue
+            if space is None:
+                space = part.space
+            elif part.space is None or space is None or not part.space.compatible_with(space):
+                raise GraphError(
+                    f"latent aggregation needs one feature space: {o.source} sent {part.space}, others {space}"
+                )
+            dists.append(part.tensor.to(torch.float32).reshape(-1))
+            tokens.update({str(k): str(v) for k, v in (o.reply.meta.get(ops.TOKENS) or {}).items()})  # type: ignore[union-attr]
+            eos = o.reply.meta.get(ops.EOS_ID, eos)  # type: ignore[union-attr]
+        if len(dists) < quorum:
+            return (prefix or None), {"steps": steps, "failed": sorted(failed), "error": "quorum lost"}
+        if len({d.numel() for d in dists}) != 1:
+            raise GraphError("latent aggregation: members sent distributions over different vocabulary sizes")
+        avg = torch.stack(dists).mean(0)
+        token_id = int(avg.argmax())
+        steps.append({"token_id": token_id, "p": round(float(avg[token_id]), 6), "members": len(dists)})
+        if eos is not None and token_id == int(eos):
+            break
+        if str(token_id) not in tokens:
+            raise GraphError(f"latent aggregation: chosen token {token_id} is in no member's top tokens")
+        prefix += tokens[str(token_id)]
+    return prefix.strip(), {"steps": steps, "failed": sorted(failed), "space": str(space) if space else None}

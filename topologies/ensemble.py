@@ -1,0 +1,122 @@
+"""Ensemble: fan out in parallel, then aggregate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from protocols import Envelope
+
+from .aggregate import Aggregate, cross_score, latent_average, vote
+from .graph import AgentGraph, AgentRef, GraphError
+from .pattern import Outcome, Pattern, Runtime, as_member
+
+
+class Ensemble(Pattern):
+    kind = "ensemble"
+
+    def __init__(
+        self,
+        members: Sequence[Any],
+        *,
+        aggregate: str | Aggregate = Aggregate.VOTE,
+        weights: Mapping[str, float] | None = None,
+        judge: Any = None,
+        quorum: int | float | None = None,
+        max_steps: int = 64,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        self._members = [as_member(m) for m in members]
+        self.aggregate = Aggregate.parse(aggregate)
+        self.weights = dict(weights or {})
+        self.judge = as_member(judge) if judge is not None else None
+        self.max_steps = max_steps
+        n = len(self._members)
+        if quorum is None:
+            self.quorum = 1
+        elif isinstance(quorum, float) and 0 < quorum <= 1:
+            self.quorum = max(1, math.ceil(quorum * n))
+        else:
+            self.quorum = int(quorum)
+        if n and not 1 <= self.quorum <= n:
+            raise GraphError(f"ensemble {self.name!r}: quorum {quorum} must be between 1 and {n} members")
+        if self.aggregate == Aggregate.JUDGE and self.judge is None:
+            raise GraphError(f"ensemble {self.name!r}: aggregate='judge' needs judge=AGENT")
+        if self.aggregate in (Aggregate.CROSS_SCORE, Aggregate.LATENT):
+            nested = [m.name for m in self._members if isinstance(m, Pattern)]
+            if nested:
+                raise GraphError(f"ensemble {self.name!r}: {self.aggregate} needs agent members, not {nested}")
+        unknown = set(self.weights) - {m.agent_id for m in self._members if isinstance(m, AgentRef)}
+        if unknown:
+            raise GraphError(f"ensemble {self.name!r}: weights for non-members {sorted(unknown)}")
+
+    def members(self) -> list[AgentRef | Pattern]:
+        return list(self._members)
+
+    def helpers(self) -> list[AgentRef]:
+        return [self.judge] if isinstance(self.judge, AgentRef) else []
+
+    def graph(self) -> AgentGraph:
+        g = AgentGraph(self.name)
+        g.add_step("task", "task")
+        g.add_step("aggregate", "aggregate", how=str(self.aggregate))
+        g.add_step("answer", "answer")
+        for i, m in enumerate(self._members):
+            entry, exit_ = self._entry_exit(g, m, f"{self.name}.{i}")
+            g.add_flow("task", entry, "fan-out")
+            g.add_flow(exit_, "aggregate", "proposal")
+        if self.judge is not None:
+            entry, exit_ = self._entry_exit(g, self.judge, f"{self.name}.judge")
+            g.add_flow("aggregate", entry, "candidates")
+            g.add_flow(exit_, "answer", "verdict")
+        else:
+            g.add_flow("aggregate", "answer", "answer")
+        return g
+
+    async def run(self, task: Envelope, rt: Runtime) -> Outcome:
+        out = Outcome(source=self.name, kind=self.kind)
+        if self.aggregate == Aggregate.LATENT:
+            answer, details = await latent_average(
+                rt, self._members, task, max_steps=self.max_steps, quorum=self.quorum
+            )
+            out.answer, out.details = answer, {"aggregate": str(self.aggregate), **details}
+            if answer is None:
+                out.error = details.get("error", "no answer")
+            return out
+        proposals = await rt.ask_many(self._members, task, label=self.name)
+        out.children = proposals
+        for p in proposals:
+            out.cost = out.cost.add(p.cost)
+        ok = [p for p in proposals if p.ok]
+        out.details = {
+            "aggregate": str(self.aggregate),
+            "proposals": {p.source: p.answer for p in proposals},
+            "failed": {p.source: p.error for p in proposals if not p.ok},
+            "quorum": self.quorum,
+        }
+        if len(ok) < self.quorum:
+            out.error = f"quorum not met: {len(ok)} of {len(proposals)} members answered, {self.quorum} needed"
+            return out
+        if self.aggregate == Aggregate.VOTE:
+            out.answer, extra = vote(ok)
+        elif self.aggregate == Aggregate.WEIGHTED:
+            out.answer, extra = vote(ok, self.weights or None, by_confidence=not self.weights)
+        elif self.aggregate == Aggregate.CROSS_SCORE:
+            scorers = [m for m in self._members if m.agent_id in {p.source for p in ok}]  # type: ignore[union-attr]
+            out.answer, extra = await cross_score(rt, scorers, task, ok, label=f"{self.name} cross-score")
+        else:  # judge
+            candidates = list(dict.fromkeys(p.answer for p in ok if p.answer is not None))
+            verdict = await rt.judge(self.judge, task, candidates, label=f"{self.name} judge")
+            out.children.append(verdict)
+            if verdict.ok and verdict.answer in candidates:
+                out.answer, extra = verdict.answer, {"judge": verdict.source, "candidates": candidates}
+            else:
+                out.answer, extra = vote(ok)
+                extra["fallback"] = f"vote: judge failed ({verdict.error or 'answer not among candidates'})"
+        out.details.update(extra)
+        backers = [p.confidence for p in ok if p.answer == out.answer and p.confidence is not None]
+        out.confidence = sum(backers) / len(ok) if backers else None
+        out.text = out.answer or ""
+        return out
