@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import ssl
@@ -32,6 +33,10 @@ MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+# aiomqtt warns at every burst of >10 outstanding publishes, which a fan-out does by design.
+_MQTT_LOG = logging.getLogger("aiflow.mqtt")
+_MQTT_LOG.setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +166,7 @@ class Connection:
             username=url.username,
             password=url.password,
             identifier=self.client_id,
+            logger=_MQTT_LOG,
             protocol=self._protocol,
             will=self._will,
             keepalive=self._keepalive,

@@ -1,0 +1,30 @@
+"""Benchmarks run here at a tiny size only to prove they work; their numbers are not asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_codec_bench_runs(tmp_path: Path) -> None:
+    out = run("bench_codec.py", "--repeat", "3", "--shape", "1", "64", "256", "--json", str(tmp_path / "c.json"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "c.json").read_text())
+
+
+@pytest.mark.timeout(240)
+def test_fanout_bench_runs(tmp_path: Path) -> None:
+    out = run("bench_fanout.py", "--sizes", "1,3", "--repeat", "1", "--delay", "0.05", "--json", str(tmp_path / "f.json"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [r["members"] for r in rows] == [1, 3]
