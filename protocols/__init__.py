@@ -1,6 +1,7 @@
 """The latent-message protocol v1: envelopes of text and tensor parts, their binary codec and
 MQTT binding. See ``protocols/SPEC.md`` for the byte-level specification."""
 
+from . import ops
 from .binding import TOPIC_ROOT, PresenceRecord, Status, Topics, check_level, mqtt5_properties
 from .codec import (
     ALIGNMENT,
@@ -29,7 +30,6 @@ from .envelope import (
     is_valid_agent_id,
     new_id,
 )
-from . import ops
 from .errors import (
     BadMagicError,
     EncodeError,

@@ -119,7 +119,7 @@ def _finite_float(literal: str) -> float:
 
 
 # -- encoding ----------------------------------------------------------------------------------
-def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS) -> bytearray:
+def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """Encode an envelope into one frame. Costs one copy of each tensor's bytes."""
     if sys.byteorder != "little":  # pragma: no cover - no big-endian host in sight
         raise EncodeError("encoding on big-endian hosts is not implemented")
@@ -193,16 +193,22 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS) -> bytearray:
     if total > limits.max_frame_bytes:
         raise EncodeError(f"frame would be {total} bytes, limit is {limits.max_frame_bytes}")
 
-    buf = bytearray(total)
-    PREAMBLE.pack_into(buf, 0, MAGIC, WIRE_VERSION, 0, 0, len(header_bytes))
-    buf[PREAMBLE_SIZE : PREAMBLE_SIZE + len(header_bytes)] = header_bytes
-    if tensors:
-        dst = torch.frombuffer(buf, dtype=torch.uint8)
-        for p, t in zip(tensor_headers, tensors, strict=True):
-            n = p["nbytes"]
-            if n:
-                dst[p["offset"] : p["offset"] + n].copy_(t.reshape(-1).view(torch.uint8))
-    return buf
+    # One pass over the tensor bytes: join the pieces straight into the frame (no zero-fill
+    # of a buffer that is then overwritten).
+    pieces: list[Any] = [PREAMBLE.pack(MAGIC, WIRE_VERSION, 0, 0, len(header_bytes)), header_bytes]
+    cursor = PREAMBLE_SIZE + len(header_bytes)
+    for p, t in zip(tensor_headers, tensors, strict=True):
+        n = p["nbytes"]
+        if not n:
+            continue
+        if p["offset"] > cursor:
+            pieces.append(bytes(p["offset"] - cursor))
+        pieces.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        cursor = p["offset"] + n
+    frame = b"".join(pieces)
+    if len(frame) < total:  # trailing zero-size tensors may sit on a later aligned offset
+        frame += bytes(total - len(frame))
+    return frame
 
 
 def _dump(header: dict[str, Any]) -> bytes:

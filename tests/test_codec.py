@@ -303,8 +303,7 @@ def test_only_zero_size_tensors_end_at_data_start() -> None:
 # -- zero copy ----------------------------------------------------------------------------------
 def test_decode_is_zero_copy_over_a_bytearray() -> None:
     t = torch.arange(4096, dtype=torch.float32)
-    payload = encode(Envelope.request(TensorPart(tensor=t)))
-    assert isinstance(payload, bytearray)
+    payload = bytearray(encode(Envelope.request(TensorPart(tensor=t))))
     part = decode(payload).parts[0]
     lo, hi = _payload_range(payload)
     offset = _header_of(payload)["parts"][0]["offset"]
@@ -336,7 +335,7 @@ def test_decoded_tensor_keeps_its_payload_alive() -> None:
 
 
 def test_writable_returns_a_private_copy() -> None:
-    payload = encode(Envelope.request(TensorPart(tensor=torch.arange(8, dtype=torch.int32))))
+    payload = bytearray(encode(Envelope.request(TensorPart(tensor=torch.arange(8, dtype=torch.int32)))))
     part = decode(payload).parts[0]
     w = part.writable()
     lo, hi = _payload_range(payload)
