@@ -43,8 +43,13 @@ async def main(sizes: list[int], delay: float, repeat: int, broker: str | None, 
                         times.append(time.perf_counter() - t0)
                         assert r.ok, r.error
                         sent.append(sum(e.bytes for e in r.trace.events if e.kind == "request"))
-                    rows.append({"members": n, "wall_ms_median": statistics.median(times) * 1e3,
-                                 "request_bytes": statistics.median(sent)})
+                    rows.append(
+                        {
+                            "members": n,
+                            "wall_ms_median": statistics.median(times) * 1e3,
+                            "request_bytes": statistics.median(sent),
+                        }
+                    )
         finally:
             await asyncio.gather(*(p.astop() for p in procs))
     base = rows[0]["wall_ms_median"]

@@ -24,7 +24,9 @@ def test_codec_bench_runs(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_fanout_bench_runs(tmp_path: Path) -> None:
-    out = run("bench_fanout.py", "--sizes", "1,3", "--repeat", "1", "--delay", "0.05", "--json", str(tmp_path / "f.json"))
+    out = run(
+        "bench_fanout.py", "--sizes", "1,3", "--repeat", "1", "--delay", "0.05", "--json", str(tmp_path / "f.json")
+    )
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "f.json").read_text())["rows"]
     assert [r["members"] for r in rows] == [1, 3]
