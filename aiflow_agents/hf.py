@@ -1,0 +1,704 @@
+"""An agent backed by a Hugging Face causal LM (local safetensors folder, GGUF file, or catalog model).
+
+It implements the model-agent ops of :mod:`protocols.ops` (``generate``, ``score``, ``next``) with a
+hand-written greedy decoding loop, because collaboration needs what ``generate()`` hides: the
+probability of every chosen token (confidence), per-step distributions (latent outputs) and a hook
+to fuse another model's distributions or soft tokens into decoding (latent inputs).
+
+Latents are tagged with the agent's :class:`~protocols.FeatureSpace`. A token distribution is
+usable only by a receiver whose tokenizer id is identical (same vocabulary, same ids); anything
+else is refused by ``latent_policy``: ``fallback`` (answer from the text, note it in
+``meta.latent``) or ``error`` (``incompatible_latent``). A latent is never consumed on a guess.
+
+Config keys (``aiflow node --agent 'hf:ID?model=smollm2-135m&max_new_tokens=32'``):
+
+``model`` catalog name, or ``path`` (folder or ``.gguf`` file) with optional ``gguf_file``;
+``device`` (``auto``/``cpu``/``cuda[:N]``); ``dtype`` (``auto``/``float32``/``float16``/``bfloat16``);
+``max_new_tokens``; ``chat`` (use the chat template; default: the catalog's choice, else whether the
+tokenizer has one); ``system``; ``answer_pattern`` (regex normalising ``meta.answer``);
+``temperature`` (0 = greedy) and ``seed``; ``stop`` (strings ending an answer); ``latent_policy``;
+``latent_weight`` (share of the sender's distribution when fusing, 0..1); ``latent_mode``
+(``fuse``/``soft``/``both``); ``top_k`` (default size of returned distributions; 0 = full);
+``family``/``name``/``tokenizer_name`` (override what the feature space says); ``fetch`` (fetch a
+catalog model on first use); ``threads`` (torch CPU threads).
+
+Per request, ``meta`` may override ``max_new_tokens``, ``system``, ``temperature``, ``seed``,
+``top_k``, ``latent_weight`` and ``latent_mode``, and ask for latents with ``return``/``layers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import math
+import re
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart
+from protocols import ops as O
+
+from .agent import Accepts, Agent, AgentContext, Reply
+from .errors import AgentError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+#: Replaced by soft tokens when they go inside the user turn of a chat template.
+_SOFT_SLOT = "\u2063AIFLOW_SOFT_SLOT\u2063"
+RETURN_KINDS = ("distribution", "hidden", "embedding")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(slots=True)
+class HFConfig:
+    """The agent's settings; unknown keys are an error so a typo never passes silently."""
+
+    model: str | None = None
+    path: str | None = None
+    gguf_file: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = 64
+    chat: bool | None = None
+    system: str | None = None
+    answer_pattern: str | None = None
+    temperature: float = 0.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    latent_policy: Literal["fallback", "error"] = "fallback"
+    latent_weight: float = 0.5
+    latent_mode: Literal["fuse", "soft", "both"] = "fuse"
+    top_k: int = 0
+    family: str | None = None
+    name: str | None = None
+    tokenizer_name: str | None = None
+    fetch: bool = True
+    threads: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> HFConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown hf agent config key(s) {unknown}; known: {', '.join(sorted(known))}")
+        cfg = cls(**config)
+        if isinstance(cfg.stop, str):
+            cfg.stop = [cfg.stop]
+        if cfg.model is None and cfg.path is None:
+            raise ValueError("the hf agent needs model=CATALOG_NAME or path=FOLDER_OR_GGUF")
+        if cfg.latent_policy not in ("fallback", "error"):
+            raise ValueError(f"latent_policy must be 'fallback' or 'error', not {cfg.latent_policy!r}")
+        if cfg.latent_mode not in ("fuse", "soft", "both"):
+            raise ValueError(f"latent_mode must be 'fuse', 'soft' or 'both', not {cfg.latent_mode!r}")
+        if int(cfg.max_new_tokens) < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if cfg.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be auto or one of {', '.join(_DTYPES)}, not {cfg.dtype!r}")
+        if cfg.answer_pattern:
+            re.compile(cfg.answer_pattern)
+        return cfg
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What one decoding run produced, with everything the reply needs."""
+
+    token_ids: list[int]
+    text: str
+    chosen_probs: list[float]
+    distributions: torch.Tensor | None  # [steps, vocab] of the agent's own model
+    hidden: dict[int, torch.Tensor]  # layer -> [positions, hidden]
+    prompt_tokens: int
+    positions: int  # token positions run through the model (prompt + soft + fed back)
+    forward_passes: int
+    stopped_by: str
+
+    @property
+    def confidence(self) -> float:
+        """Geometric mean of the chosen tokens' probabilities: 1 = the model never hesitated."""
+        if not self.chosen_probs:
+            return 1.0
+        logs = [math.log(max(p, 1e-30)) for p in self.chosen_probs]
+        return float(min(1.0, max(0.0, math.exp(sum(logs) / len(logs)))))
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def tokenizer_id(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
+    """A stable id of a vocabulary: two tokenizers share it only if every token has the same id,
+    which is exactly when token distributions can be mixed."""
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256()
+    for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        digest.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+    return f"{name}-{len(vocab)}-{digest.hexdigest()[:12]}"
+
+
+def vocab_signature(tokenizer: str) -> str:
+    """The content part of a tokenizer id (size and hash): the name in front is for people, so the
+    same vocabulary loaded from a GGUF file and from its converted folder still matches."""
+    parts = tokenizer.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit() and len(parts[2]) == 12:
+        return f"{parts[1]}-{parts[2]}"
+    return tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU kernels for half types are slow and lossy
+
+
+class TransformersAgent(Agent):
+    """A causal LM as an agent: text in, text out, plus confidence, cost and tagged latents."""
+
+    type_name = "hf"
+
+    def __init__(
+        self,
+        agent_id: str | None = None,
+        *,
+        tier: str | None = None,
+        groups: tuple[str, ...] | list[str] = (),
+        **config: Any,
+    ) -> None:
+        super().__init__(agent_id, tier=tier, groups=groups, **config)
+        self.cfg = HFConfig.from_config(config)
+        self.accepts = Accepts(text=True, roles=(TensorRole.TOKEN_DISTRIBUTION,))
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.space: FeatureSpace | None = None
+        self.device = torch.device("cpu")
+        self.chat = False
+        self.num_layers = 0
+        self.vocab_size = 0
+        self.eos_ids: set[int] = set()
+        self.load_seconds = 0.0
+        self._lock = asyncio.Lock()
+        self._cache_arg = "past_key_values"
+        self._keep_logits = False
+        self._last_positions = 0
+
+    # -- loading ----------------------------------------------------------------------------------
+    async def setup(self) -> None:
+        await asyncio.to_thread(self.load)
+
+    async def teardown(self) -> None:
+        self.model = None
+
+    def load(self) -> TransformersAgent:
+        """Load tokenizer and weights (fetching a catalog model first if needed); idempotent."""
+        if self.model is not None:
+            return self
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from . import catalog
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        marker: dict[str, Any] = {}
+        entry = None
+        if cfg.model is not None:
+            entry = catalog.get(cfg.model)
+            if not entry.is_converted() and not cfg.fetch:
+                raise AgentError(f"{entry.name} is not fetched (aiflow models fetch {entry.name})", code="no_model")
+            folder = catalog.fetch(entry.name)
+            gguf = None
+        else:
+            p = Path(str(cfg.path)).expanduser()
+            if p.is_file():
+                folder, gguf = p.parent, p.name
+            else:
+                folder, gguf = p, cfg.gguf_file
+            if not folder.is_dir():
+                raise ValueError(f"hf agent path {str(p)!r} does not exist")
+        marker = catalog.read_marker(folder) or {}
+        self.device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, self.device)
+        kw: dict[str, Any] = {"local_files_only": True}
+        if gguf:
+            kw["gguf_file"] = gguf
+        tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
+        model.to(self.device)
+        model.eval()
+        self.tokenizer, self.model = tok, model
+        mcfg = model.config
+        text_cfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+        self.num_layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0))
+        hidden_size = int(getattr(text_cfg, "hidden_size", 0) or getattr(text_cfg, "n_embd", 0))
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        family = cfg.family or (entry.family if entry else None) or marker.get("family") or mcfg.model_type
+        name = cfg.name or (entry.name if entry else None) or marker.get("name") or Path(gguf or folder.name).stem
+        tok_name = cfg.tokenizer_name or (entry.family if entry else None) or marker.get("family") or "tok"
+        self.space = FeatureSpace(
+            family=str(family), model=str(name), hidden_size=hidden_size, tokenizer=tokenizer_id(tok, tok_name)
+        )
+        has_template = bool(getattr(tok, "chat_template", None))
+        default_chat = entry.chat if entry else marker.get("chat", has_template)
+        self.chat = bool(cfg.chat if cfg.chat is not None else default_chat)
+        if self.chat and not has_template:
+            raise ValueError(f"chat=true but the tokenizer of {name} has no chat template")
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        # transformers 5.2x renamed ``past_key_values`` to ``cache``; older releases know only the former.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_logits = "logits_to_keep" in params
+        self.accepts = Accepts(text=True, spaces=(self.space,), roles=(TensorRole.TOKEN_DISTRIBUTION,))
+        self.load_seconds = time.perf_counter() - t0
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if self.space is not None:
+            out.update(space=str(self.space), chat=self.chat, device=str(self.device), layers=self.num_layers)
+        return out
+
+    def _ready(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, FeatureSpace]:
+        if self.model is None or self.tokenizer is None or self.space is None:
+            self.load()
+        assert self.model is not None and self.tokenizer is not None and self.space is not None
+        return self.model, self.tokenizer, self.space
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def prompt_ids(
+        self, text: str, *, system: str | None = None, soft_slot: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of a prompt, split where soft tokens go (the end of the user's text).
+
+        With the chat template the prompt ends with the assistant's turn opening, so answers and
+        scored candidates start exactly where the model's own answer would.
+        """
+        _, tok, _ = self._ready()
+        system = self.cfg.system if system is None else system
+        if not self.chat:
+            before = list(tok(text).input_ids)
+            if not before:  # a model needs at least one position to predict from
+                if tok.bos_token_id is None:
+                    raise AgentError("empty prompt and the tokenizer has no BOS token", code="bad_request")
+                before = [int(tok.bos_token_id)]
+            return before, []
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": f"{text}\n{_SOFT_SLOT}" if soft_slot else text})
+        rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert isinstance(rendered, str)
+        head, _, tail = rendered.partition(_SOFT_SLOT) if soft_slot else (rendered, "", "")
+        before = list(tok(head, add_special_tokens=False).input_ids)
+        after = list(tok(tail, add_special_tokens=False).input_ids) if tail else []
+        return before, after
+
+    # -- the decoding loop ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        fuse: torch.Tensor | None = None,
+        fuse_weight: float = 0.5,
+        soft: torch.Tensor | None = None,
+        want_distributions: bool = False,
+        hidden_layers: tuple[int, ...] = (),
+    ) -> Decoded:
+        """Greedy (or seeded sampling) decoding; ``fuse`` mixes a sender's per-step distributions
+        ``[steps, vocab]`` into ours, ``soft`` inserts expected embeddings ``[n, hidden]`` after the
+        user's text (CIPHER-style soft tokens)."""
+        model, tok, _ = self._ready()
+        cfg = self.cfg
+        max_new = int(max_new_tokens or cfg.max_new_tokens)
+        temp = float(cfg.temperature if temperature is None else temperature)
+        gen = torch.Generator(device=self.device).manual_seed(int(cfg.seed if seed is None else seed))
+        before, after = self.prompt_ids(prompt, system=system, soft_slot=soft is not None)
+        dev = self.device
+        want_hidden = bool(hidden_layers)
+        if soft is not None:
+            emb = model.get_input_embeddings()
+            parts = [emb(torch.tensor([before], device=dev))[0], soft.to(dev, emb.weight.dtype)]
+            if after:
+                parts.append(emb(torch.tensor([after], device=dev))[0])
+            inputs: dict[str, Any] = {"inputs_embeds": torch.cat(parts)[None]}
+            positions = len(before) + soft.shape[0] + len(after)
+        else:
+            inputs = {"input_ids": torch.tensor([before + after], device=dev)}
+            positions = len(before) + len(after)
+        prompt_tokens = positions
+        if self._keep_logits:  # only the last position's logits are read: skip the rest of lm_head
+            inputs["logits_to_keep"] = 1
+        out = model(**inputs, use_cache=True, output_hidden_states=want_hidden)
+        passes = 1
+        hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
+        generated: list[int] = []
+        chosen: list[float] = []
+        dists: list[torch.Tensor] = []
+        stopped_by = "max_new_tokens"
+        for step in range(max_new):
+            if want_hidden:
+                for layer in hidden_layers:
+                    hidden[layer].append(out.hidden_states[layer][0].float().cpu())
+            own = torch.softmax(out.logits[0, -1].float(), dim=-1)
+            probs = own
+            if fuse is not None and step < fuse.shape[0]:
+                probs = (1.0 - fuse_weight) * own + fuse_weight * fuse[step].to(own.device)
+            if temp > 0:
+                weights = probs.clamp_min(1e-30).log().div(temp).softmax(-1)
+                token = int(torch.multinomial(weights, 1, generator=gen).item())
+            else:
+                token = int(torch.argmax(probs).item())
+            chosen.append(float(probs[token].item()))
+            if want_distributions:
+                dists.append(own.cpu())
+            generated.append(token)
+            if token in self.eos_ids:
+                stopped_by = "eos"
+                break
+            if cfg.stop and any(s in tok.decode(generated, skip_special_tokens=True) for s in cfg.stop):
+                stopped_by = "stop"
+                break
+            if step == max_new - 1:
+                break
+            out = model(
+                input_ids=torch.tensor([[token]], device=dev),
+                use_cache=True,
+                output_hidden_states=want_hidden,
+                **{self._cache_arg: _cache_of(out)},
+            )
+            passes += 1
+            positions += 1
+        text_ids = [t for t in generated if t not in self.eos_ids]
+        text = tok.decode(text_ids, skip_special_tokens=True)
+        if cfg.stop:
+            cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
+            text = text[:cut] if cut >= 0 else text
+        return Decoded(
+            token_ids=generated,
+            text=text.strip(),
+            chosen_probs=chosen,
+            distributions=torch.stack(dists) if dists else None,
+            hidden={layer: torch.cat(chunks) for layer, chunks in hidden.items()},
+            prompt_tokens=prompt_tokens,
+            positions=positions,
+            forward_passes=passes,
+            stopped_by=stopped_by,
+        )
+
+    @torch.inference_mode()
+    def score(self, prompt: str, candidates: list[str], *, system: str | None = None) -> tuple[list[float], list[int]]:
+        """Sum log-likelihood of each candidate as the answer to ``prompt`` (same prompt ids as
+        ``generate``), so members can cross-score each other's answers in their own tokenizer."""
+        model, tok, _ = self._ready()
+        before, _ = self.prompt_ids(prompt, system=system)
+        scores: list[float] = []
+        counts: list[int] = []
+        self._last_positions = 0
+        for cand in candidates:
+            cand_ids = list(tok(str(cand), add_special_tokens=False).input_ids)
+            if not cand_ids:
+                scores.append(0.0)
+                counts.append(0)
+                continue
+            ids = torch.tensor([before + cand_ids], device=self.device)
+            logits = model(input_ids=ids).logits[0, len(before) - 1 : -1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            target = torch.tensor(cand_ids, device=self.device)
+            scores.append(float(logp.gather(1, target[:, None]).sum().item()))
+            counts.append(len(cand_ids))
+            self._last_positions += ids.shape[1]
+        return scores, counts
+
+    @torch.inference_mode()
+    def next_distribution(
+        self, prompt: str, prefix: str = "", *, system: str | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Probabilities of the next token after ``prompt`` + ``prefix`` (answer so far)."""
+        model, tok, _ = self._ready()
+        before, _ = self.prompt_ids(prompt, system=system)
+        ids = before + (list(tok(prefix, add_special_tokens=False).input_ids) if prefix else [])
+        keep = {"logits_to_keep": 1} if self._keep_logits else {}
+        logits = model(input_ids=torch.tensor([ids], device=self.device), **keep).logits[0, -1].float()
+        return torch.softmax(logits, dim=-1).cpu(), len(ids)
+
+    # -- latents ----------------------------------------------------------------------------------
+    def can_fuse(self, part: TensorPart) -> bool:
+        """A distribution is mixable only when the sender's vocabulary is ours, id for id."""
+        _, _, space = self._ready()
+        return (
+            part.role == TensorRole.TOKEN_DISTRIBUTION
+            and part.space is not None
+            and part.space.tokenizer is not None
+            and space.tokenizer is not None
+            and vocab_signature(part.space.tokenizer) == vocab_signature(space.tokenizer)
+        )
+
+    @torch.inference_mode()
+    def dense_distribution(self, part: TensorPart) -> torch.Tensor:
+        """A received distribution as ``[steps, vocab]`` probabilities over our logits (top-k
+        parts are scattered back; rows are renormalised, since top-k drops mass)."""
+        t = part.tensor.float()
+        if part.meta.get("format") == "topk":
+            idx = torch.tensor(part.meta["indices"], dtype=torch.long)
+            if idx.shape != t.shape:
+                raise ValueError(f"top-k indices {list(idx.shape)} do not match values {list(t.shape)}")
+            t, idx = t.reshape(-1, t.shape[-1]), idx.reshape(-1, idx.shape[-1])
+            dense = torch.zeros(t.shape[0], self.vocab_size)
+            keep = idx < self.vocab_size
+            dense.scatter_(1, idx.clamp_max(self.vocab_size - 1), torch.where(keep, t, torch.zeros_like(t)))
+        else:
+            dense = t.reshape(-1, t.shape[-1])
+            if dense.shape[1] < self.vocab_size:
+                dense = torch.nn.functional.pad(dense, (0, self.vocab_size - dense.shape[1]))
+            dense = dense[:, : self.vocab_size]
+        dense = dense.clamp_min(0)
+        return dense / dense.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.inference_mode()
+    def soft_tokens(self, dists: torch.Tensor) -> torch.Tensor:
+        """CIPHER: each step's expected input embedding under the sender's distribution."""
+        model, _, _ = self._ready()
+        emb = model.get_input_embeddings()
+        scale = getattr(emb, "embed_scale", 1.0)  # Gemma scales embeddings inside the module
+        weight = emb.weight.float()
+        out = dists.to(weight.device) @ weight[: dists.shape[1]]
+        return out * (scale.float() if torch.is_tensor(scale) else float(scale))
+
+    def _plan_latents(self, request: Envelope) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """Pick the latents we can consume and apply ``latent_policy`` to the rest."""
+        _, _, space = self._ready()
+        parts = request.tensors()
+        if not parts:
+            return None, {}
+        usable: list[TensorPart] = []
+        ignored: list[TensorPart] = []
+        refused: list[TensorPart] = []
+        for p in parts:  # sorted by identity: comparing parts would compare their tensors
+            if self.can_fuse(p):
+                usable.append(p)
+            elif p.space is not None and p.space.compatible_with(space):
+                ignored.append(p)
+            else:
+                refused.append(p)
+        note: dict[str, Any] = {"used": len(usable), "space": str(space)}
+        if refused:
+            spaces = sorted({str(p.space) if p.space is not None else "<untagged>" for p in refused})
+            reason = f"latent from {', '.join(spaces)} is not compatible with {space} (tokenizer differs or untagged)"
+            if self.cfg.latent_policy == "error" or not request.text.strip():
+                raise AgentError(reason, code="incompatible_latent")
+            note.update(refused=len(refused), refused_spaces=spaces, reason=reason)
+        if ignored:
+            note["ignored"] = [f"{p.role} (not consumed by this agent)" for p in ignored]
+        if not usable:
+            note["status"] = "fallback" if refused else "ignored"
+            return None, note
+        try:
+            dense = [self.dense_distribution(p) for p in usable]
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise AgentError(f"malformed token distribution: {e}", code="bad_latent") from None
+        # several senders: average them step by step (a shorter one stops counting when it ends)
+        steps = max(d.shape[0] for d in dense)
+        total, count = torch.zeros(steps, self.vocab_size), torch.zeros(steps, 1)
+        for d in dense:
+            total[: d.shape[0]] += d
+            count[: d.shape[0]] += 1
+        note["senders"] = len(dense)
+        return total / count, note
+
+    # -- ops --------------------------------------------------------------------------------------
+    async def handle(self, request: Envelope, ctx: AgentContext) -> Reply:
+        try:
+            op = O.op_of(request.meta)
+        except ValueError:
+            raise AgentError(f"unknown op {request.meta.get(O.OP)!r}", code="unsupported_op") from None
+        async with self._lock:  # one model, one forward at a time
+            return await asyncio.to_thread(self.handle_sync, request, op)
+
+    def handle_sync(self, request: Envelope, op: O.Op = O.Op.GENERATE) -> Envelope:
+        self._ready()
+        t0 = time.perf_counter()
+        if op == O.Op.SCORE:
+            reply = self._op_score(request)
+        elif op == O.Op.NEXT:
+            reply = self._op_next(request)
+        else:
+            reply = self._op_generate(request)
+        reply.meta[O.COST]["seconds"] = round(time.perf_counter() - t0, 4)
+        reply.meta.setdefault("agent", self.agent_id)
+        reply.meta.setdefault("model", self.space.model if self.space else None)
+        return reply
+
+    def _cost(self, positions: int, passes: int, **extra: Any) -> dict[str, Any]:
+        cost = O.Cost(model_calls=1, tokens=positions, layers=positions * self.num_layers)
+        return {**cost.model_dump(), "forward_passes": passes, **extra}
+
+    def normalise(self, text: str) -> str:
+        """``meta.answer``: what votes compare (``answer_pattern``'s group 1 or match, else the text)."""
+        pattern = self.cfg.answer_pattern
+        if pattern:
+            m = re.search(pattern, text, flags=re.S)
+            if m:
+                return (m.group(1) if m.groups() else m.group(0)).strip()
+        return text.strip()
+
+    def _op_generate(self, request: Envelope) -> Envelope:
+        _, _, space = self._ready()
+        meta = request.meta
+        wanted = meta.get(O.RETURN) or []
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+        bad = [w for w in wanted if w not in RETURN_KINDS]
+        if bad:
+            raise AgentError(f"cannot return {bad}; choose from {list(RETURN_KINDS)}", code="bad_request")
+        layers = self._layers(meta.get("layers"), wanted)
+        dists, note = self._plan_latents(request)
+        mode = str(meta.get("latent_mode", self.cfg.latent_mode))
+        weight = min(1.0, max(0.0, float(meta.get("latent_weight", self.cfg.latent_weight))))
+        fuse = dists if dists is not None and mode in ("fuse", "both") else None
+        soft = self.soft_tokens(dists) if dists is not None and mode in ("soft", "both") else None
+        if dists is not None:
+            note.update(status={"fuse": "fused", "soft": "soft", "both": "fused+soft"}[mode], weight=weight)
+            note["steps"] = int(dists.shape[0])
+        d = self.decode(
+            request.text,
+            system=meta.get("system"),
+            max_new_tokens=meta.get("max_new_tokens"),
+            temperature=meta.get("temperature"),
+            seed=meta.get("seed"),
+            fuse=fuse,
+            fuse_weight=weight,
+            soft=soft,
+            want_distributions="distribution" in wanted,
+            hidden_layers=layers,
+        )
+        parts: list[TextPart | TensorPart] = [TextPart(text=d.text)]
+        if d.distributions is not None:
+            parts.append(self._distribution_part(d.distributions, meta))
+        if "hidden" in wanted:
+            for layer in sorted(set(self._layers(meta.get("layers"), ["hidden"]))):
+                parts.append(
+                    TensorPart(
+                        tensor=d.hidden[layer],
+                        role=TensorRole.HIDDEN_STATE,
+                        space=space.model_copy(update={"layer": layer}),
+                        meta={"positions": "prompt+answer", "prompt_tokens": d.prompt_tokens},
+                    )
+                )
+        if "embedding" in wanted:
+            pooled = d.hidden[self.num_layers].mean(0)
+            parts.append(
+                TensorPart(
+                    tensor=pooled,
+                    role=TensorRole.EMBEDDING,
+                    space=space.model_copy(update={"layer": self.num_layers}),
+                    meta={"pooling": "mean", "positions": "prompt+answer"},
+                )
+            )
+        out_meta: dict[str, Any] = {
+            O.ANSWER: self.normalise(d.text),
+            O.CONFIDENCE: d.confidence,
+            "min_token_prob": min(d.chosen_probs) if d.chosen_probs else 1.0,
+            O.COST: self._cost(
+                d.positions,
+                d.forward_passes,
+                prompt_tokens=d.prompt_tokens,
+                new_tokens=len(d.token_ids),
+            ),
+            "stopped_by": d.stopped_by,
+        }
+        if note:
+            out_meta["latent"] = note
+        return request.reply(*parts, sender=self.agent_id, meta=out_meta)
+
+    def _layers(self, requested: Any, wanted: list[str]) -> tuple[int, ...]:
+        """Absolute hidden-state indices (0 = embeddings, num_layers = last), negatives from the end."""
+        layers: set[int] = set()
+        if "hidden" in wanted:
+            req = requested if requested is not None else [-1]
+            req = [req] if isinstance(req, int) else list(req)
+            for layer in req:
+                idx = int(layer) + self.num_layers + 1 if int(layer) < 0 else int(layer)
+                if not 0 <= idx <= self.num_layers:
+                    raise AgentError(f"layer {layer} outside 0..{self.num_layers}", code="bad_request")
+                layers.add(idx)
+        if "embedding" in wanted:
+            layers.add(self.num_layers)
+        return tuple(sorted(layers))
+
+    def _distribution_part(self, dists: torch.Tensor, meta: dict[str, Any], *, step: str = "answer") -> TensorPart:
+        _, _, space = self._ready()
+        k = int(meta.get("top_k", self.cfg.top_k) or 0)
+        info: dict[str, Any] = {"steps": step, "vocab_size": int(dists.shape[-1])}
+        if 0 < k < dists.shape[-1]:
+            vals, idx = torch.topk(dists, k, dim=-1)
+            info.update(format="topk", k=k, indices=idx.tolist(), mass=vals.sum(-1).tolist())
+            tensor = vals.contiguous()
+        else:
+            info["format"] = "full"
+            tensor = dists.contiguous()
+        return TensorPart(tensor=tensor, role=TensorRole.TOKEN_DISTRIBUTION, space=space, meta=info)
+
+    def _op_score(self, request: Envelope) -> Envelope:
+        candidates = request.meta.get(O.CANDIDATES)
+        if not isinstance(candidates, list) or not candidates:
+            raise AgentError("score needs meta.candidates: a non-empty list of answers", code="bad_request")
+        scores, counts = self.score(request.text, [str(c) for c in candidates], system=request.meta.get("system"))
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
+        meta = {
+            O.SCORES: scores,
+            O.TOKEN_COUNTS: counts,
+            O.ANSWER: self.normalise(str(candidates[best])),
+            O.CONFIDENCE: float(probs[best].item()),
+            O.COST: self._cost(self._last_positions, len(candidates)),
+        }
+        return request.reply(str(candidates[best]), sender=self.agent_id, meta=meta)
+
+    def _op_next(self, request: Envelope) -> Envelope:
+        _, tok, _ = self._ready()
+        prefix = str(request.meta.get(O.PREFIX, "") or "")
+        dist, positions = self.next_distribution(request.text, prefix, system=request.meta.get("system"))
+        top = torch.topk(dist, min(5, dist.shape[0]))
+        top_list = [[tok.decode([int(i)]), int(i), float(v)] for v, i in zip(top.values, top.indices, strict=True)]
+        part = self._distribution_part(dist, request.meta, step="next")
+        meta = {
+            "top": top_list,
+            O.ANSWER: top_list[0][0],
+            O.CONFIDENCE: top_list[0][2],
+            O.COST: self._cost(positions, 1, prompt_tokens=positions),
+        }
+        return request.reply(TextPart(text=top_list[0][0]), part, sender=self.agent_id, meta=meta)
+
+
+__all__ = ["Decoded", "HFConfig", "TransformersAgent", "tokenizer_id"]
