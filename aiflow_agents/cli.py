@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from protocols import DEFAULT_LIMITS, Limits, key_from_env
+
 from . import __version__
 from .broker import ENV_BROKER, BrokerURL, EmbeddedBroker, broker_from_env, broker_scope
 from .client import Client
@@ -42,6 +44,15 @@ LogOpt = Annotated[str, typer.Option("--log-level", envvar="AIFLOW_LOG_LEVEL")]
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def signing_key_or_exit() -> bytes | None:
+    """The deployment's signing key from ``$AIFLOW_SIGNING_KEY`` (hex); never a CLI argument, which
+    other users could read in the process list."""
+    try:
+        return key_from_env()
+    except ValueError as e:
+        raise _fail(str(e)) from None
 
 
 @app.command()
@@ -85,10 +96,19 @@ def node(
     tier: Annotated[str | None, typer.Option(help="device, edge or cloud (shown in presence)")] = None,
     concurrency: Annotated[int, typer.Option(help="handlers running at once")] = 64,
     max_pending: Annotated[int, typer.Option(help="requests waiting beyond that before 'overloaded'")] = 1024,
+    max_frame_bytes: Annotated[
+        int, typer.Option(min=64, help="refuse frames (in and out) larger than this many bytes")
+    ] = DEFAULT_LIMITS.max_frame_bytes,
+    max_header_bytes: Annotated[
+        int, typer.Option(min=64, help="refuse frames whose JSON header is larger than this")
+    ] = DEFAULT_LIMITS.max_header_bytes,
     log_level: LogOpt = "info",
 ) -> None:
-    """Host agents on a node until SIGINT/SIGTERM."""
+    """Host agents on a node until SIGINT/SIGTERM. With $AIFLOW_SIGNING_KEY (hex) set, it accepts
+    only frames signed with that key and signs its own."""
     configure_logging(log_level)
+    signing_key = signing_key_or_exit()
+    limits = Limits(max_frame_bytes=max_frame_bytes, max_header_bytes=max_header_bytes)
     try:
         agents = [AgentSpec.parse(a).create(**({"tier": tier} if tier else {})) for a in agent]
     except (AiflowError, ValueError, TypeError) as e:
@@ -106,6 +126,8 @@ def node(
                 tier=tier,
                 max_concurrency=concurrency,
                 max_pending=max_pending,
+                limits=limits,
+                signing_key=signing_key,
             )
             await n.run()
 
@@ -164,10 +186,12 @@ def send(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="print the reply as JSON")] = False,
 ) -> None:
-    """Send one request and print the reply (exit code 1 with the reason if it fails)."""
+    """Send one request and print the reply (exit code 1 with the reason if it fails). Signs it with
+    $AIFLOW_SIGNING_KEY when set."""
+    signing_key = signing_key_or_exit()
 
     async def main() -> None:
-        async with broker_scope(broker) as url, Client(url, namespace=namespace) as c:
+        async with broker_scope(broker) as url, Client(url, namespace=namespace, signing_key=signing_key) as c:
             reply = await c.request(agent_id, text, timeout=timeout)
             if as_json:
                 console.print_json(json.dumps(_reply_json(reply)))

@@ -1,5 +1,11 @@
 """Request/reply over the bus. A request never hangs: it returns the reply or raises a typed error
-naming the agent (absent, timed out, failed, connection lost)."""
+naming the agent (absent, timed out, failed, connection lost).
+
+Replies are matched by correlation id, once: a second reply under the same id (a QoS 1
+redelivery, a replica answering twice) is dropped and counted in ``stats``. With ``signing_key``
+every frame sent is signed and a reply that is not signed with the deployment's key is dropped
+(counted, logged) without failing the request: a forged reply cannot abort a genuine one.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,19 @@ import structlog
 
 from protocols import (
     DEFAULT_LIMITS,
+    FLAG_SIGNED,
+    PREAMBLE_SIZE,
+    TRAILER_SIZE,
     Envelope,
     ErrorInfo,
     Kind,
     Limits,
     ProtocolError,
+    SignatureError,
+    SigningKeyLike,
     Topics,
+    UnsignedFrameError,
+    as_keyring,
     decode,
     encode,
     mqtt5_properties,
@@ -66,10 +79,11 @@ class Exchange:
 class _Pending:
     """What arrived under one correlation id: one reply, several (group scatter) or events too."""
 
-    __slots__ = ("queue",)
+    __slots__ = ("queue", "seen")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[Envelope | None, int, AiflowError | None]] = asyncio.Queue()
+        self.seen: set[str] = set()  # envelope ids delivered: a redelivered copy is not a second answer
 
 
 class Client:
@@ -90,6 +104,7 @@ class Client:
         presence_grace: float = 1.0,
         default_timeout: float = 30.0,
         qos: int = 1,
+        signing_key: SigningKeyLike | None = None,
     ) -> None:
         self.topics = Topics(namespace)
         self.client_id = client_id or (connection.client_id if connection else f"client-{new_id()[:12]}")
@@ -106,6 +121,7 @@ class Client:
             self._owns_connection = False
         self.connection = connection
         self.limits = limits
+        self.keyring = as_keyring(signing_key)
         self.presence = Presence(self.topics)
         self.presence_grace = presence_grace
         self.default_timeout = default_timeout
@@ -114,7 +130,7 @@ class Client:
         self._pending: dict[str, _Pending] = {}
         self._connected_at = 0.0
         self._started = False
-        self.stats = {"late_or_duplicate_replies": 0, "bad_replies": 0}
+        self.stats = {"late_or_duplicate_replies": 0, "bad_replies": 0, "unsigned_replies": 0}
         self.on_exchange: list[Callable[[Exchange], Awaitable[None] | None]] = []
         self.log = structlog.get_logger("aiflow.client").bind(client=self.client_id)
 
@@ -164,22 +180,41 @@ class Client:
         payload = message.payload
         size = len(payload)  # type: ignore[arg-type]
         try:
-            env = decode(payload, self.limits)  # type: ignore[arg-type]
+            env = decode(payload, self.limits, signing_key=self.keyring)  # type: ignore[arg-type]
+        except (SignatureError, UnsignedFrameError) as e:
+            self.stats["unsigned_replies"] += 1
+            self.log.warning("reply dropped: not signed by the deployment", code=e.code, error=e.message)
+            return
         except ProtocolError as e:
             self.stats["bad_replies"] += 1
             corr = None
             with contextlib.suppress(ProtocolError):
                 corr = peek_header(payload).get("correlation_id")  # type: ignore[arg-type]
             self.log.warning("undecodable reply", error=str(e), code=e.code, correlation_id=corr)
-            if isinstance(corr, str) and corr in self._pending:
-                self._pending[corr].queue.put_nowait((None, size, AiflowError(f"undecodable reply: {e}")))
+            if isinstance(corr, str) and corr in self._pending and self._authentic(payload):  # type: ignore[arg-type]
+                self._pending[corr].queue.put_nowait((None, size, AiflowError(f"undecodable reply [{e.code}]: {e}")))
             return
         pending = self._pending.get(env.correlation_id or "")
-        if pending is None:
+        if pending is None or env.id in pending.seen:
             self.stats["late_or_duplicate_replies"] += 1
-            self.log.debug("reply with no pending request", correlation_id=env.correlation_id, sender=env.sender)
+            self.log.debug("late or duplicate reply dropped", correlation_id=env.correlation_id, sender=env.sender)
             return
+        pending.seen.add(env.id)
         pending.queue.put_nowait((env, size, None))
+
+    def _authentic(self, payload: bytes) -> bool:
+        """Whether a frame that failed to decode may fail a pending request: with a key, only if it
+        is signed with it (else anyone could abort requests by sending junk under their ids)."""
+        if self.keyring is None:
+            return True
+        view = memoryview(payload)
+        if len(view) < PREAMBLE_SIZE + TRAILER_SIZE or not view[5] & FLAG_SIGNED:
+            return False
+        try:
+            self.keyring.verify(view)
+        except SignatureError:
+            return False
+        return True
 
     # -- presence -----------------------------------------------------------------------------
     async def wait_for_agents(self, agent_ids: Iterable[str], timeout: float = 10.0) -> None:
@@ -318,11 +353,17 @@ class Client:
 
     async def publish(self, topic: str, envelope: Envelope, *, qos: int | None = None) -> int:
         """Fire-and-forget publish of an envelope (events); returns bytes on the wire."""
-        frame = encode(envelope, self.limits)
+        frame = self.encode(envelope)
         await self.connection.publish(
             topic, frame, qos=self.qos if qos is None else qos, properties=mqtt5_properties(envelope)
         )
         return len(frame)
+
+    def encode(self, envelope: Envelope) -> bytes:
+        """One frame for ``envelope`` under this client's limits (signed if it has a key).
+
+        Raises :class:`protocols.EncodeError` when the envelope exceeds the limits: nothing is sent."""
+        return encode(envelope, self.limits, signing_key=self.keyring)
 
     async def _notify(self, ex: Exchange) -> None:
         for hook in self.on_exchange:
@@ -352,7 +393,7 @@ class Conversation:
     async def send(self, topic: str, envelope: Envelope | None = None) -> int:
         """Publish the request (or a follow-up under the same correlation id); returns bytes on the wire."""
         env = envelope or self.request
-        frame = encode(env, self.client.limits)
+        frame = self.client.encode(env)
         remaining = env.remaining()
         await self.client.connection.publish(
             topic,

@@ -6,19 +6,30 @@ in-flight requests with :class:`ConnectionLostError`), then the task retries wit
 backoff and jitter. After a reconnect it restores every subscription and runs the
 ``on_connect`` hooks (nodes republish presence). Publishes made while disconnected wait for the
 next connection up to their timeout.
+
+A refusal that retrying cannot fix (wrong user name or password, not authorised, a TLS certificate
+that does not verify, a missing CA file) makes :meth:`Connection.start` fail at once with a clear
+:class:`BrokerUnavailableError` instead of waiting out its timeout.
+
+Incoming queue policy (backpressure): the loop dispatches every message already queued before it
+lets paho read the socket again, so a flood waits in TCP buffers and in the broker's per-client
+queue, not in this process. The queue is also capped at ``max_queued_incoming`` messages; beyond
+that aiomqtt discards new ones, which are counted in ``dropped_incoming`` and logged (a dropped
+request's sender sees a timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import structlog
@@ -53,6 +64,48 @@ class Backoff:
             d = min(self.maximum, d * self.factor)
 
 
+# CONNACK codes a retry cannot fix: MQTT 3.1.1 return codes 4/5, MQTT 5 reason codes 134/135/138/140.
+_AUTH_REFUSED_V311 = {4: "bad user name or password", 5: "not authorised"}
+_AUTH_REFUSED_V5 = {134, 135, 138, 140}
+
+
+def _definitive(error: BaseException) -> str | None:
+    """Why retrying cannot help, when that is so (bad credentials, TLS verification, config)."""
+    if isinstance(error, MqttConnectError):
+        rc = error.rc
+        code = getattr(rc, "value", rc)
+        if isinstance(rc, int) and rc in _AUTH_REFUSED_V311:
+            return f"the broker refused the credentials ({_AUTH_REFUSED_V311[rc]}); check user name and password"
+        if code in _AUTH_REFUSED_V5 and not isinstance(rc, int):
+            return f"the broker refused the credentials ({rc}); check user name and password"
+        return None
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # aiomqtt wraps the ssl error as the context
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed ({e.verify_message or e}); check the CA file and host name"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
+    """aiomqtt's incoming queue, owned by us: the connection drains it directly (see module doc)
+    and counts what it discards when full (aiomqtt only logs that)."""
+
+    def __init__(self, owner: Connection, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._owner = owner
+        owner._inbox = self
+
+    def put_nowait(self, item: Any) -> None:
+        try:
+            super().put_nowait(item)
+        except asyncio.QueueFull:
+            self._owner._dropped()
+            raise
+
+
 def _filter_of(subscription: str) -> str:
     """The topic filter a (possibly shared) subscription matches."""
     if subscription.startswith("$share/"):
@@ -85,11 +138,14 @@ class Connection:
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
         self._client: aiomqtt.Client | None = None
+        self._inbox: _Inbox | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_error: BaseException | None = None
+        self._fatal: str | None = None
         self.connects = 0
+        self.dropped_incoming = 0
         self.log = structlog.get_logger("aiflow.connection").bind(client=client_id)
 
     # -- configuration ------------------------------------------------------------------------
@@ -122,16 +178,28 @@ class Connection:
     async def start(self, *, wait: bool = True, timeout: float = 10.0) -> None:
         if self._task is None:
             self._stopping = False
+            self._fatal = None
             self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
         if wait:
-            await self.wait_connected(timeout)
+            try:
+                await self.wait_connected(timeout)
+            except BrokerUnavailableError:
+                await self.stop()  # a failed start leaves no reconnect loop behind
+                raise
 
     async def wait_connected(self, timeout: float | None) -> None:
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            why = f": {self._last_error}" if self._last_error else ""
-            raise BrokerUnavailableError(f"could not connect to broker {self.url} within {timeout:.3g}s{why}") from None
+        """Wait for the connection; fail early when the broker refused us for good (see module doc)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._connected.is_set():
+            if self._fatal is not None:
+                raise BrokerUnavailableError(f"cannot connect to broker {self.url}: {self._fatal}")
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                why = f": {self._last_error}" if self._last_error else ""
+                raise BrokerUnavailableError(f"could not connect to broker {self.url} within {timeout:.3g}s{why}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 0.05 if left is None else min(0.05, left))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -175,21 +243,33 @@ class Connection:
             tls_insecure=url.tls_insecure if url.tls else None,
             socket_options=NODELAY,
             max_queued_incoming_messages=self._max_queued,
+            queue_type=cast(Any, functools.partial(_Inbox, self)),
             max_inflight_messages=1000,
             max_concurrent_outgoing_calls=10_000,
         )
+
+    def _dropped(self) -> None:
+        self.dropped_incoming += 1
+        n = self.dropped_incoming
+        if n == 1 or n % 1000 == 0:
+            self.log.warning("incoming queue full: messages dropped", dropped=n, bound=self._max_queued)
 
     async def _run(self) -> None:
         delays = self._backoff.delays()
         while not self._stopping:
             try:
-                client = self._make_client()
+                try:
+                    client = self._make_client()
+                except OSError as e:  # e.g. a CA/cert file that is missing or not PEM (ssl.SSLError)
+                    self._fatal = f"bad TLS settings: {e}"
+                    raise
                 async with client:
                     self._client = client
                     for sub, qos in list(self._subs.items()):
                         await client.subscribe(sub, qos=qos)
                     self.connects += 1
                     self._last_error = None
+                    self._fatal = None
                     delays = self._backoff.delays()
                     self._connected.set()
                     if self.connects > 1:
@@ -198,6 +278,7 @@ class Connection:
                         await self._safe(hook, "on_connect")
                     async for message in client.messages:
                         await self._dispatch(message)
+                        await self._drain()
                     # Iterator ended without error: the connection was closed under us.
                     raise aiomqtt.MqttError("message stream ended")
             except MqttConnectError as e:
@@ -206,13 +287,16 @@ class Connection:
                     self._protocol = aiomqtt.ProtocolVersion.V311
                     continue
                 self._last_error = e
+                self._fatal = _definitive(e)
                 self.log.warning("connect failed", broker=str(self.url), error=str(e))
             except aiomqtt.MqttError as e:
                 self._last_error = e
+                self._fatal = _definitive(e)
                 if not self._stopping:
                     self.log.warning("connection lost", broker=str(self.url), error=str(e))
-            except (OSError, ssl.SSLError) as e:
+            except OSError as e:  # includes ssl.SSLError
                 self._last_error = e
+                self._fatal = self._fatal or _definitive(e)
                 self.log.warning("connect failed", broker=str(self.url), error=str(e))
             except Exception as e:  # the reconnect loop must outlive any surprise
                 self._last_error = e
@@ -226,6 +310,13 @@ class Connection:
                         await self._safe(hook, "on_disconnect")
             if not self._stopping:
                 await asyncio.sleep(next(delays))
+
+    async def _drain(self) -> None:
+        """Dispatch what is already queued without an event-loop round trip per message (aiomqtt's
+        iterator costs several): paho reads nothing meanwhile, which is the backpressure."""
+        inbox = self._inbox
+        while inbox is not None and not inbox.empty():
+            await self._dispatch(inbox.get_nowait())
 
     async def _safe(self, hook: Hook, what: str) -> None:
         try:

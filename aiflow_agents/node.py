@@ -6,8 +6,17 @@ ResponseTopic/CorrelationData of a frame that could not be decoded), and otherwi
 plus an error envelope on the agent's ``errors`` topic.
 
 Load policy: at most ``max_concurrency`` handlers run at once; up to ``max_pending`` more wait;
-beyond that requests are refused at once with the retryable error ``overloaded`` (the incoming
-queue never grows without bound).
+beyond that requests are refused at once with the retryable error ``overloaded``. Refusals go
+out at QoS 0 from background tasks (at most ``_MAX_REFUSALS`` unsent), so the message loop never
+waits on the socket per refused request: under a flood it keeps draining its queue before paho
+reads more (see ``connection``), a refused request's payload is freed as soon as it is read, and
+the node's memory stays flat. A refusal lost with a dropped connection becomes the requester's
+timeout.
+
+With ``signing_key`` the node accepts only frames signed with the deployment's key and signs
+everything it sends. A frame that fails the check never reaches a handler and is never answered
+at the address it names (that address is unauthenticated): it is logged and reported on the
+agent's ``errors`` topic.
 """
 
 from __future__ import annotations
@@ -33,15 +42,20 @@ from protocols import (
     Limits,
     PresenceRecord,
     ProtocolError,
+    SignatureError,
+    SigningKeyLike,
     Status,
     TensorPart,
     TextPart,
     Topics,
+    UnsignedFrameError,
+    as_keyring,
     decode,
     encode,
     mqtt5_properties,
     new_id,
     ops,
+    peek_header,
 )
 
 from .agent import Agent, AgentContext, Reply
@@ -51,6 +65,7 @@ from .connection import Connection
 from .errors import AgentError, BrokerUnavailableError
 
 HOPS = "hops"
+_MAX_REFUSALS = 256  # overload refusals not yet written to the socket; beyond that the loop waits
 ACCEPT_POLICY = "accept"
 
 
@@ -64,6 +79,17 @@ def _accepted(request: Envelope, reply: Envelope) -> bool:
         return True
     confidence = reply.meta.get(ops.CONFIDENCE)
     return isinstance(confidence, (int, float)) and confidence >= float(threshold)
+
+
+def _usable(value: Any, max_len: int) -> str | None:
+    """A string from a broken frame's header, if an error envelope can carry it (length, UTF-8)."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
+    return value
 
 
 class _RecentIds:
@@ -96,6 +122,7 @@ class Node:
         limits: Limits = DEFAULT_LIMITS,
         dedupe_window: int = 4096,
         tier: str | None = None,
+        signing_key: SigningKeyLike | None = None,
     ) -> None:
         if not agents:
             raise ValueError("a node needs at least one agent")
@@ -111,11 +138,13 @@ class Node:
         self.node_id = "".join(c if c.isalnum() or c in "_.-" else "-" for c in self.node_id)
         self.topics = Topics(namespace)
         self.limits = limits
+        self.keyring = as_keyring(signing_key)
         self.tier = tier
         self.max_concurrency = max_concurrency
         self.max_pending = max_pending
         self._sem = asyncio.Semaphore(max_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
+        self._refusing: set[asyncio.Task[None]] = set()
         self._recent = _RecentIds(dedupe_window)
         # group topic -> agent ids on this node in that group (static from config, or joined at run time)
         self._groups: dict[str, set[str]] = {}
@@ -128,7 +157,7 @@ class Node:
             client_id=self.node_id,
             will=aiomqtt.Will(self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True),
         )
-        self.client = Client(connection=self.connection, namespace=namespace, limits=limits)
+        self.client = Client(connection=self.connection, namespace=namespace, limits=limits, signing_key=self.keyring)
         self.stats: dict[str, int] = {
             "requests": 0,
             "replies": 0,
@@ -136,6 +165,7 @@ class Node:
             "bad_frames": 0,
             "duplicates": 0,
             "overloaded": 0,
+            "unsigned_rejected": 0,
         }
         self._stopped = asyncio.Event()
         self._started = False
@@ -211,6 +241,8 @@ class Node:
                 task.cancel()  # the task answers its requester with ``node_stopping``
             if still:
                 await asyncio.wait(still, timeout=1.0)
+        if self._refusing:
+            await asyncio.wait(set(self._refusing), timeout=1.0)
         with contextlib.suppress(Exception):
             for agent in self.agents.values():
                 # An empty retained payload deletes the retained record.
@@ -288,7 +320,7 @@ class Node:
             return
         payload = message.payload
         try:
-            env = decode(payload, self.limits)  # type: ignore[arg-type]
+            env = decode(payload, self.limits, signing_key=self.keyring)  # type: ignore[arg-type]
         except ProtocolError as e:
             self.stats["bad_frames"] += 1
             await self._reject_frame(targets[0], message, e)
@@ -318,17 +350,32 @@ class Node:
             return
         if len(self._inflight) >= self.max_concurrency + self.max_pending:
             self.stats["overloaded"] += 1
-            await self._send_error(
-                agent,
-                env,
-                "overloaded",
-                f"node {self.node_id} has {len(self._inflight)} requests queued",
-                retryable=True,
-            )
+            await self._refuse(agent, env, f"node {self.node_id} has {len(self._inflight)} requests queued")
             return
         task = asyncio.create_task(self._serve(agent, env), name=f"serve-{agent.agent_id}-{env.id[:8]}")
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+
+    async def _refuse(self, agent: Agent, env: Envelope, message: str) -> None:
+        """Answer ``overloaded`` without waiting for the socket (see the module doc)."""
+        if not env.reply_to:
+            await self._send_error(agent, env, "overloaded", message, retryable=True)
+            return
+        self.stats["errors"] += 1
+        reply = env.error_reply("overloaded", message, sender=agent.agent_id, retryable=True)
+        frame, props, topic = self._encode(reply), mqtt5_properties(reply), env.reply_to
+        if len(self._refusing) >= _MAX_REFUSALS:  # the socket is not keeping up: that is backpressure
+            await asyncio.wait(set(self._refusing), return_when=asyncio.FIRST_COMPLETED)
+
+        async def publish() -> None:
+            try:
+                await self.connection.publish(topic, frame, qos=0, properties=props, timeout=5.0)
+            except (BrokerUnavailableError, ValueError) as e:
+                self.log.warning("overload refusal lost", agent=agent.agent_id, error=str(e))
+
+        task = asyncio.create_task(publish())
+        self._refusing.add(task)
+        task.add_done_callback(self._refusing.discard)
 
     def _context(self, agent: Agent, env: Envelope) -> AgentContext:
         return AgentContext(
@@ -405,7 +452,7 @@ class Node:
             meta={**env.meta, HOPS: [*env.meta.get(HOPS, []), hop]},
         )
         try:
-            frame = encode(fwd, self.limits)
+            frame = self._encode(fwd)
         except ProtocolError as e:
             self.log.error("forward failed", agent=agent.agent_id, to=nxt, error=str(e))
             await self._send(agent, env, env.error_reply("forward_failed", str(e), sender=agent.agent_id))
@@ -423,8 +470,8 @@ class Node:
                 parent_id=env.id,
                 meta={"hop": hop},
             )
-            with contextlib.suppress(BrokerUnavailableError):
-                await self.connection.publish(env.reply_to, encode(event, self.limits), qos=1)
+            with contextlib.suppress(BrokerUnavailableError, ValueError):
+                await self.connection.publish(env.reply_to, self._encode(event), qos=1)
         try:
             await self.connection.publish(self.topics.inbox(nxt), frame, qos=1, properties=mqtt5_properties(fwd))
         except BrokerUnavailableError as e:
@@ -459,7 +506,7 @@ class Node:
         if not request.reply_to:
             return  # fire-and-forget request: nobody waits for the answer
         try:
-            frame = encode(reply, self.limits)
+            frame = self._encode(reply)
         except ProtocolError as e:
             self.log.error("reply could not be encoded", agent=agent.agent_id, error=str(e))
             await self._send_error(agent, request, "bad_reply", f"the agent's reply could not be encoded: {e}")
@@ -475,6 +522,11 @@ class Node:
             )
         except BrokerUnavailableError as e:
             self.log.error("reply lost: broker unavailable", agent=agent.agent_id, request=request.id, error=str(e))
+        except ValueError as e:  # reply_to is not a topic one can publish to (wildcards, empty)
+            self.log.warning("reply lost: bad reply_to", agent=agent.agent_id, reply_to=request.reply_to, error=str(e))
+
+    def _encode(self, envelope: Envelope) -> bytes:
+        return encode(envelope, self.limits, signing_key=self.keyring)
 
     async def _send_error(
         self, agent: Agent, request: Envelope, code: str, message: str, *, retryable: bool = False, **detail: Any
@@ -490,26 +542,52 @@ class Node:
 
     async def _reject_frame(self, agent: Agent, message: aiomqtt.Message, error: ProtocolError) -> None:
         """Answer a frame we could not decode, if we can tell where the answer should go."""
+        payload: bytes = message.payload  # type: ignore[assignment]
         props = message.properties
         reply_to = getattr(props, "ResponseTopic", None) if props is not None else None
         corr_raw = getattr(props, "CorrelationData", None) if props is not None else None
         corr = corr_raw.decode("utf-8", "replace") if isinstance(corr_raw, (bytes, bytearray)) else None
         header = error.header or {}
-        if not reply_to and isinstance(header.get("reply_to"), str):
-            reply_to = header["reply_to"]
+        unsigned = isinstance(error, (SignatureError, UnsignedFrameError))
+        if not header and (unsigned or error.code in ("frame_too_large", "header_too_large")):
+            # Refused before its header was read: read it now (bounded by the default limits) to
+            # name the sender in the log and, for an oversized frame, to answer it.
+            with contextlib.suppress(ProtocolError):
+                header = peek_header(payload)
+        if unsigned:
+            # Not from the deployment: everything in it is unauthenticated, so answering at its
+            # reply address would let anyone make this node publish anywhere. Log and report only.
+            reply_to = corr = None
+            claimed = {k: header.get(k) for k in ("id", "sender") if isinstance(header.get(k), str)}
+            self.stats["unsigned_rejected"] += 1
+            self.log.warning(
+                "frame rejected: not signed by the deployment",
+                agent=agent.agent_id,
+                code=error.code,
+                error=error.message,
+                claimed=claimed,
+                size=len(payload),
+            )
+            info = ErrorInfo(code=error.code, message=error.message, agent=agent.agent_id, detail={"claimed": claimed})
+            with contextlib.suppress(Exception):
+                await self.client.publish(
+                    self.topics.errors(agent.agent_id),
+                    Envelope(kind=Kind.ERROR, sender=agent.agent_id, created_at=time.time(), error=info),
+                )
+            return
+        if not reply_to:
+            reply_to = _usable(header.get("reply_to"), 1024)
         if corr is None:
-            for key in ("correlation_id", "id"):
-                if isinstance(header.get(key), str):
-                    corr = header[key]
-                    break
-        sender = header.get("sender") if isinstance(header.get("sender"), str) else "unknown"
+            corr = _usable(header.get("correlation_id"), 128) or _usable(header.get("id"), 128)
+        corr = _usable(corr, 128)
+        sender = _usable(header.get("sender"), 256) or "unknown"
         self.log.warning(
             "bad frame",
             agent=agent.agent_id,
             code=error.code,
             error=error.message,
             reply_to=reply_to,
-            size=len(message.payload),  # type: ignore[arg-type]
+            size=len(payload),
         )
         info = ErrorInfo(code="bad_frame", message=f"{error.code}: {error.message}", agent=agent.agent_id)
         reply = Envelope(
@@ -522,11 +600,11 @@ class Node:
         )
         if reply_to and corr:
             try:
-                await self.connection.publish(
-                    reply_to, encode(reply, self.limits), qos=1, properties=mqtt5_properties(reply)
-                )
+                await self.connection.publish(reply_to, self._encode(reply), qos=1, properties=mqtt5_properties(reply))
             except BrokerUnavailableError:
                 self.log.error("error reply lost: broker unavailable", agent=agent.agent_id)
+            except ValueError as e:
+                self.log.warning("error reply lost: bad reply_to", agent=agent.agent_id, error=str(e))
         else:
             with contextlib.suppress(Exception):
                 await self.client.publish(self.topics.errors(agent.agent_id), reply)

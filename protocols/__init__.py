@@ -1,7 +1,7 @@
 """The latent-message protocol v1: envelopes of text and tensor parts, their binary codec and
 MQTT binding. See ``protocols/SPEC.md`` for the byte-level specification."""
 
-from . import ops
+from . import ops, signing
 from .binding import TOPIC_ROOT, PresenceRecord, Status, Topics, check_level, mqtt5_properties
 from .codec import (
     ALIGNMENT,
@@ -43,16 +43,32 @@ from .errors import (
     UnsupportedDTypeError,
     UnsupportedVersionError,
 )
+from .signing import (
+    ENV_SIGNING_KEY,
+    FLAG_SIGNED,
+    TRAILER_SIZE,
+    Keyring,
+    SignatureError,
+    SigningKey,
+    SigningKeyLike,
+    UnsignedFrameError,
+    as_keyring,
+    key_from_env,
+    key_from_hex,
+)
 
 __all__ = [
     "AGENT_ID_PATTERN",
     "ALIGNMENT",
     "CONTENT_TYPE",
     "DEFAULT_LIMITS",
+    "ENV_SIGNING_KEY",
+    "FLAG_SIGNED",
     "MAGIC",
     "PREAMBLE_SIZE",
     "PROTOCOL_VERSION",
     "TOPIC_ROOT",
+    "TRAILER_SIZE",
     "WIRE_VERSION",
     "BadMagicError",
     "DType",
@@ -65,25 +81,34 @@ __all__ = [
     "HeaderDecodeError",
     "HeaderTooLargeError",
     "HeaderValidationError",
+    "Keyring",
     "Kind",
     "Limits",
     "Part",
     "PresenceRecord",
     "ProtocolError",
     "SegmentError",
+    "SignatureError",
+    "SigningKey",
+    "SigningKeyLike",
     "Status",
     "TensorPart",
     "TensorRole",
     "TextPart",
     "Topics",
+    "UnsignedFrameError",
     "UnsupportedDTypeError",
     "UnsupportedVersionError",
+    "as_keyring",
     "check_level",
     "decode",
     "encode",
     "is_valid_agent_id",
+    "key_from_env",
+    "key_from_hex",
     "mqtt5_properties",
     "new_id",
     "ops",
     "peek_header",
+    "signing",
 ]

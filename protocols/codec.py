@@ -40,6 +40,15 @@ from .errors import (
     SegmentError,
     UnsupportedVersionError,
 )
+from .signing import (
+    FLAG_SIGNED,
+    KNOWN_FLAGS,
+    TRAILER_SIZE,
+    Keyring,
+    SigningKeyLike,
+    UnsignedFrameError,
+    as_keyring,
+)
 
 MAGIC = b"AIFL"
 WIRE_VERSION = 1
@@ -119,8 +128,12 @@ def _finite_float(literal: str) -> float:
 
 
 # -- encoding ----------------------------------------------------------------------------------
-def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS) -> bytes:
-    """Encode an envelope into one frame. Costs one copy of each tensor's bytes."""
+def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: SigningKeyLike | None = None) -> bytes:
+    """Encode an envelope into one frame. Costs one copy of each tensor's bytes.
+
+    With ``signing_key`` the frame is signed (SPEC §13.1): flag bit 0 set, key id + HMAC appended.
+    """
+    keyring = as_keyring(signing_key)
     if sys.byteorder != "little":  # pragma: no cover - no big-endian host in sight
         raise EncodeError("encoding on big-endian hosts is not implemented")
     if len(envelope.parts) > limits.max_parts:
@@ -190,12 +203,15 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS) -> bytes:
         total = last["offset"] + last["nbytes"]
     else:
         total = PREAMBLE_SIZE + len(header_bytes)
-    if total > limits.max_frame_bytes:
-        raise EncodeError(f"frame would be {total} bytes, limit is {limits.max_frame_bytes}")
+    if total + (TRAILER_SIZE if keyring else 0) > limits.max_frame_bytes:
+        raise EncodeError(
+            f"frame would be {total + (TRAILER_SIZE if keyring else 0)} bytes, limit is {limits.max_frame_bytes}"
+        )
 
     # One pass over the tensor bytes: join the pieces straight into the frame (no zero-fill
     # of a buffer that is then overwritten).
-    pieces: list[Any] = [PREAMBLE.pack(MAGIC, WIRE_VERSION, 0, 0, len(header_bytes)), header_bytes]
+    flags = FLAG_SIGNED if keyring else 0
+    pieces: list[Any] = [PREAMBLE.pack(MAGIC, WIRE_VERSION, flags, 0, len(header_bytes)), header_bytes]
     cursor = PREAMBLE_SIZE + len(header_bytes)
     for p, t in zip(tensor_headers, tensors, strict=True):
         n = p["nbytes"]
@@ -205,10 +221,11 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS) -> bytes:
             pieces.append(bytes(p["offset"] - cursor))
         pieces.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         cursor = p["offset"] + n
-    frame = b"".join(pieces)
-    if len(frame) < total:  # trailing zero-size tensors may sit on a later aligned offset
-        frame += bytes(total - len(frame))
-    return frame
+    if cursor < total:  # trailing zero-size tensors may sit on a later aligned offset
+        pieces.append(bytes(total - cursor))
+    if keyring:  # MAC over the pieces as they are: no extra copy of the tensor bytes
+        pieces += keyring.trailer(pieces)
+    return b"".join(pieces)
 
 
 def _dump(header: dict[str, Any]) -> bytes:
@@ -219,13 +236,21 @@ def _dump(header: dict[str, Any]) -> bytes:
 
 
 # -- decoding ----------------------------------------------------------------------------------
-def decode(payload: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+def decode(
+    payload: bytes | bytearray | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    signing_key: SigningKeyLike | None = None,
+) -> Envelope:
     """Decode and validate one frame. Raises only :class:`ProtocolError` subclasses.
 
     Tensor parts are views over ``payload`` (no copy); they stay valid while the payload lives.
+    With ``signing_key`` the frame must be signed with it (or with a key of the keyring), checked
+    before the header is parsed; without one, a signed frame's trailer is skipped unchecked.
     """
+    keyring = as_keyring(signing_key)  # a bad key is the caller's error, not the frame's
     try:
-        return _decode(payload, limits)
+        return _decode(payload, limits, keyring)
     except ProtocolError:
         raise
     except Exception as e:  # the contract is: nothing but ProtocolError escapes
@@ -233,16 +258,19 @@ def decode(payload: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIM
 
 
 def peek_header(payload: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
-    """The raw JSON header of a frame, without validating parts (used to route an error reply)."""
+    """The raw JSON header of a frame, without validating parts (used to route an error reply).
+
+    A signed frame's signature is not checked: what this returns is unauthenticated."""
     try:
-        return _read_header(memoryview(payload).cast("B"), limits)[0]
+        return _read_header(memoryview(payload).cast("B"), limits, None)[0]
     except ProtocolError:
         raise
     except Exception as e:
         raise ProtocolError(f"malformed frame ({type(e).__name__}: {e})") from e
 
 
-def _read_header(view: memoryview, limits: Limits) -> tuple[dict[str, Any], str]:
+def _read_header(view: memoryview, limits: Limits, keyring: Keyring | None) -> tuple[dict[str, Any], str, memoryview]:
+    """Checks 1-10 of SPEC §6; returns the header object, its text and the frame without trailer."""
     size = len(view)
     if size < PREAMBLE_SIZE:
         raise FrameTooShortError(f"frame is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
@@ -253,8 +281,19 @@ def _read_header(view: memoryview, limits: Limits) -> tuple[dict[str, Any], str]
         raise BadMagicError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != WIRE_VERSION:
         raise UnsupportedVersionError(f"wire version {version} is not supported (this decoder speaks {WIRE_VERSION})")
-    if flags != 0 or reserved != 0:
-        raise UnsupportedVersionError(f"unknown preamble flags {flags:#x}/reserved {reserved:#x} (v1 requires 0)")
+    if flags & ~KNOWN_FLAGS or reserved != 0:
+        raise UnsupportedVersionError(
+            f"unknown preamble flags {flags:#x}/reserved {reserved:#x} (v1 defines flag 0x1 only, reserved 0)"
+        )
+    if flags & FLAG_SIGNED:
+        if size < PREAMBLE_SIZE + TRAILER_SIZE:
+            raise FrameTooShortError(f"signed frame is {size} bytes, too short for its {TRAILER_SIZE}-byte trailer")
+        if keyring is not None:
+            keyring.verify(view)  # before the header is even parsed
+        view = view[: size - TRAILER_SIZE]
+        size = len(view)
+    elif keyring is not None:
+        raise UnsignedFrameError("frame is not signed, and this receiver accepts signed frames only")
     if header_len > limits.max_header_bytes:
         raise HeaderTooLargeError(f"header length {header_len} exceeds the limit of {limits.max_header_bytes}")
     if PREAMBLE_SIZE + header_len > size:
@@ -272,12 +311,12 @@ def _read_header(view: memoryview, limits: Limits) -> tuple[dict[str, Any], str]
         raise HeaderDecodeError(f"header is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise HeaderDecodeError(f"header must be a JSON object, got {type(obj).__name__}")
-    return obj, text
+    return obj, text, view
 
 
-def _decode(payload: bytes | bytearray | memoryview, limits: Limits) -> Envelope:
+def _decode(payload: bytes | bytearray | memoryview, limits: Limits, keyring: Keyring | None) -> Envelope:
     view = memoryview(payload).cast("B")
-    obj, text = _read_header(view, limits)
+    obj, text, view = _read_header(view, limits, keyring)
     header_len = PREAMBLE.unpack_from(view, 0)[4]
     parts_raw = obj.get("parts")
     if isinstance(parts_raw, list) and len(parts_raw) > limits.max_parts:

@@ -17,7 +17,8 @@ cascades, ensembles, debates and cross-scoring implements them:
     role ``token_distribution`` (probabilities over the agent's vocabulary for the next token) tagged
     with its feature space, so members sharing a tokenizer can average distributions step by step;
     ``meta.tokens`` maps the string form of the top token ids (at least 20) to their text, and
-    ``meta.eos_id`` is the id that ends an answer.
+    ``meta.eos_id`` is the id that ends an answer. Fixed-width decoders say ``meta.last_step`` on the
+    final position, and ``meta.answer_order = "reversed"`` when answers are written last digit first.
 
 Optional operations (agents that do not implement them answer ``unsupported_op``):
 
@@ -67,6 +68,8 @@ CANDIDATE = "candidate"
 ACCEPT = "accept"
 PEERS = "peers"
 GROUP = "group"
+LAST_STEP = "last_step"
+ANSWER_ORDER = "answer_order"
 
 
 class Cost(BaseModel):

@@ -91,7 +91,9 @@ async def latent_average(
     steps: list[dict[str, Any]] = []
     failed: set[str] = set()
     space = None
+    reverse = False
     for _ in range(max_steps):
+        last_step = False
         outs = await rt.next_distributions(members, task, prefix, label=f"{label} step {len(steps) + 1}")
         dists: list[torch.Tensor] = []
         tokens: dict[str, str] = {}
@@ -101,15 +103,18 @@ async def latent_average(
             if part is None:
                 failed.add(o.source)
                 continue
+            # distributions are over a vocabulary: what must match is the tokenizer, not the width
             if space is None:
                 space = part.space
-            elif part.space is None or space is None or not part.space.compatible_with(space):
+            elif part.space is None or space is None or part.space.tokenizer != space.tokenizer:
                 raise GraphError(
-                    f"latent aggregation needs one feature space: {o.source} sent {part.space}, others {space}"
+                    f"latent aggregation needs one tokenizer: {o.source} sent {part.space}, others {space}"
                 )
             dists.append(part.tensor.to(torch.float32).reshape(-1))
             tokens.update({str(k): str(v) for k, v in (o.reply.meta.get(ops.TOKENS) or {}).items()})  # type: ignore[union-attr]
             eos = o.reply.meta.get(ops.EOS_ID, eos)  # type: ignore[union-attr]
+            last_step = last_step or bool(o.reply.meta.get(ops.LAST_STEP))  # type: ignore[union-attr]
+            reverse = reverse or o.reply.meta.get(ops.ANSWER_ORDER) == "reversed"  # type: ignore[union-attr]
         if len(dists) < quorum:
             return (prefix or None), {"steps": steps, "failed": sorted(failed), "error": "quorum lost"}
         if len({d.numel() for d in dists}) != 1:
@@ -122,4 +127,7 @@ async def latent_average(
         if str(token_id) not in tokens:
             raise GraphError(f"latent aggregation: chosen token {token_id} is in no member's top tokens")
         prefix += tokens[str(token_id)]
-    return prefix.strip(), {"steps": steps, "failed": sorted(failed), "space": str(space) if space else None}
+        if last_step:
+            break
+    answer = prefix[::-1] if reverse else prefix
+    return answer.strip(), {"steps": steps, "failed": sorted(failed), "space": str(space) if space else None}

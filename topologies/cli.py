@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aiflow_agents import AiflowError, broker_scope
+from aiflow_agents.cli import signing_key_or_exit
 
 from .graph import AgentGraph, GraphError
 from .manager import TopologyManager
@@ -77,11 +78,16 @@ def run(
     trace_out: Annotated[Path | None, typer.Option(help="write the run (answer, contributions, trace) as JSON")] = None,
     timeline: Annotated[Path | None, typer.Option(help="write a message timeline picture (.png/.svg)")] = None,
 ) -> None:
-    """Run a graph or pattern on one task; print the answer and the trace."""
+    """Run a graph or pattern on one task; print the answer and the trace. Signs its requests with
+    $AIFLOW_SIGNING_KEY (hex) when set."""
     obj = load_object(ref)
+    signing_key = signing_key_or_exit()
 
     async def main() -> Any:
-        async with broker_scope(broker) as url, TopologyManager(url, namespace=namespace) as mgr:
+        async with (
+            broker_scope(broker) as url,
+            TopologyManager(url, namespace=namespace, signing_key=signing_key) as mgr,
+        ):
             return await mgr.run(obj, task, timeout=timeout)
 
     try:

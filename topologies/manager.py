@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aiflow_agents import AgentUnavailableError, BrokerURL, Client, RemoteAgentError
-from protocols import Envelope, ops
+from protocols import Envelope, SigningKeyLike, ops
 
 from .dataflow import Dataflow
 from .graph import AgentGraph
@@ -100,8 +100,11 @@ class TopologyManager:
         namespace: str = "default",
         client: Client | None = None,
         presence_timeout: float = 2.0,
+        signing_key: SigningKeyLike | None = None,
     ) -> None:
-        self.client = client or Client(broker, namespace=namespace)
+        # signing_key: sign every request and accept only signed replies (ignored with ``client``,
+        # which carries its own key)
+        self.client = client or Client(broker, namespace=namespace, signing_key=signing_key)
         self._owns_client = client is None
         self.presence_timeout = presence_timeout
         self._joined: dict[str, set[str]] = {}

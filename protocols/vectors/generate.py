@@ -8,6 +8,11 @@ timestamps, tensors built from ``torch.arange``. Run it from the repository root
     PYTHONPATH=. python protocols/vectors/generate.py          # (re)write the files
     PYTHONPATH=. python protocols/vectors/generate.py --check  # exit 1 if the files are stale
 
+Signed frames (SPEC §13.1) live in ``signed/``, apart from the unsigned set, because a decoder
+checks them with a key: ``signed/NAME.json`` adds ``key_hex`` (the published test key
+``000102...1f``), ``key_id`` and ``signed_length`` (bytes covered before the MAC) to the fields
+below; ``signed/bad_NAME.json`` adds ``key_hex``, the key the decoder must be given.
+
 ``NAME.json`` (valid vectors)::
 
     {"description": str, "frame_size": int, "header_length": int,
@@ -45,18 +50,26 @@ from protocols import (
     HeaderDecodeError,
     HeaderTooLargeError,
     HeaderValidationError,
+    Keyring,
     Kind,
     ProtocolError,
     SegmentError,
+    SignatureError,
+    SigningKey,
     TensorPart,
     TensorRole,
     TextPart,
+    UnsignedFrameError,
     UnsupportedVersionError,
     decode,
     encode,
 )
+from protocols.signing import FLAG_SIGNED, KEY_ID_SIZE, MAC_SIZE, TRAILER_SIZE
 
 HERE = Path(__file__).resolve().parent
+SIGNED_DIR = "signed"
+TEST_KEY = bytes(range(32))  # published on purpose: a test vector key, never a deployment's
+OTHER_KEY = bytes(range(100, 132))
 CREATED_AT = 1_700_000_000.25
 DEADLINE = 1_700_000_030.5
 
@@ -379,7 +392,18 @@ def invalid_frames(valid: dict[str, bytes]) -> dict[str, tuple[str, str, str, by
     add("magic", "Magic 'AIFX' instead of 'AIFL'.", BadMagicError, b"AIFX" + good[4:])
     add("version", "Wire version 2.", UnsupportedVersionError, good[:4] + b"\x02" + good[5:])
     add("version_zero", "Wire version 0.", UnsupportedVersionError, good[:4] + b"\x00" + good[5:])
-    add("flags", "Flags byte 0x01 (v1 defines no flags).", UnsupportedVersionError, good[:5] + b"\x01" + good[6:])
+    add(
+        "flags",
+        "Flags byte 0x02 (v1 defines bit 0, 'signed', only).",
+        UnsupportedVersionError,
+        good[:5] + b"\x02" + good[6:],
+    )
+    add(
+        "signed_no_trailer",
+        "Flag 'signed' set on a 20-byte frame: no room for the 40-byte key id + MAC trailer.",
+        FrameTooShortError,
+        (good[:5] + bytes([FLAG_SIGNED]) + good[6:])[:20],
+    )
     add("reserved", "Reserved u16 = 1.", UnsupportedVersionError, good[:6] + b"\x01\x00" + good[8:])
     add(
         "header_too_large",
@@ -602,6 +626,90 @@ def build() -> dict[str, tuple[bytes, dict[str, Any]]]:
     return vectors
 
 
+def build_signed() -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """The vectors of ``signed/``: name -> (frame, expectation)."""
+    key, other = SigningKey(TEST_KEY), SigningKey(OTHER_KEY)
+    env = _env(
+        40,
+        TextPart(text="signed hello"),
+        TensorPart(tensor=torch.arange(6, dtype=torch.float16).reshape(2, 3), role=TensorRole.HIDDEN_STATE),
+        kind=Kind.REQUEST,
+        recipient="edge-llm",
+        reply_to="aiflow/v1/default/clients/cli-1/replies",
+        deadline=DEADLINE,
+    )
+    frame = bytes(encode(env, signing_key=key))
+    decode(frame, signing_key=key)
+    body = frame[:-TRAILER_SIZE]
+    expected = expected_of(
+        "A request signed with the test key: flag bit 0 set, then key id (8 bytes) and HMAC-SHA256 (32 bytes).",
+        env,
+        body,
+    )
+    expected = {
+        "description": expected["description"],
+        "key_hex": TEST_KEY.hex(),
+        "key_id": key.key_id.hex(),
+        "frame_size": len(frame),
+        "signed_length": len(frame) - MAC_SIZE,
+        "header_length": expected["header_length"],
+        "header": expected["header"],
+        "tensors": expected["tensors"],
+    }
+    vectors: dict[str, tuple[bytes, dict[str, Any]]] = {"signed_request": (frame, expected)}
+
+    def flip(data: bytes, at: int) -> bytes:
+        out = bytearray(data)
+        out[at] ^= 0x01
+        return bytes(out)
+
+    header_at = PREAMBLE_SIZE + body[PREAMBLE_SIZE:].index(b"signed hello")
+    bad: dict[str, tuple[str, type[ProtocolError], bytes]] = {
+        "bad_mac": ("signed_request with the last bit of its MAC flipped.", SignatureError, flip(frame, -1)),
+        "bad_tampered_header": (
+            "signed_request with one header byte changed ('signed hello' -> 'rigned hello'), MAC left as it was.",
+            SignatureError,
+            flip(frame, header_at),
+        ),
+        "bad_tampered_tensor": (
+            "signed_request with one tensor byte changed, MAC left as it was.",
+            SignatureError,
+            flip(frame, len(body) - 1),
+        ),
+        "bad_flag_cleared": (
+            "signed_request with the signed flag cleared: to a receiver that requires signatures it is unsigned.",
+            UnsignedFrameError,
+            frame[:5] + b"\x00" + frame[6:],
+        ),
+        "bad_unsigned": ("The same request, not signed at all.", UnsignedFrameError, bytes(encode(env))),
+        "bad_wrong_key": (
+            "The same request signed with another key: its key id is not the test key's.",
+            SignatureError,
+            bytes(encode(env, signing_key=other)),
+        ),
+        "bad_key_id": (
+            "signed_request with its key id changed but the MAC kept: the key id is unknown.",
+            SignatureError,
+            flip(frame, len(frame) - TRAILER_SIZE),
+        ),
+    }
+    keyring = Keyring(key)
+    for name, (description, exc, data) in bad.items():
+        try:
+            decode(data, signing_key=keyring)
+        except ProtocolError as e:
+            if e.code != exc.code:
+                raise AssertionError(f"signed/{name}: expected {exc.code}, got {e.code}: {e}") from e
+        else:
+            raise AssertionError(f"signed/{name}: accepted")
+        vectors[name] = (
+            data,
+            {"description": description, "key_hex": TEST_KEY.hex(), "error": exc.code, "exception": exc.__name__},
+        )
+    assert len(key.key_id) == KEY_ID_SIZE and frame[5] == FLAG_SIGNED
+    return vectors
+
+
 def _json_text(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
@@ -611,19 +719,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
     ap.add_argument("--out", type=Path, default=HERE, help="where to write (default: next to this script)")
     args = ap.parse_args(argv)
-    vectors = build()
-    stale = []
-    for name, (frame, expected) in vectors.items():
-        bin_path, json_path = args.out / f"{name}.bin", args.out / f"{name}.json"
-        text = _json_text(expected)
-        if args.check:
-            if not bin_path.exists() or bin_path.read_bytes() != frame or json_path.read_text("utf-8") != text:
-                stale.append(name)
-            continue
-        bin_path.write_bytes(frame)
-        json_path.write_text(text, "utf-8")
-    known = {f"{n}.{ext}" for n in vectors for ext in ("bin", "json")}
-    extra = sorted(p.name for p in args.out.iterdir() if p.suffix in (".bin", ".json") and p.name not in known)
+    sets = {args.out: build(), args.out / SIGNED_DIR: build_signed()}
+    stale: list[str] = []
+    extra: list[str] = []
+    for folder, vectors in sets.items():
+        prefix = "" if folder == args.out else f"{SIGNED_DIR}/"
+        if not args.check:
+            folder.mkdir(exist_ok=True)
+        for name, (frame, expected) in vectors.items():
+            bin_path, json_path = folder / f"{name}.bin", folder / f"{name}.json"
+            text = _json_text(expected)
+            if args.check:
+                if not bin_path.exists() or bin_path.read_bytes() != frame or json_path.read_text("utf-8") != text:
+                    stale.append(prefix + name)
+                continue
+            bin_path.write_bytes(frame)
+            json_path.write_text(text, "utf-8")
+        known = {f"{n}.{ext}" for n in vectors for ext in ("bin", "json")}
+        if folder.is_dir():
+            extra += sorted(
+                prefix + p.name for p in folder.iterdir() if p.suffix in (".bin", ".json") and p.name not in known
+            )
+    vectors = {n: v for vs in sets.values() for n, v in vs.items()}
     if args.check:
         if stale or extra:
             print(f"stale: {stale}; unexpected files: {extra}", file=sys.stderr)
