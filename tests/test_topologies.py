@@ -163,6 +163,10 @@ async def test_cascade_escalates_in_direct_hops(broker: BrokerURL, namespace: st
         ]
         stages = r.outcome.details["stages"]
         assert [(s["member"], s["answer"]) for s in stages] == [("dev", "1"), ("edge", "2")]
+        per_stage = await mgr.run(cascade(["dev", "edge", "cloud"], accept=[0.5, 0.95]), "hard?", timeout=20)
+        assert per_stage.answered_by == "cloud" and per_stage.answer == "3"  # edge's 0.9 < its own 0.95
+        lenient = await mgr.run(cascade(["dev", "edge", "cloud"], accept=[0.2, 0.95]), "hard?", timeout=20)
+        assert lenient.answered_by == "dev" and not requests_to(lenient, "edge")
         confident = await mgr.run(cascade(["edge", "cloud"], accept=0.8), "easy", timeout=20)
         assert confident.answered_by == "edge" and not requests_to(confident, "cloud")
 

@@ -13,7 +13,7 @@ from .graph import AgentGraph, AgentRef, GraphError, Tier, agent
 from .manager import RunResult, TopologyManager
 from .moa import MixtureOfAgents
 from .pattern import Outcome, Pattern, Runtime
-from .policy import AcceptPolicy, ConfidenceAtLeast, Verifier, parse_policy, verifier
+from .policy import AcceptPolicy, ConfidenceAtLeast, PerStageConfidence, Verifier, parse_policy, verifier
 from .trace import Trace, TraceEvent
 
 
@@ -25,7 +25,9 @@ def debate(agents: Sequence[Any], rounds: int = 2, aggregate: str = "vote", **kw
     return Debate(agents, rounds=rounds, aggregate=aggregate, **kw)
 
 
-def cascade(stages: Sequence[Any], accept: str | float | AcceptPolicy = "confidence>=0.8", **kw: Any) -> Cascade:
+def cascade(
+    stages: Sequence[Any], accept: str | float | list[float] | AcceptPolicy = "confidence>=0.8", **kw: Any
+) -> Cascade:
     return Cascade(stages, accept=accept, **kw)
 
 
@@ -47,6 +49,7 @@ __all__ = [
     "MixtureOfAgents",
     "Outcome",
     "Pattern",
+    "PerStageConfidence",
     "RunResult",
     "Runtime",
     "Tier",

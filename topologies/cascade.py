@@ -20,7 +20,7 @@ from protocols import Envelope, Kind, new_id, ops
 
 from .graph import AgentGraph, AgentRef, GraphError
 from .pattern import Outcome, Pattern, Runtime, as_member, member_name
-from .policy import AcceptPolicy, ConfidenceAtLeast, Verifier, parse_policy
+from .policy import AcceptPolicy, ConfidenceAtLeast, PerStageConfidence, Verifier, parse_policy
 from .trace import MANAGER
 
 
@@ -31,7 +31,7 @@ class Cascade(Pattern):
         self,
         stages: Sequence[Any],
         *,
-        accept: str | float | AcceptPolicy = "confidence>=0.8",
+        accept: str | float | list[float] | AcceptPolicy = "confidence>=0.8",
         hop_timeout: float | None = None,
         direct: bool = True,
         name: str | None = None,
@@ -110,7 +110,7 @@ class Cascade(Pattern):
             i = idx + 1
             if not res.ok:
                 continue  # fall through to the next stage on error or timeout
-            accepted = i == n or await self._accepts(res, task, rt, entry)
+            accepted = i == n or await self._accepts(res, task, rt, entry, idx)
             if accepted:
                 final, answered_by = res, idx
                 break
@@ -132,7 +132,7 @@ class Cascade(Pattern):
 
     def _chain_from(self, i: int) -> list[AgentRef]:
         """Consecutive agent stages starting at ``i`` that nodes can escalate between by themselves."""
-        if not (self.direct and isinstance(self.policy, ConfidenceAtLeast)):
+        if not (self.direct and isinstance(self.policy, (ConfidenceAtLeast, PerStageConfidence))):
             return [self.stages[i]] if isinstance(self.stages[i], AgentRef) else []
         chain: list[AgentRef] = []
         for s in self.stages[i:]:
@@ -141,8 +141,10 @@ class Cascade(Pattern):
             chain.append(s)
         return chain
 
-    async def _accepts(self, res: Outcome, task: Envelope, rt: Runtime, entry: dict[str, Any]) -> bool:
-        if isinstance(self.policy, ConfidenceAtLeast):
+    async def _accepts(self, res: Outcome, task: Envelope, rt: Runtime, entry: dict[str, Any], stage: int = 0) -> bool:
+        if isinstance(self.policy, PerStageConfidence):
+            ok = self.policy.at(stage).accepts(res.confidence)
+        elif isinstance(self.policy, ConfidenceAtLeast):
             ok = self.policy.accepts(res.confidence)
         else:
             verdict = await rt.verify(self.policy.verifier, task, res.answer or "", label=f"{self.name} verify")
@@ -155,11 +157,15 @@ class Cascade(Pattern):
         self, chain: list[AgentRef], first: int, task: Envelope, rt: Runtime, carried: list[Any]
     ) -> tuple[list[tuple[int, Outcome]], list[Any]]:
         """Send once down the chain; follow progress events; fall through on a silent stage."""
-        assert isinstance(self.policy, ConfidenceAtLeast)
         ids = [c.agent_id for c in chain]
         n_total = len(self.stages)
         results: list[tuple[int, Outcome]] = []
-        env = rt.derive(task, meta={"accept": self.policy.wire()}, extra_parts=carried)
+        if isinstance(self.policy, PerStageConfidence):
+            wire = {"min_confidence": {a: self.policy.at(first + k).threshold for k, a in enumerate(ids)}}
+        else:
+            assert isinstance(self.policy, ConfidenceAtLeast)
+            wire = self.policy.wire()
+        env = rt.derive(task, meta={"accept": wire}, extra_parts=carried)
         current = 0
         loop = asyncio.get_running_loop()
         client = rt.client

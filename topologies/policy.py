@@ -31,6 +31,25 @@ class ConfidenceAtLeast:
 
 
 @dataclass(frozen=True, slots=True)
+class PerStageConfidence:
+    """One confidence threshold per stage (e.g. tuned per exit of a familial model). Stage ``i``
+    answers when its confidence reaches ``thresholds[i]``; the last stage always answers."""
+
+    thresholds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for t in self.thresholds:
+            if not 0.0 <= t <= 1.0:
+                raise GraphError(f"confidence thresholds must be in [0, 1], got {t}")
+
+    def at(self, stage: int) -> ConfidenceAtLeast:
+        return ConfidenceAtLeast(self.thresholds[stage] if stage < len(self.thresholds) else 0.0)
+
+    def __str__(self) -> str:
+        return "confidence>=" + "/".join(f"{t:g}" for t in self.thresholds)
+
+
+@dataclass(frozen=True, slots=True)
 class Verifier:
     """Accept when a verifier agent accepts the stage's answer (op ``verify``)."""
 
@@ -40,7 +59,7 @@ class Verifier:
         return f"verifier:{self.verifier.agent_id}"
 
 
-AcceptPolicy = ConfidenceAtLeast | Verifier
+AcceptPolicy = ConfidenceAtLeast | PerStageConfidence | Verifier
 _CONF = re.compile(r"^\s*confidence\s*>=\s*([0-9]*\.?[0-9]+)\s*$")
 
 
@@ -48,10 +67,13 @@ def verifier(agent_id: str) -> Verifier:
     return Verifier(agent(agent_id))
 
 
-def parse_policy(value: str | float | AcceptPolicy) -> AcceptPolicy:
-    """``"confidence>=0.8"``, a bare number, ``"verifier:AGENT"``, or a policy object."""
-    if isinstance(value, (ConfidenceAtLeast, Verifier)):
+def parse_policy(value: str | float | list[float] | tuple[float, ...] | AcceptPolicy) -> AcceptPolicy:
+    """``"confidence>=0.8"``, a bare number, a list of per-stage thresholds, ``"verifier:AGENT"``,
+    or a policy object."""
+    if isinstance(value, (ConfidenceAtLeast, PerStageConfidence, Verifier)):
         return value
+    if isinstance(value, (list, tuple)):
+        return PerStageConfidence(tuple(float(v) for v in value))
     if isinstance(value, (int, float)):
         return ConfidenceAtLeast(float(value))
     m = _CONF.match(value)
