@@ -70,11 +70,14 @@ ACCEPT_POLICY = "accept"
 
 
 def _accepted(request: Envelope, reply: Envelope) -> bool:
-    """The cascade acceptance policy carried in ``meta.accept`` (``{"min_confidence": x}``)."""
+    """The cascade acceptance policy carried in ``meta.accept``: ``{"min_confidence": x}``, or per
+    stage ``{"min_confidence": {agent_id: x, ...}}`` (a stage missing from the map always escalates)."""
     if reply.kind != Kind.REPLY:
         return False
     policy = request.meta.get(ACCEPT_POLICY) or {}
     threshold = policy.get("min_confidence")
+    if isinstance(threshold, dict):
+        threshold = threshold.get(request.recipient or "", float("inf"))
     if threshold is None:
         return True
     confidence = reply.meta.get(ops.CONFIDENCE)
