@@ -92,6 +92,7 @@ async def latent_average(
     failed: set[str] = set()
     space = None
     reverse = False
+    cost = ops.Cost(model_calls=0)
     for _ in range(max_steps):
         last_step = False
         outs = await rt.next_distributions(members, task, prefix, label=f"{label} step {len(steps) + 1}")
@@ -99,6 +100,7 @@ async def latent_average(
         tokens: dict[str, str] = {}
         eos: int | None = None
         for o in outs:
+            cost = cost.add(o.cost)
             part = o.reply.tensor(TensorRole.TOKEN_DISTRIBUTION) if (o.reply is not None and not o.error) else None
             if part is None:
                 failed.add(o.source)
@@ -116,7 +118,7 @@ async def latent_average(
             last_step = last_step or bool(o.reply.meta.get(ops.LAST_STEP))  # type: ignore[union-attr]
             reverse = reverse or o.reply.meta.get(ops.ANSWER_ORDER) == "reversed"  # type: ignore[union-attr]
         if len(dists) < quorum:
-            return (prefix or None), {"steps": steps, "failed": sorted(failed), "error": "quorum lost"}
+            return (prefix or None), {"steps": steps, "failed": sorted(failed), "error": "quorum lost", "cost": cost}
         if len({d.numel() for d in dists}) != 1:
             raise GraphError("latent aggregation: members sent distributions over different vocabulary sizes")
         avg = torch.stack(dists).mean(0)
@@ -130,4 +132,5 @@ async def latent_average(
         if last_step:
             break
     answer = prefix[::-1] if reverse else prefix
-    return answer.strip(), {"steps": steps, "failed": sorted(failed), "space": str(space) if space else None}
+    details = {"steps": steps, "failed": sorted(failed), "space": str(space) if space else None, "cost": cost}
+    return answer.strip(), details

@@ -81,6 +81,7 @@ class Ensemble(Pattern):
             answer, details = await latent_average(
                 rt, self._members, task, max_steps=self.max_steps, quorum=self.quorum
             )
+            out.cost = details.pop("cost", out.cost)
             out.answer, out.details = answer, {"aggregate": str(self.aggregate), **details}
             if answer is None:
                 out.error = details.get("error", "no answer")

@@ -1,0 +1,109 @@
+"""Start a deployment of node processes (named tiers), run a task set through patterns, with progress."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from aiflow_agents import AgentSpec, BrokerURL, NodeProcess, broker_from_env, broker_scope
+from topologies import Pattern, RunResult, TopologyManager
+
+# wide tables stay readable in logs and CI, where no terminal tells rich its width
+console = Console() if sys.stdout.isatty() else Console(width=170)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node process: its tier (shown in output and presence) and the agents it hosts."""
+
+    name: str
+    tier: str
+    agents: Sequence[str]
+
+
+@contextlib.asynccontextmanager
+async def deployment(
+    nodes: Sequence[NodeSpec], broker: str | None = None, *, quiet: bool = False, ready_timeout: float = 180.0
+) -> AsyncIterator[tuple[TopologyManager, BrokerURL]]:
+    """Embedded broker (unless ``broker``), one process per node, a manager once all agents are online."""
+    logdir = Path(tempfile.mkdtemp(prefix="aiflow-demo-"))
+    ns = f"demo{uuid.uuid4().hex[:8]}"
+    async with broker_scope(broker) as url:
+        if not quiet:
+            where = "embedded broker" if broker_from_env(broker) is None else "broker"
+            console.print(f"[bold]{where}[/] {url}  (namespace {ns}, node logs in {logdir})")
+        procs = [
+            NodeProcess(
+                n.agents,
+                url,
+                namespace=ns,
+                tier=n.tier,
+                node_id=f"{ns}-{n.name}",
+                log_path=logdir / f"{n.name}.log",
+                extra_args=["--log-level", "warning"],
+            ).start()
+            for n in nodes
+        ]
+        try:
+            async with TopologyManager(url, namespace=ns) as mgr:
+                ids = [AgentSpec.parse(a).agent_id or AgentSpec.parse(a).type_name for n in nodes for a in n.agents]
+                await mgr.client.wait_for_agents(ids, timeout=ready_timeout)
+                if not quiet:
+                    for n, p in zip(nodes, procs, strict=True):
+                        console.print(f"  [cyan]{n.tier:>6}[/] node {n.name!r} (pid {p.pid}): {', '.join(n.agents)}")
+                yield mgr, url
+        finally:
+            await asyncio.gather(*(p.astop() for p in procs))
+
+
+async def run_all(
+    mgr: TopologyManager,
+    jobs: Sequence[tuple[str, Pattern, Any]],
+    *,
+    concurrency: int = 8,
+    timeout: float = 60.0,
+    description: str = "tasks",
+    quiet: bool = False,
+    on_result: Callable[[str, int, RunResult], None] | None = None,
+) -> dict[str, list[RunResult]]:
+    """Run every (name, pattern, task) job, ``concurrency`` at a time; results keep task order per name."""
+    out: dict[str, list[RunResult | None]] = {}
+    index: list[tuple[str, int]] = []
+    for name, _, _ in jobs:
+        out.setdefault(name, [])
+        index.append((name, len(out[name])))
+        out[name].append(None)
+    sem = asyncio.Semaphore(concurrency)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(description, total=len(jobs))
+
+        async def one(k: int) -> None:
+            name, pattern, task = jobs[k]
+            async with sem:
+                r = await mgr.run(pattern, task, timeout=timeout, check_online=False)
+            slot = index[k]
+            out[slot[0]][slot[1]] = r
+            if on_result is not None:
+                on_result(name, slot[1], r)
+            progress.advance(bar)
+
+        await asyncio.gather(*(one(k) for k in range(len(jobs))))
+    return {k: [r for r in v if r is not None] for k, v in out.items()}

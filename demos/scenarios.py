@@ -1,0 +1,232 @@
+"""The arithmetic scenarios shared by ``aiflow demo`` and ``aiflow eval``: who runs where, which
+patterns exist, and how a run over a held-out task set is scored."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiflow_agents.tasks import SEEDS, Task, check_answer, generate_tasks
+from protocols import Envelope
+from topologies import Pattern, RunResult, TopologyManager, cascade, debate, ensemble, mixture_of_agents
+
+from .harness import NodeSpec, console, run_all
+from .stats import mcnemar_p, percentile, wilson
+
+#: The deployment: the familial family's three exits on three tiers, two independent peers in the cloud.
+NODES = [
+    NodeSpec("device", "device", ["familial-device:device"]),
+    NodeSpec("edge", "edge", ["familial-edge:edge"]),
+    NodeSpec("cloud", "cloud", ["familial-cloud:cloud"]),
+    NodeSpec("cloud-peers", "cloud", ["familial-peer:peer-a?model=peer-a", "familial-peer:peer-b?model=peer-b"]),
+]
+MEMBERS = ["device", "edge", "cloud", "peer-a", "peer-b"]
+TIER = {"device": "device", "edge": "edge", "cloud": "cloud", "peer-a": "cloud", "peer-b": "cloud"}
+TRIO = ["cloud", "peer-a", "peer-b"]
+
+
+def relay_thresholds() -> list[float]:
+    """Per-exit cascade thresholds tuned on the tuning seed (never on evaluation seeds)."""
+    from aiflow_agents.familial_agents import shipped_thresholds
+
+    tuned = shipped_thresholds()
+    return [float(tuned.get("device", 0.9)), float(tuned.get("edge", 0.9))]
+
+
+def patterns() -> dict[str, Pattern]:
+    return {
+        "relay": cascade(["device", "edge", "cloud"], accept=relay_thresholds(), name="relay"),
+        "ensemble-vote": ensemble(TRIO, "vote", name="ensemble-vote"),
+        "ensemble-cross": ensemble(TRIO, "cross_score", name="ensemble-cross"),
+        "ensemble-latent": ensemble(TRIO, "latent", max_steps=8, name="ensemble-latent"),
+        "debate": debate(TRIO, rounds=2, aggregate="cross_score", name="debate"),
+        "moa": mixture_of_agents([["device", "edge", "peer-a", "peer-b"]], aggregator="cloud", name="moa"),
+    }
+
+
+def members_of(p: Pattern) -> list[str]:
+    return [a for a in p.agent_ids() if a in MEMBERS]
+
+
+@dataclass
+class Scored:
+    """One pattern (or single member) over the task set."""
+
+    name: str
+    correct: list[bool]
+    results: list[RunResult] = field(repr=False)
+    tasks: list[Task] = field(repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(1, len(self.correct))
+
+    def summary(self) -> dict[str, Any]:
+        n, k = len(self.correct), sum(self.correct)
+        lo, hi = wilson(k, n)
+        by_band: dict[str, list[bool]] = defaultdict(list)
+        for t, c in zip(self.tasks, self.correct, strict=True):
+            by_band[f"{t.difficulty}:{t.band}"].append(c)
+        lat = [r.elapsed * 1e3 for r in self.results]
+        calls = [r.outcome.cost.model_calls for r in self.results]
+        layers = [r.outcome.cost.layers for r in self.results]
+        answered = Counter(r.answered_by for r in self.results if r.answered_by)
+        per_round: list[float] = []
+        rounds = [r.outcome.details.get("rounds") for r in self.results]
+        if rounds and all(rounds):
+            for i in range(max(len(x) for x in rounds)):  # type: ignore[arg-type]
+                hits = [
+                    bool(x[i]["majority"]) and check_answer(t, x[i]["majority"]) if i < len(x) else False
+                    for t, x in zip(self.tasks, rounds, strict=True)
+                ]  # type: ignore[arg-type]
+                per_round.append(sum(hits) / max(1, len(hits)))
+        return {
+            "name": self.name,
+            "n": n,
+            "correct": k,
+            "accuracy": k / max(1, n),
+            "ci95": [lo, hi],
+            "by_band": {b: sum(v) / len(v) for b, v in sorted(by_band.items())},
+            "model_calls_mean": statistics.fmean(calls) if calls else 0.0,
+            "layers_mean": statistics.fmean(layers) if layers else 0.0,
+            "bytes_mean": statistics.fmean(r.trace.bytes_total for r in self.results) if self.results else 0.0,
+            "latency_ms_p50": percentile(lat, 0.5),
+            "latency_ms_p95": percentile(lat, 0.95),
+            "answered_by": {k2: v / max(1, n) for k2, v in answered.items()},
+            "errors": sum(1 for r in self.results if r.error),
+            "per_round": per_round,
+        }
+
+
+def score(name: str, tasks: Sequence[Task], results: Sequence[RunResult]) -> Scored:
+    return Scored(
+        name,
+        [bool(r.answer) and check_answer(t, r.answer or "") for t, r in zip(tasks, results, strict=True)],
+        list(results),
+        list(tasks),
+    )
+
+
+async def evaluate(
+    mgr: TopologyManager,
+    names: Sequence[str],
+    tasks: Sequence[Task],
+    *,
+    concurrency: int = 8,
+    quiet: bool = False,
+    self_ensemble: bool = True,
+) -> dict[str, Any]:
+    """Run the patterns and every member alone on the same tasks; compare honestly."""
+    pats = patterns()
+    unknown = [n for n in names if n not in pats]
+    if unknown:
+        raise ValueError(f"unknown pattern(s) {unknown}; choose from {sorted(pats)}")
+    needed = sorted({m for n in names for m in members_of(pats[n])}, key=MEMBERS.index)
+    jobs: list[tuple[str, Pattern, Any]] = []
+    for m in needed:
+        jobs += [(m, ensemble([m], name=m), t.prompt) for t in tasks]
+    for n in names:
+        jobs += [(n, pats[n], t.prompt) for t in tasks]
+    raw = await run_all(mgr, jobs, concurrency=concurrency, description="tasks x (members + patterns)", quiet=quiet)
+    singles = {m: score(m, tasks, raw[m]) for m in needed}
+    report: dict[str, Any] = {"members": {m: s.summary() for m, s in singles.items()}, "patterns": {}}
+    for n in names:
+        sc = score(n, tasks, raw[n])
+        mine = members_of(pats[n])
+        best = max(mine, key=lambda m: singles[m].accuracy)
+        any_right = [any(singles[m].correct[i] for m in mine) for i in range(len(tasks))]
+        b = sum(1 for x, y in zip(sc.correct, singles[best].correct, strict=True) if x and not y)
+        c = sum(1 for x, y in zip(sc.correct, singles[best].correct, strict=True) if y and not x)
+        entry = sc.summary()
+        entry.update(
+            {
+                "members": mine,
+                "best_member": best,
+                "best_member_accuracy": singles[best].accuracy,
+                "gain_points": 100 * (sc.accuracy - singles[best].accuracy),
+                "paired_vs_best": {"pattern_only_right": b, "best_only_right": c, "mcnemar_p": mcnemar_p(b, c)},
+                "any_member_right_ceiling": sum(any_right) / max(1, len(tasks)),
+            }
+        )
+        if self_ensemble:
+            k = max(1, round(entry["model_calls_mean"]))
+            se = await self_ensemble_baseline(mgr, best, tasks, k, concurrency=concurrency, quiet=quiet)
+            entry["self_ensemble"] = se
+            beats_se = sc.accuracy > se["accuracy"]
+        else:
+            beats_se = True
+        entry["emergent"] = bool(sc.accuracy > singles[best].accuracy and beats_se)
+        report["patterns"][n] = entry
+    return report
+
+
+async def self_ensemble_baseline(
+    mgr: TopologyManager, member: str, tasks: Sequence[Task], k: int, *, concurrency: int, quiet: bool
+) -> dict[str, Any]:
+    """The best member asked ``k`` times (sampled at temperature 0.7 where it samples) and voted."""
+    jobs = []
+    for t in tasks:
+        for i in range(k):
+            env = Envelope.request(t.prompt, meta={"temperature": 0.7, "seed": i})
+            jobs.append((f"{member}#{i}", ensemble([member], name=f"{member}-self"), env))
+    raw = await run_all(mgr, jobs, concurrency=concurrency, description=f"self-ensemble {member} x{k}", quiet=quiet)
+    correct = []
+    varied = 0
+    for j, t in enumerate(tasks):
+        answers = [raw[f"{member}#{i}"][j].answer for i in range(k)]
+        varied += len(set(answers)) > 1
+        top = Counter(a for a in answers if a).most_common(1)
+        correct.append(bool(top) and check_answer(t, top[0][0]))
+    n, kk = len(correct), sum(correct)
+    return {
+        "member": member,
+        "calls": k,
+        "accuracy": kk / max(1, n),
+        "ci95": list(wilson(kk, n)),
+        "tasks_with_varied_answers": varied,
+        "note": "" if varied else "the member decodes deterministically: its self-ensemble equals itself",
+    }
+
+
+def draw_chart(report: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(m, s) for m, s in report.get("members", {}).items()] + list(report.get("patterns", {}).items())
+    names = [r[0] for r in rows]
+    acc = [100 * r[1]["accuracy"] for r in rows]
+    err = [
+        [100 * (r[1]["accuracy"] - r[1]["ci95"][0]) for r in rows],
+        [100 * (r[1]["ci95"][1] - r[1]["accuracy"]) for r in rows],
+    ]
+    colors = ["#8ecae6" if n in report.get("members", {}) else "#fb8500" for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    ax.bar(names, acc, yerr=err, color=colors, capsize=4)
+    ax.set_ylabel("accuracy % (95% CI)")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path | None, stem: str, title: str) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    draw_chart(report, out / f"{stem}.png", title)
+    console.print(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}")
+
+
+def held_out(n: int, seed: int) -> list[Task]:
+    if seed in (SEEDS["train"], SEEDS["tune"]):
+        raise ValueError(f"seed {seed} is reserved for training/tuning; evaluate on another seed")
+    return generate_tasks(n, seed, split="heldout")

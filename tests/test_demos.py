@@ -1,0 +1,89 @@
+"""Every demo end to end at a small size (separate node processes, embedded broker), and ``aiflow eval``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiflow_agents.tasks import generate_tasks
+
+pytestmark = pytest.mark.timeout(600)
+
+SUMMARY_FIELDS = {
+    "accuracy",
+    "ci95",
+    "by_band",
+    "model_calls_mean",
+    "layers_mean",
+    "bytes_mean",
+    "latency_ms_p50",
+    "latency_ms_p95",
+}
+PATTERN_FIELDS = SUMMARY_FIELDS | {
+    "best_member",
+    "gain_points",
+    "paired_vs_best",
+    "any_member_right_ceiling",
+    "emergent",
+}
+
+
+def aiflow(*args: str, timeout: float = 540) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiflow_agents", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("demo", "patterns"),
+    [
+        ("relay", ["relay"]),
+        ("ensemble", ["ensemble-vote", "ensemble-cross", "ensemble-latent"]),
+        ("debate", ["debate"]),
+        ("moa", ["moa"]),
+    ],
+)
+def test_demo_runs_and_reports_every_field(demo: str, patterns: list[str], tmp_path: Path) -> None:
+    out = aiflow("demo", demo, "--tasks", "6", "--seed", "11", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for tier in ("device", "edge", "cloud"):
+        assert tier in out.stdout  # the tiers are named in the output
+    report = json.loads((tmp_path / f"{demo}.json").read_text())
+    assert (tmp_path / f"{demo}.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(report["patterns"]) == set(patterns)
+    for p in report["patterns"].values():
+        assert PATTERN_FIELDS <= set(p) and p["n"] == 6
+    for m in report["members"].values():
+        assert SUMMARY_FIELDS <= set(m)
+    if demo == "relay":
+        assert set(report["patterns"]["relay"]["answered_by"]) <= {"device", "edge", "cloud"}
+        assert "relay_vs_cloud" in report
+    if demo == "debate":
+        assert len(report["patterns"]["debate"]["per_round"]) == 2
+
+
+def test_eval_seeds_draw_different_sets_and_reproduce() -> None:
+    a, b = generate_tasks(40, 5), generate_tasks(40, 6)
+    assert [t.prompt for t in a] != [t.prompt for t in b]
+    assert [t.prompt for t in generate_tasks(40, 5)] == [t.prompt for t in a]
+
+    def run(seed: int) -> dict:
+        out = aiflow("eval", "ensemble-vote", "relay", "--tasks", "8", "--seed", str(seed), "--json")
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout)
+
+    first, again, other = run(21), run(21), run(22)
+
+    def numbers(r: dict) -> dict:
+        return {k: (v["correct"], v["layers_mean"]) for k, v in [*r["members"].items(), *r["patterns"].items()]}
+
+    assert numbers(first) == numbers(again)  # same seed, same numbers on CPU
+    assert first["seed"] == 21 and other["seed"] == 22
+    with pytest.raises(ValueError, match="reserved"):
+        from demos.scenarios import held_out
+
+        held_out(10, 1001)
