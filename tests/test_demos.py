@@ -11,7 +11,7 @@ import pytest
 
 from aiflow_agents.tasks import generate_tasks
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(950)
 
 SUMMARY_FIELDS = {
     "accuracy",
@@ -87,3 +87,14 @@ def test_eval_seeds_draw_different_sets_and_reproduce() -> None:
         from demos.scenarios import held_out
 
         held_out(10, 1001)
+
+
+@pytest.mark.slow
+def test_heterogeneous_cascade_demo_with_real_models(tmp_path: Path) -> None:
+    out = aiflow("demo", "cascade", "--tasks", "3", "--out", str(tmp_path), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "cascade.json").read_text())
+    assert set(report["results"]) == {"smol alone", "gemma alone", "cascade"}
+    cas = report["results"]["cascade"]
+    assert cas["n"] == 3 and abs(sum(cas["answered_by"].values()) - 1.0) < 1e-9
+    assert (tmp_path / "cascade.png").read_bytes()[:4] == b"\x89PNG"
