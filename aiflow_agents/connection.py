@@ -27,6 +27,7 @@ import logging
 import random
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -89,6 +90,205 @@ def _definitive(error: BaseException) -> str | None:
     return None
 
 
+# -- MQTT 5 PUBLISH properties, packed and parsed cheaply ------------------------------------------
+# paho's Properties validates every assignment by scanning its name table with str.replace, and
+# packs/unpacks by scanning it again: with the seven properties the binding mirrors, that cost more
+# than the rest of a small publish (see docs/performance.md). The classes below produce the same
+# bytes and the same attributes; anything unusual falls back to paho's own code.
+_TEMPLATE = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+_PUBLISH_IDS: dict[str, int] = {
+    name.replace(" ", ""): ident
+    for name, ident in _TEMPLATE.names.items()
+    if PacketTypes.PUBLISH in _TEMPLATE.properties[ident][1]
+}
+_PACK_ORDER = list(_PUBLISH_IDS)  # paho's packing order, so the bytes are identical
+_TYPE_OF = {ident: _TEMPLATE.types[_TEMPLATE.properties[ident][0]] for ident in _PUBLISH_IDS.values()}
+_NAME_OF = {ident: name for name, ident in _PUBLISH_IDS.items()}
+_MULTIPLE = {11, 38}
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!L")
+
+
+def _vbi(x: int) -> bytes:
+    if not 0 <= x <= 268_435_455:
+        raise ValueError(f"Value {x!r} must be in range 0-268435455")
+    out = bytearray()
+    while True:
+        digit, x = x % 128, x // 128
+        out.append(digit | 0x80 if x else digit)
+        if not x:
+            return bytes(out)
+
+
+def _utf(value: str | bytes) -> bytes:
+    data = value if isinstance(value, bytes) else value.encode()
+    return _U16.pack(len(data)) + data
+
+
+def _pack_one(ident: int, value: Any) -> bytes:
+    kind = _TYPE_OF[ident]
+    head = bytes((ident,))  # every PUBLISH property id is < 128: a one-byte VBI
+    if kind == "UTF-8 Encoded String":
+        return head + _utf(value)
+    if kind == "UTF-8 String Pair":
+        return head + _utf(value[0]) + _utf(value[1])
+    if kind == "Binary Data":
+        return head + _U16.pack(len(value)) + bytes(value)
+    if kind == "Four Byte Integer":
+        return head + _U32.pack(value)
+    if kind == "Two Byte Integer":
+        return head + _U16.pack(value)
+    if kind == "Byte":
+        return head + bytes((value,))
+    return head + _vbi(value)  # Variable Byte Integer
+
+
+class PublishProperties(Properties):
+    """PUBLISH properties built from a dict in one pass and packed once (same bytes as paho's)."""
+
+    names = _TEMPLATE.names
+    properties = _TEMPLATE.properties
+    types = _TEMPLATE.types
+
+    def __init__(self, values: dict[str, Any] | None = None) -> None:
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_packed", None)
+        for key, value in (values or {}).items():
+            if key not in _PUBLISH_IDS or key in ("PayloadFormatIndicator", "TopicAlias"):
+                setattr(self, key, value)  # paho validates the unusual ones (ranges, names)
+                continue
+            if _PUBLISH_IDS[key] in _MULTIPLE and not isinstance(value, list):
+                value = [value]
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)  # type: ignore[no-untyped-call]
+        object.__setattr__(self, "_packed", None)
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            body = bytearray()
+            d = self.__dict__
+            for name in _PACK_ORDER:
+                if name in d:
+                    ident = _PUBLISH_IDS[name]
+                    if ident in _MULTIPLE:
+                        for v in d[name]:
+                            body += _pack_one(ident, v)
+                    else:
+                        body += _pack_one(ident, d[name])
+            packed = _vbi(len(body)) + bytes(body)
+            object.__setattr__(self, "_packed", packed)
+        return packed
+
+    def unpack(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
+        """Parse received PUBLISH properties; malformed or unusual input goes to paho's parser,
+        so errors are exactly paho's."""
+        try:
+            return self._fast_unpack(buffer)
+        except Exception:
+            for name in list(self.__dict__):
+                if name in _PUBLISH_IDS:
+                    object.__delattr__(self, name)
+            return super().unpack(buffer)  # type: ignore[no-untyped-call,no-any-return]
+
+    def _fast_unpack(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
+        first, start, shift = 0, 0, 0
+        while True:  # the block length, a Variable Byte Integer (at most 4 bytes)
+            if start >= 4:
+                raise ValueError("bad length")
+            digit = buffer[start]
+            start += 1
+            first |= (digit & 0x7F) << shift
+            shift += 7
+            if not digit & 0x80:
+                break
+        end = start + first
+        if end > len(buffer):
+            raise ValueError("truncated")
+        view = bytes(buffer[start:end])
+        d = self.__dict__
+        pos = 0
+        while pos < first:
+            ident = view[pos]
+            kind = _TYPE_OF[ident]  # KeyError on anything not a PUBLISH property
+            name = _NAME_OF[ident]
+            pos += 1
+            if kind in ("UTF-8 Encoded String", "UTF-8 String Pair", "Binary Data"):
+                n = _U16.unpack_from(view, pos)[0]
+                raw = view[pos + 2 : pos + 2 + n]
+                if len(raw) != n:
+                    raise ValueError("truncated")
+                pos += 2 + n
+                if kind == "Binary Data":
+                    value: Any = raw
+                else:
+                    value = _checked_utf(raw)
+                    if kind == "UTF-8 String Pair":
+                        n2 = _U16.unpack_from(view, pos)[0]
+                        raw2 = view[pos + 2 : pos + 2 + n2]
+                        if len(raw2) != n2:
+                            raise ValueError("truncated")
+                        pos += 2 + n2
+                        value = (value, _checked_utf(raw2))
+            elif kind == "Four Byte Integer":
+                value = _U32.unpack_from(view, pos)[0]
+                pos += 4
+            else:
+                raise ValueError("unusual property: let paho parse it")
+            if ident in _MULTIPLE:
+                d.setdefault(name, []).append(value)
+            elif name in d:
+                raise ValueError("duplicate property")
+            else:
+                d[name] = value
+        if pos != first:
+            raise ValueError("overrun")
+        return self, end
+
+
+def _checked_utf(raw: bytes) -> str:
+    text = raw.decode("utf-8")
+    if not text.isascii() or "\x00" in text:
+        # the rare non-ASCII or NUL case: paho's per-character checks decide
+        raise ValueError("let paho check this string")
+    return text
+
+
+class _SharedTableProperties(Properties):
+    """paho's Properties with its (constant) name and type tables shared, not rebuilt per packet:
+    paho builds one for every packet it reads or writes, PUBACKs included."""
+
+    names = _TEMPLATE.names
+    properties = _TEMPLATE.properties
+    types = _TEMPLATE.types
+
+    def __init__(self, packet_type: int) -> None:
+        object.__setattr__(self, "packetType", packet_type)
+
+
+class _ReceivedProperties(Properties):
+    """What paho's packet code instantiates: PUBLISH properties get the fast parser and packer,
+    every other packet type the shared tables."""
+
+    def __new__(cls, packet_type: int) -> Properties:  # type: ignore[misc]
+        if packet_type == PacketTypes.PUBLISH:
+            return PublishProperties()
+        return _SharedTableProperties(packet_type)
+
+
+def install_fast_publish_properties() -> None:
+    """Make paho build its per-packet Properties with the classes above (same values, same bytes)."""
+    from paho.mqtt import _packet  # constructs only; paho.mqtt.client also isinstance-checks: left alone
+
+    if getattr(_packet, "Properties", None) is Properties:
+        _packet.Properties = _ReceivedProperties  # type: ignore[misc]
+
+
+install_fast_publish_properties()
+
+
 class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
     """aiomqtt's incoming queue, owned by us: the connection drains it directly (see module doc)
     and counts what it discards when full (aiomqtt only logs that)."""
@@ -135,6 +335,7 @@ class Connection:
         self._protocol = aiomqtt.ProtocolVersion.V311 if url.protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
         self._subs: dict[str, int] = {}
         self._routes: list[tuple[str, MessageHandler]] = []
+        self._match_cache: dict[str, list[MessageHandler]] = {}
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
         self._client: aiomqtt.Client | None = None
@@ -164,9 +365,11 @@ class Connection:
     def route(self, topic_filter: str, handler: MessageHandler) -> None:
         """Send messages whose topic matches ``topic_filter`` to ``handler`` (several may match)."""
         self._routes.append((topic_filter, handler))
+        self._match_cache.clear()
 
     def unroute(self, topic_filter: str) -> None:
         self._routes = [(f, h) for f, h in self._routes if f != topic_filter]
+        self._match_cache.clear()
 
     def on_connect(self, hook: Hook) -> None:
         self._on_connect.append(hook)
@@ -326,14 +529,25 @@ class Connection:
         except Exception:
             self.log.exception(f"{what} hook failed")
 
+    def _handlers(self, topic: str) -> list[MessageHandler]:
+        """The handlers whose filter matches ``topic``, memoised per topic (aiomqtt's
+        ``Topic.matches`` builds a validated Wildcard per call: ~7 % of a node's time per message)."""
+        handlers = self._match_cache.get(topic)
+        if handlers is None:
+            t = aiomqtt.Topic(topic)
+            handlers = [h for f, h in self._routes if t.matches(f)]
+            if len(self._match_cache) >= 4096:  # e.g. one reply topic per client: stay bounded
+                self._match_cache.clear()
+            self._match_cache[topic] = handlers
+        return handlers
+
     async def _dispatch(self, message: aiomqtt.Message) -> None:
-        for topic_filter, handler in self._routes:
-            if message.topic.matches(topic_filter):
-                try:
-                    await handler(message)
-                except Exception:
-                    # A raising handler must never take the connection down.
-                    self.log.exception("message handler failed", topic=message.topic.value)
+        for handler in self._handlers(message.topic.value):
+            try:
+                await handler(message)
+            except Exception:
+                # A raising handler must never take the connection down.
+                self.log.exception("message handler failed", topic=message.topic.value)
 
     # -- operations ---------------------------------------------------------------------------
     async def subscribe(self, subscription: str, qos: int = 1) -> None:
@@ -398,7 +612,4 @@ class Connection:
     def _properties(self, props: dict[str, Any] | None) -> Properties | None:
         if not props or not self.is_v5:
             return None
-        p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        for key, value in props.items():
-            setattr(p, key, value)
-        return p
+        return PublishProperties(props)

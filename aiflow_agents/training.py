@@ -407,7 +407,8 @@ def write_model_card(out: Path, metrics: dict[str, Any]) -> Path:
     if wall:
         lines += [
             "",
-            f"Total training wall time: {wall:.0f} s ({metrics.get('jobs')} worker processes, 1 thread each).",
+            f"Total training wall time: {wall:.0f} s ({metrics.get('jobs')} worker processes, 1 thread each, on 2"
+            " cores shared with other jobs; the result does not depend on load or on --jobs).",
         ]
     levels = sorted(T.BANDS)
     lines += [

@@ -1,6 +1,7 @@
 """The latent-message protocol v1: envelopes of text and tensor parts, their binary codec and
 MQTT binding. See ``protocols/SPEC.md`` for the byte-level specification."""
 
+from . import compress as compression
 from . import ops, signing
 from .binding import TOPIC_ROOT, PresenceRecord, Status, Topics, check_level, mqtt5_properties
 from .codec import (
@@ -15,6 +16,7 @@ from .codec import (
     encode,
     peek_header,
 )
+from .compress import CompressionError, compress, decompress, expand
 from .envelope import (
     AGENT_ID_PATTERN,
     PROTOCOL_VERSION,
@@ -71,6 +73,7 @@ __all__ = [
     "TRAILER_SIZE",
     "WIRE_VERSION",
     "BadMagicError",
+    "CompressionError",
     "DType",
     "EncodeError",
     "Envelope",
@@ -101,8 +104,12 @@ __all__ = [
     "UnsupportedVersionError",
     "as_keyring",
     "check_level",
+    "compress",
+    "compression",
     "decode",
+    "decompress",
     "encode",
+    "expand",
     "is_valid_agent_id",
     "key_from_env",
     "key_from_hex",

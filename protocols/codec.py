@@ -12,7 +12,7 @@ import struct
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -269,8 +269,9 @@ def peek_header(payload: bytes | bytearray | memoryview, limits: Limits = DEFAUL
         raise ProtocolError(f"malformed frame ({type(e).__name__}: {e})") from e
 
 
-def _read_header(view: memoryview, limits: Limits, keyring: Keyring | None) -> tuple[dict[str, Any], str, memoryview]:
-    """Checks 1-10 of SPEC §6; returns the header object, its text and the frame without trailer."""
+def _read_frame(view: memoryview, limits: Limits, keyring: Keyring | None) -> tuple[str, int, memoryview]:
+    """Checks 1-8 of SPEC §6 (preamble, signature, header bounds, UTF-8); returns the header text,
+    its length and the frame without trailer."""
     size = len(view)
     if size < PREAMBLE_SIZE:
         raise FrameTooShortError(f"frame is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
@@ -305,28 +306,87 @@ def _read_header(view: memoryview, limits: Limits, keyring: Keyring | None) -> t
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise HeaderDecodeError(f"header is not valid UTF-8: {e}") from None
+    return text, header_len, view
+
+
+def _parse_header(text: str) -> dict[str, Any]:
+    """The header as a JSON object, with the JSON rules of SPEC §6 (no NaN/Infinity, finite numbers)."""
     try:
         obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:
         raise HeaderDecodeError(f"header is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise HeaderDecodeError(f"header must be a JSON object, got {type(obj).__name__}")
-    return obj, text, view
+    return obj
+
+
+def _read_header(view: memoryview, limits: Limits, keyring: Keyring | None) -> tuple[dict[str, Any], str, memoryview]:
+    """Checks 1-10 of SPEC §6; returns the header object, its text and the frame without trailer."""
+    text, _, view = _read_frame(view, limits, keyring)
+    return _parse_header(text), text, view
 
 
 def _decode(payload: bytes | bytearray | memoryview, limits: Limits, keyring: Keyring | None) -> Envelope:
     view = memoryview(payload).cast("B")
-    obj, text, view = _read_header(view, limits, keyring)
-    header_len = PREAMBLE.unpack_from(view, 0)[4]
+    text, header_len, view = _read_frame(view, limits, keyring)
+    # The header is parsed once, by pydantic (strict JSON mode: no silent coercion, enums by
+    # value). The stdlib parser runs only to classify a failure, to vet a header that may hold a
+    # non-finite number (NaN, Infinity, 1e400: pydantic lets those through into meta), and to
+    # give an error its header object.
+    try:
+        h = _WireHeader.model_validate_json(text, strict=True)
+    except ValidationError as e:
+        obj = _parse_header(text)  # invalid JSON is a HeaderDecodeError, not a schema error
+        _check_part_count(obj, limits)
+        raise HeaderValidationError(f"header does not match the v1 schema: {_summarise(e)}", header=obj) from None
+    if not _all_finite(h):
+        _parse_header(text)  # raises HeaderDecodeError naming the literal, as the stdlib parser sees it
+    if len(h.parts) > limits.max_parts:
+        _check_part_count(_parse_header(text), limits)
+    return _assemble(h, view, header_len, limits, text)
+
+
+def _all_finite(h: _WireHeader) -> bool:
+    """Whether the free-form values (meta, error detail) hold no NaN or infinity. The typed float
+    fields reject those in validation (``allow_inf_nan=False``); these are the only other places a
+    number can sit, and are usually empty, so this costs next to nothing."""
+    stack: list[Any] = [h.meta, *(p.meta for p in h.parts)]
+    if h.error is not None:
+        stack.append(h.error.detail)
+    while stack:
+        v = stack.pop()
+        if type(v) is float:
+            if not math.isfinite(v):
+                return False
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True
+
+
+def _check_part_count(obj: dict[str, Any], limits: Limits) -> None:
     parts_raw = obj.get("parts")
     if isinstance(parts_raw, list) and len(parts_raw) > limits.max_parts:
         raise HeaderValidationError(f"{len(parts_raw)} parts exceed the limit of {limits.max_parts}", header=obj)
-    try:
-        # Strict JSON-mode validation: no silent coercion ("1" is not a number), enums by value.
-        h = _WireHeader.model_validate_json(text, strict=True)
-    except ValidationError as e:
-        raise HeaderValidationError(f"header does not match the v1 schema: {_summarise(e)}", header=obj) from None
 
+
+def _new(cls: type[_M], values: dict[str, Any]) -> _M:
+    """``cls.model_construct(**values)`` for values that name every field, minus its bookkeeping
+    (it was a third of the cost of decoding a frame)."""
+    m = cls.__new__(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", set(values))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
+
+
+_set = object.__setattr__
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _assemble(h: _WireHeader, view: memoryview, header_len: int, limits: Limits, text: str) -> Envelope:
     size = len(view)
     data_start = _align(PREAMBLE_SIZE + header_len)
     segments: list[tuple[int, int, int]] = []  # (offset, end, part index)
@@ -334,43 +394,53 @@ def _decode(payload: bytes | bytearray | memoryview, limits: Limits, keyring: Ke
         if not isinstance(p, _WireTensor):
             continue
         if len(p.shape) > limits.max_ndim:
-            raise SegmentError(f"part {i}: {len(p.shape)} dimensions exceed the limit of {limits.max_ndim}", header=obj)
+            raise SegmentError(
+                f"part {i}: {len(p.shape)} dimensions exceed the limit of {limits.max_ndim}", header=_parse_header(text)
+            )
         if any(d < 0 for d in p.shape):
-            raise SegmentError(f"part {i}: negative dimension in shape {p.shape}", header=obj)
+            raise SegmentError(f"part {i}: negative dimension in shape {p.shape}", header=_parse_header(text))
         if math.prod(max(d, 1) for d in p.shape) > _MAX_ELEMENTS:
             # No real tensor is this large, and torch cannot even build an empty one of this shape.
-            raise SegmentError(f"part {i}: shape {p.shape} overflows a 64-bit element count", header=obj)
+            raise SegmentError(
+                f"part {i}: shape {p.shape} overflows a 64-bit element count", header=_parse_header(text)
+            )
         # Checked against the payload before anything is allocated: a huge declared shape
         # can only fail here.
         expected = math.prod(p.shape) * p.dtype.itemsize
         if expected != p.nbytes:
             raise SegmentError(
-                f"part {i}: nbytes {p.nbytes} != shape {p.shape} x {p.dtype.itemsize} bytes ({expected})", header=obj
+                f"part {i}: nbytes {p.nbytes} != shape {p.shape} x {p.dtype.itemsize} bytes ({expected})",
+                header=_parse_header(text),
             )
         if p.offset % ALIGNMENT:
-            raise SegmentError(f"part {i}: offset {p.offset} is not {ALIGNMENT}-byte aligned", header=obj)
+            raise SegmentError(
+                f"part {i}: offset {p.offset} is not {ALIGNMENT}-byte aligned", header=_parse_header(text)
+            )
         if p.offset < data_start:
             raise SegmentError(
-                f"part {i}: offset {p.offset} lies inside the header (data starts at {data_start})", header=obj
+                f"part {i}: offset {p.offset} lies inside the header (data starts at {data_start})",
+                header=_parse_header(text),
             )
         if p.offset + p.nbytes > size:
             raise SegmentError(
                 f"part {i}: segment [{p.offset}, {p.offset + p.nbytes}) runs past the end of the {size}-byte frame",
-                header=obj,
+                header=_parse_header(text),
             )
         if p.nbytes:
             segments.append((p.offset, p.offset + p.nbytes, i))
     segments.sort()
     for (_, end_a, ia), (start_b, _, ib) in itertools.pairwise(segments):
         if start_b < end_a:
-            raise SegmentError(f"parts {ia} and {ib}: segments overlap", header=obj)
+            raise SegmentError(f"parts {ia} and {ib}: segments overlap", header=_parse_header(text))
     # The frame ends where the furthest tensor part ends; a zero-size part "ends" at its offset,
     # so a trailing empty tensor keeps the padding the encoder wrote before it.
     expected_size = max(
         (p.offset + p.nbytes for p in h.parts if isinstance(p, _WireTensor)), default=PREAMBLE_SIZE + header_len
     )
     if size != expected_size:
-        raise SegmentError(f"frame is {size} bytes but its header accounts for {expected_size}", header=obj)
+        raise SegmentError(
+            f"frame is {size} bytes but its header accounts for {expected_size}", header=_parse_header(text)
+        )
 
     parts: list[TextPart | TensorPart] = []
     with warnings.catch_warnings():
@@ -378,29 +448,34 @@ def _decode(payload: bytes | bytearray | memoryview, limits: Limits, keyring: Ke
         warnings.simplefilter("ignore", UserWarning)
         for p in h.parts:
             if isinstance(p, _WireText):
-                parts.append(TextPart.model_construct(type="text", text=p.text, meta=p.meta))
+                parts.append(_new(TextPart, {"type": "text", "text": p.text, "meta": p.meta}))
                 continue
             dt = p.dtype.torch_dtype
             if p.nbytes:
                 t = torch.frombuffer(view, dtype=dt, count=p.nbytes // p.dtype.itemsize, offset=p.offset).view(p.shape)
             else:
                 t = torch.empty(p.shape, dtype=dt)
-            parts.append(TensorPart.model_construct(type="tensor", tensor=t, role=p.role, space=p.space, meta=p.meta))
-    return Envelope.model_construct(
-        id=h.id,
-        kind=h.kind,
-        sender=h.sender,
-        recipient=h.recipient,
-        correlation_id=h.correlation_id,
-        reply_to=h.reply_to,
-        trace_id=h.trace_id,
-        parent_id=h.parent_id,
-        created_at=h.created_at,
-        deadline=h.deadline,
-        route=h.route,
-        parts=parts,
-        error=h.error,
-        meta=h.meta,
+            parts.append(
+                _new(TensorPart, {"type": "tensor", "tensor": t, "role": p.role, "space": p.space, "meta": p.meta})
+            )
+    return _new(
+        Envelope,
+        {
+            "id": h.id,
+            "kind": h.kind,
+            "sender": h.sender,
+            "recipient": h.recipient,
+            "correlation_id": h.correlation_id,
+            "reply_to": h.reply_to,
+            "trace_id": h.trace_id,
+            "parent_id": h.parent_id,
+            "created_at": h.created_at,
+            "deadline": h.deadline,
+            "route": h.route,
+            "parts": parts,
+            "error": h.error,
+            "meta": h.meta,
+        },
     )
 
 

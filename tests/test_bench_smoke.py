@@ -30,3 +30,43 @@ def test_fanout_bench_runs(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "f.json").read_text())["rows"]
     assert [r["members"] for r in rows] == [1, 3]
+
+
+@pytest.mark.timeout(300)
+def test_latents_bench_runs(tmp_path: Path) -> None:
+    out = run(
+        "bench_latents.py",
+        "--sizes",
+        "0.0625",
+        "--repeat",
+        "1",
+        "--k",
+        "8",
+        "--json",
+        str(tmp_path / "l.json"),
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["float16", "int8", "topk"]
+    assert all(r["frame_bytes"] > 0 for r in rows)
+
+
+@pytest.mark.timeout(300)
+def test_transport_bench_runs(tmp_path: Path) -> None:
+    out = run(
+        "bench_transport.py",
+        "--rtt-n",
+        "5",
+        "--tput-n",
+        "50",
+        "--agents",
+        "3",
+        "--json",
+        str(tmp_path / "t.json"),
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [r["payload"] for r in result["rtt"]] == [100, 1 << 20]
+    assert result["throughput"]["aiflow_msgs_per_s"] > 0

@@ -4,7 +4,7 @@ mixture-of-agents (and any pattern you write with the same building blocks)."""
 from collections.abc import Sequence
 from typing import Any
 
-from .aggregate import Aggregate, cross_score, latent_average, vote
+from .aggregate import Aggregate, cross_score, judged, latent_average, vote
 from .cascade import Cascade
 from .dataflow import Dataflow
 from .debate import Debate
@@ -62,6 +62,7 @@ __all__ = [
     "cross_score",
     "debate",
     "ensemble",
+    "judged",
     "latent_average",
     "mixture_of_agents",
     "parse_policy",

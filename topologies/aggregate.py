@@ -53,6 +53,19 @@ def vote(
     return winner, {"votes": dict(tally)}
 
 
+async def judged(
+    rt: Runtime, judge: Any, task: Envelope, proposals: Sequence[Outcome], *, label: str = "judge"
+) -> tuple[str | None, dict[str, Any], Outcome]:
+    """A judge agent picks among the distinct proposals; if it fails or invents an answer, vote."""
+    candidates = list(dict.fromkeys(p.answer for p in proposals if p.ok and p.answer is not None))
+    verdict = await rt.judge(judge, task, candidates, label=label)
+    if verdict.ok and verdict.answer in candidates:
+        return verdict.answer, {"judge": verdict.source, "candidates": candidates}, verdict
+    answer, extra = vote(proposals)
+    extra["fallback"] = f"vote: judge failed ({verdict.error or 'answer not among candidates'})"
+    return answer, extra, verdict
+
+
 async def cross_score(
     rt: Runtime, scorers: Sequence[Any], task: Envelope, proposals: Sequence[Outcome], *, label: str = "cross-score"
 ) -> tuple[str | None, dict[str, Any]]:

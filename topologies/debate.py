@@ -7,7 +7,7 @@ from typing import Any
 
 from protocols import Envelope, ops
 
-from .aggregate import Aggregate, cross_score, vote
+from .aggregate import Aggregate, cross_score, judged, vote
 from .graph import AgentGraph, AgentRef, GraphError
 from .pattern import Outcome, Pattern, Runtime, as_member
 
@@ -101,14 +101,8 @@ class Debate(Pattern):
         if self.aggregate == Aggregate.CROSS_SCORE:
             out.answer, extra = await cross_score(rt, active, task, last, label=f"{self.name} cross-score")
         elif self.aggregate == Aggregate.JUDGE:
-            candidates = list(dict.fromkeys(res.answer for res in last if res.answer is not None))
-            verdict = await rt.judge(self.judge, task, candidates, label=f"{self.name} judge")
+            out.answer, extra, verdict = await judged(rt, self.judge, task, last, label=f"{self.name} judge")
             out.children.append(verdict)
-            if verdict.ok and verdict.answer in candidates:
-                out.answer, extra = verdict.answer, {"judge": verdict.source}
-            else:
-                out.answer, extra = vote(last)
-                extra["fallback"] = f"vote: judge failed ({verdict.error or 'answer not among candidates'})"
         else:
             out.answer, extra = vote(last, by_confidence=self.aggregate == Aggregate.WEIGHTED)
         out.details = {"aggregate": str(self.aggregate), "rounds": rounds, "dropped": dropped, **extra}

@@ -8,7 +8,7 @@ from typing import Any
 
 from protocols import Envelope
 
-from .aggregate import Aggregate, cross_score, latent_average, vote
+from .aggregate import Aggregate, cross_score, judged, latent_average, vote
 from .graph import AgentGraph, AgentRef, GraphError
 from .pattern import Outcome, Pattern, Runtime, as_member
 
@@ -108,14 +108,8 @@ class Ensemble(Pattern):
             scorers = [m for m in self._members if m.agent_id in {p.source for p in ok}]  # type: ignore[union-attr]
             out.answer, extra = await cross_score(rt, scorers, task, ok, label=f"{self.name} cross-score")
         else:  # judge
-            candidates = list(dict.fromkeys(p.answer for p in ok if p.answer is not None))
-            verdict = await rt.judge(self.judge, task, candidates, label=f"{self.name} judge")
+            out.answer, extra, verdict = await judged(rt, self.judge, task, ok, label=f"{self.name} judge")
             out.children.append(verdict)
-            if verdict.ok and verdict.answer in candidates:
-                out.answer, extra = verdict.answer, {"judge": verdict.source, "candidates": candidates}
-            else:
-                out.answer, extra = vote(ok)
-                extra["fallback"] = f"vote: judge failed ({verdict.error or 'answer not among candidates'})"
         out.details.update(extra)
         backers = [p.confidence for p in ok if p.answer == out.answer and p.confidence is not None]
         out.confidence = sum(backers) / len(ok) if backers else None
