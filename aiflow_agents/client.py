@@ -409,7 +409,13 @@ class Conversation:
         assert self._pending is not None, "use the conversation as an async context manager"
         if timeout is not None and timeout <= 0:
             raise TimeoutError
-        env, size, error = await asyncio.wait_for(self._pending.queue.get(), timeout)
+        queue = self._pending.queue
+        if queue.empty():
+            # asyncio.timeout, not wait_for: no extra task (and event-loop turn) per reply
+            async with asyncio.timeout(timeout):
+                env, size, error = await queue.get()
+        else:
+            env, size, error = queue.get_nowait()
         if error is not None:
             raise error
         assert env is not None

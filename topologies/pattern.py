@@ -25,8 +25,6 @@ from .trace import MANAGER, Trace
 if TYPE_CHECKING:
     from .manager import TopologyManager
 
-Member = "str | AgentRef | Pattern"
-
 
 @dataclass(slots=True)
 class Outcome:
@@ -201,14 +199,13 @@ class Runtime:
             return out
         env = self.derive(task, meta=meta, extra_parts=extra_parts)
         ex = await self.client.exchange(m.agent_id, env, timeout=max(limit, 0.001), check_presence=False)
-        req_end = ex.started + 0.0
         self.trace.record(
             MANAGER,
             m.agent_id,
             "request",
             nbytes=ex.bytes_out,
             start=ex.started,
-            end=req_end,
+            end=ex.started,  # the request is one publish; its latency is on the reply event
             label=label,
             correlation_id=ex.request.correlation_id,
         )
