@@ -48,10 +48,7 @@ class Debate(Pattern):
         return [self.judge] if isinstance(self.judge, AgentRef) else []
 
     def graph(self) -> AgentGraph:
-        g = AgentGraph(self.name)
-        g.add_step("task", "task")
-        g.add_step("aggregate", "aggregate", how=str(self.aggregate))
-        g.add_step("answer", "answer")
+        g = self._aggregating_graph(str(self.aggregate))
         ends = [self._entry_exit(g, m, f"{self.name}.{i}") for i, m in enumerate(self._members)]
         for entry, exit_ in ends:
             g.add_flow("task", entry, "task")
@@ -61,13 +58,7 @@ class Debate(Pattern):
                 for b_in, _ in ends:
                     if a_out != b_in:
                         g.add_flow(a_out, b_in, "previous answer")
-        if self.judge is not None:
-            entry, exit_ = self._entry_exit(g, self.judge, f"{self.name}.judge")
-            g.add_flow("aggregate", entry, "candidates")
-            g.add_flow(exit_, "answer", "verdict")
-        else:
-            g.add_flow("aggregate", "answer", "answer")
-        return g
+        return self._finish_with(g, self.judge)
 
     async def run(self, task: Envelope, rt: Runtime) -> Outcome:
         out = Outcome(source=self.name, kind=self.kind)

@@ -123,6 +123,24 @@ class Pattern(ABC):
         """Answer ``task`` using ``rt``'s building blocks."""
 
     # -- helpers for graph() ------------------------------------------------------------------
+    def _aggregating_graph(self, how: str) -> AgentGraph:
+        """A graph with the steps fan-in patterns share: task, aggregate, answer."""
+        g = AgentGraph(self.name)
+        g.add_step("task", "task")
+        g.add_step("aggregate", "aggregate", how=how)
+        g.add_step("answer", "answer")
+        return g
+
+    def _finish_with(self, g: AgentGraph, judge: AgentRef | Pattern | None) -> AgentGraph:
+        """Aggregate -> answer, through a judge when the pattern has one."""
+        if judge is not None:
+            entry, exit_ = self._entry_exit(g, judge, f"{self.name}.judge")
+            g.add_flow("aggregate", entry, "candidates")
+            g.add_flow(exit_, "answer", "verdict")
+        else:
+            g.add_flow("aggregate", "answer", "answer")
+        return g
+
     def _entry_exit(self, g: AgentGraph, m: AgentRef | Pattern, prefix: str) -> tuple[str, str]:
         """Add a member to ``g``; return the node ids where flows enter and leave it."""
         if isinstance(m, AgentRef):
