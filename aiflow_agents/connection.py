@@ -378,7 +378,7 @@ class Connection:
         self._on_disconnect.append(hook)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def start(self, *, wait: bool = True, timeout: float = 10.0) -> None:
+    async def start(self, *, wait: bool = True, timeout: float | None = 10.0) -> None:
         if self._task is None:
             self._stopping = False
             self._fatal = None

@@ -213,7 +213,7 @@ class Node:
         self.log.info("online", broker=str(self.url), agents=list(self.agents), v5=self.connection.is_v5)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def start(self, timeout: float = 10.0) -> Node:
+    async def start(self, timeout: float | None = 10.0) -> Node:
         if self._started:
             return self
         self._started = True
@@ -270,8 +270,12 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def run(self, *, handle_signals: bool = True) -> None:
-        """Serve until SIGINT/SIGTERM (or :meth:`request_stop`), then stop gracefully."""
+    async def run(self, *, handle_signals: bool = True, connect_timeout: float | None = None) -> None:
+        """Serve until SIGINT/SIGTERM (or :meth:`request_stop`), then stop gracefully.
+
+        Like any service, a node keeps retrying (with backoff) until the broker answers; pass
+        ``connect_timeout`` to give up instead. A broker that refuses us for good (bad password,
+        untrusted certificate) still fails at once."""
         self._stopped.clear()
         stop = asyncio.Event()
         self._stop_request = stop
@@ -281,8 +285,16 @@ class Node:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, stop.set)
         try:
-            await self.start()
-            await stop.wait()
+            starting = asyncio.create_task(self.start(timeout=connect_timeout))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # re-raise a failed start
+                await stopping
+            else:  # asked to stop before the broker ever answered
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
         finally:
             if handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):

@@ -310,3 +310,31 @@ def test_presence_record_json_is_plain(namespace: str) -> None:
 
     rec = PresenceRecord(status=Status.ONLINE, node_id="n1", agent_id="a", tier="edge")
     assert json.loads(rec.to_bytes())["status"] == "online"
+
+
+async def test_node_waits_for_a_broker_that_starts_later(tmp_path, namespace: str, spawn) -> None:
+    """A node is a service: started before its broker, it keeps retrying instead of exiting."""
+    from conftest import PrivateMosquitto
+
+    mosq = PrivateMosquitto(tmp_path)
+    node = spawn(["echo:late"], mosq.url, namespace)
+    await asyncio.sleep(12)  # longer than any single connect timeout
+    assert node.alive()
+    mosq.start()
+    try:
+        async with Client(mosq.url, namespace=namespace) as c:
+            await c.wait_for_agents(["late"], timeout=30)
+            assert (await c.request("late", "finally", timeout=10)).text == "finally"
+    finally:
+        await node.astop()
+        mosq.stop()
+
+
+async def test_node_without_a_broker_stops_on_sigterm(namespace: str, spawn) -> None:
+    from aiflow_agents import free_port
+
+    node = spawn(["echo:lonely"], BrokerURL(port=free_port()), namespace)
+    await asyncio.sleep(3)
+    t0 = time.monotonic()
+    assert await node.astop(timeout=10) == 0
+    assert time.monotonic() - t0 < 8
