@@ -14,8 +14,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError, to_json
 
 from .envelope import (
     DType,
@@ -128,41 +130,73 @@ def _finite_float(literal: str) -> float:
 
 
 # -- encoding ----------------------------------------------------------------------------------
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# Tensor offsets depend on the header's length, which depends on the offsets' digits. The header
+# is dumped once with this marker where each offset goes, then the offsets are worked out by
+# arithmetic and spliced in. Meta values may hold the same bytes by chance: the marker count then
+# disagrees with the tensor count, and the header is laid out the slow way instead.
+_OFFSET_MARK = 7_394_650_284_161_937_581
+_OFFSET_MARK_BYTES = b'"offset":%d,' % _OFFSET_MARK
+_MARK_DIGITS = len(str(_OFFSET_MARK))
+_ALIGN_MASK = -ALIGNMENT
+_NUMPY_VIEWABLE = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    }
+)
+
+
 def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: SigningKeyLike | None = None) -> bytes:
     """Encode an envelope into one frame. Costs one copy of each tensor's bytes.
 
     With ``signing_key`` the frame is signed (SPEC §13.1): flag bit 0 set, key id + HMAC appended.
     """
-    keyring = as_keyring(signing_key)
+    keyring = as_keyring(signing_key) if signing_key is not None else None
     if sys.byteorder != "little":  # pragma: no cover - no big-endian host in sight
         raise EncodeError("encoding on big-endian hosts is not implemented")
     if len(envelope.parts) > limits.max_parts:
         raise EncodeError(f"{len(envelope.parts)} parts exceed the limit of {limits.max_parts}")
     tensors: list[torch.Tensor] = []
+    sizes: list[int] = []
     wire_parts: list[dict[str, Any]] = []
     for part in envelope.parts:
         if isinstance(part, TextPart):
             wire_parts.append({"type": "text", "text": part.text, "meta": part.meta})
             continue
         t = part.tensor
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             t = t.cpu()
+        if t.requires_grad:
+            t = t.detach()
         if t.dim() > limits.max_ndim:
             raise EncodeError(f"tensor has {t.dim()} dimensions, limit is {limits.max_ndim}")
-        t = t.contiguous()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        dtype = _FROM_TORCH_DTYPE.get(t.dtype) or DType.from_torch(t.dtype)  # the latter raises
+        nbytes = t.nbytes
         tensors.append(t)
+        sizes.append(nbytes)
         wire_parts.append(
             {
                 "type": "tensor",
-                "role": str(part.role),
-                "dtype": str(DType.from_torch(t.dtype)),
+                "role": str(part.role),  # plain str: a serialiser reads an enum's value in Python
+                "dtype": str(dtype),
                 "shape": list(t.shape),
-                "offset": 0,  # patched below, once the header length is known
-                "nbytes": t.numel() * t.element_size(),
+                "offset": _OFFSET_MARK,
+                "nbytes": nbytes,
                 "space": part.space.model_dump() if part.space is not None else None,
                 "meta": part.meta,
             }
         )
+    error = envelope.error
     header: dict[str, Any] = {
         "id": envelope.id,
         "kind": str(envelope.kind),
@@ -176,33 +210,23 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: 
         "deadline": envelope.deadline,
         "route": list(envelope.route),
         "parts": wire_parts,
-        "error": envelope.error.model_dump() if envelope.error is not None else None,
+        "error": error.model_dump() if error is not None else None,
         "meta": envelope.meta,
     }
-    tensor_headers = [p for p in wire_parts if p["type"] == "tensor"]
-    # Offsets depend on the header length, which depends on the offsets' digits: iterate until
-    # stable (two passes in practice).
-    header_bytes = b""
-    for _ in range(8):
-        header_bytes = _dump(header)
-        cursor = _align(PREAMBLE_SIZE + len(header_bytes))
-        changed = False
-        for p in tensor_headers:
-            if p["offset"] != cursor:
-                p["offset"] = cursor
-                changed = True
-            cursor = _align(cursor + p["nbytes"])
-        if not changed:
-            break
-    else:  # pragma: no cover - offsets grow monotonically, so this converges
-        raise EncodeError("could not lay out tensor segments")
-    if len(header_bytes) > limits.max_header_bytes:
-        raise EncodeError(f"header is {len(header_bytes)} bytes, limit is {limits.max_header_bytes}")
-    if tensor_headers:
-        last = tensor_headers[-1]
-        total = last["offset"] + last["nbytes"]
+    free: list[Any] = [envelope.meta, *(p["meta"] for p in wire_parts)]
+    if error is not None:
+        free.append(error.detail)
+    dumped = _dump(header, free)
+    if tensors:
+        header_pieces, offsets = _lay_out(dumped, sizes, header, wire_parts)
+        header_len = sum(map(len, header_pieces))
+        total = offsets[-1] + sizes[-1]
     else:
-        total = PREAMBLE_SIZE + len(header_bytes)
+        header_pieces, offsets = [dumped], []
+        header_len = len(dumped)
+        total = PREAMBLE_SIZE + header_len
+    if header_len > limits.max_header_bytes:
+        raise EncodeError(f"header is {header_len} bytes, limit is {limits.max_header_bytes}")
     if total + (TRAILER_SIZE if keyring else 0) > limits.max_frame_bytes:
         raise EncodeError(
             f"frame would be {total + (TRAILER_SIZE if keyring else 0)} bytes, limit is {limits.max_frame_bytes}"
@@ -210,29 +234,125 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: 
 
     # One pass over the tensor bytes: join the pieces straight into the frame (no zero-fill
     # of a buffer that is then overwritten).
-    flags = FLAG_SIGNED if keyring else 0
-    pieces: list[Any] = [PREAMBLE.pack(MAGIC, WIRE_VERSION, flags, 0, len(header_bytes)), header_bytes]
-    cursor = PREAMBLE_SIZE + len(header_bytes)
-    for p, t in zip(tensor_headers, tensors, strict=True):
-        n = p["nbytes"]
+    pieces: list[Any] = [PREAMBLE.pack(MAGIC, WIRE_VERSION, FLAG_SIGNED if keyring else 0, 0, header_len)]
+    pieces += header_pieces
+    cursor = PREAMBLE_SIZE + header_len
+    for t, offset, n in zip(tensors, offsets, sizes, strict=True):
         if not n:
             continue
-        if p["offset"] > cursor:
-            pieces.append(bytes(p["offset"] - cursor))
-        pieces.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        cursor = p["offset"] + n
+        if offset > cursor:
+            pieces.append(_ZEROS[: offset - cursor])
+        pieces.append(_raw_bytes(t))
+        cursor = offset + n
     if cursor < total:  # trailing zero-size tensors may sit on a later aligned offset
-        pieces.append(bytes(total - cursor))
+        pieces.append(_ZEROS[: total - cursor])
     if keyring:  # MAC over the pieces as they are: no extra copy of the tensor bytes
         pieces += keyring.trailer(pieces)
     return b"".join(pieces)
 
 
-def _dump(header: dict[str, Any]) -> bytes:
+_ZEROS = bytes(ALIGNMENT)
+_FROM_TORCH_DTYPE: dict[torch.dtype, DType] = {d.torch_dtype: d for d in DType}
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview | Any:
+    """A buffer over a contiguous CPU tensor's bytes, without copying them."""
+    if t.dtype in _NUMPY_VIEWABLE:
+        return t.numpy()
+    return t.reshape(-1).view(torch.uint8).numpy()  # bfloat16 has no numpy dtype
+
+
+def _lay_out(
+    dumped: bytes, sizes: list[int], header: dict[str, Any], wire_parts: list[dict[str, Any]]
+) -> tuple[list[bytes], list[int]]:
+    """Split the header at its offset markers and work out the offsets; returns the header's
+    pieces (offsets spliced in) and the offsets."""
+    split = dumped.split(_OFFSET_MARK_BYTES)
+    if len(split) == len(sizes) + 1:
+        # The header ends at `fixed` plus the offsets' digits. Counting up from one digit each
+        # reaches the smallest consistent layout, the one SPEC §5 calls canonical.
+        fixed = PREAMBLE_SIZE + len(dumped) - len(sizes) * _MARK_DIGITS + ALIGNMENT - 1
+        digits = len(sizes)
+        while True:
+            cursor = (fixed + digits) & _ALIGN_MASK
+            offsets = []
+            total = 0
+            for n in sizes:
+                offsets.append(cursor)
+                total += len(str(cursor))
+                cursor = (cursor + n + ALIGNMENT - 1) & _ALIGN_MASK
+            if total == digits:
+                break
+            digits = total
+        pieces = [split[0]]
+        for offset, rest in zip(offsets, split[1:], strict=True):
+            pieces.append(b'"offset":%d,' % offset)
+            pieces.append(rest)
+        return pieces, offsets
+    # A meta value holds the marker: iterate on the real header (two dumps in practice).
+    tensor_parts = [p for p in wire_parts if p["type"] == "tensor"]
+    for p in tensor_parts:
+        p["offset"] = 0
+    for _ in range(8):
+        dumped = _dump(header)
+        offsets = _offsets(PREAMBLE_SIZE + len(dumped), sizes)
+        if all(p["offset"] == o for p, o in zip(tensor_parts, offsets, strict=True)):
+            return [dumped], offsets
+        for p, o in zip(tensor_parts, offsets, strict=True):
+            p["offset"] = o
+    raise EncodeError("could not lay out tensor segments")  # pragma: no cover
+
+
+def _offsets(header_end: int, sizes: list[int]) -> list[int]:
+    cursor = _align(header_end)
+    offsets = []
+    for n in sizes:
+        offsets.append(cursor)
+        cursor = _align(cursor + n)
+    return offsets
+
+
+def _dump(header: dict[str, Any], free: list[Any] | None = None) -> bytes:
+    """The header's JSON in the reference form (SPEC §8.2).
+
+    pydantic-core's serialiser writes that form three times faster than the stdlib, for the
+    values it writes identically; ``free`` lists the places a sender's values sit (meta, error
+    detail), and when one of them holds anything else (a set, bytes, a non-finite or tiny float)
+    the stdlib encoder runs instead, with its errors."""
+    if free is not None and _plain(free, header["created_at"], header["deadline"]):
+        try:
+            return to_json(header)
+        except PydanticSerializationError as e:  # a lone surrogate in a string
+            raise EncodeError(f"header is not JSON-serialisable (check meta values): {e}") from e
     try:
-        return json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        return _JSON.encode(header).encode()
     except (TypeError, ValueError) as e:
         raise EncodeError(f"header is not JSON-serialisable (check meta values): {e}") from e
+
+
+def _plain(free: list[Any], created_at: Any, deadline: Any) -> bool:
+    """Whether these values hold only what both JSON writers write alike: str-keyed dicts, lists,
+    strings, ints, bools, None, and finite floats outside (0, 1e-4), where Python's repr writes a
+    two-digit exponent (1e-05) and pydantic-core one digit."""
+    stack = [created_at, deadline, *[v for v in free if v]]  # free values are dicts, usually empty
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is str or t is int or t is bool or v is None:
+            continue
+        if t is float:
+            if not (math.isfinite(v) and (v == 0.0 or abs(v) >= 1e-4)):
+                return False
+        elif t is dict:
+            for k in v:
+                if type(k) is not str:
+                    return False
+            stack.extend(v.values())
+        elif t is list or t is tuple:
+            stack.extend(v)
+        else:
+            return False
+    return True
 
 
 # -- decoding ----------------------------------------------------------------------------------
@@ -301,9 +421,8 @@ def _read_frame(view: memoryview, limits: Limits, keyring: Keyring | None) -> tu
         raise FrameTooShortError(
             f"header declares {header_len} bytes but only {size - PREAMBLE_SIZE} follow the preamble"
         )
-    raw = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len])
     try:
-        text = raw.decode("utf-8")
+        text = str(view[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len], "utf-8")
     except UnicodeDecodeError as e:
         raise HeaderDecodeError(f"header is not valid UTF-8: {e}") from None
     return text, header_len, view
@@ -350,7 +469,7 @@ def _all_finite(h: _WireHeader) -> bool:
     """Whether the free-form values (meta, error detail) hold no NaN or infinity. The typed float
     fields reject those in validation (``allow_inf_nan=False``); these are the only other places a
     number can sit, and are usually empty, so this costs next to nothing."""
-    stack: list[Any] = [h.meta, *(p.meta for p in h.parts)]
+    stack: list[Any] = [m for m in (h.meta, *(p.meta for p in h.parts)) if m]
     if h.error is not None:
         stack.append(h.error.detail)
     while stack:
@@ -388,76 +507,63 @@ _M = TypeVar("_M", bound=BaseModel)
 
 def _assemble(h: _WireHeader, view: memoryview, header_len: int, limits: Limits, text: str) -> Envelope:
     size = len(view)
-    data_start = _align(PREAMBLE_SIZE + header_len)
+    header_end = PREAMBLE_SIZE + header_len
+    data_start = _align(header_end)
+    expected_size = header_end  # where the furthest tensor part ends (a zero-size one at its offset)
     segments: list[tuple[int, int, int]] = []  # (offset, end, part index)
+    parts: list[TextPart | TensorPart] = []
     for i, p in enumerate(h.parts):
-        if not isinstance(p, _WireTensor):
+        if type(p) is _WireText:
+            parts.append(_new(TextPart, {"type": "text", "text": p.text, "meta": p.meta}))
             continue
-        if len(p.shape) > limits.max_ndim:
+        assert isinstance(p, _WireTensor)
+        shape, offset, nbytes = p.shape, p.offset, p.nbytes
+        dt = _TORCH_DTYPE[p.dtype]
+        if len(shape) > limits.max_ndim:
             raise SegmentError(
-                f"part {i}: {len(p.shape)} dimensions exceed the limit of {limits.max_ndim}", header=_parse_header(text)
+                f"part {i}: {len(shape)} dimensions exceed the limit of {limits.max_ndim}", header=_h(text)
             )
-        if any(d < 0 for d in p.shape):
-            raise SegmentError(f"part {i}: negative dimension in shape {p.shape}", header=_parse_header(text))
-        if math.prod(max(d, 1) for d in p.shape) > _MAX_ELEMENTS:
-            # No real tensor is this large, and torch cannot even build an empty one of this shape.
-            raise SegmentError(
-                f"part {i}: shape {p.shape} overflows a 64-bit element count", header=_parse_header(text)
-            )
+        if min(shape, default=0) < 0:
+            raise SegmentError(f"part {i}: negative dimension in shape {shape}", header=_h(text))
+        count = math.prod(shape)
+        if count > _MAX_ELEMENTS or (count == 0 and math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS):
+            # No real tensor is this large, and torch cannot even build an empty one of this shape
+            raise SegmentError(f"part {i}: shape {shape} overflows a 64-bit element count", header=_h(text))
         # Checked against the payload before anything is allocated: a huge declared shape
         # can only fail here.
-        expected = math.prod(p.shape) * p.dtype.itemsize
-        if expected != p.nbytes:
+        if count * dt.itemsize != nbytes:
             raise SegmentError(
-                f"part {i}: nbytes {p.nbytes} != shape {p.shape} x {p.dtype.itemsize} bytes ({expected})",
-                header=_parse_header(text),
+                f"part {i}: nbytes {nbytes} != shape {shape} x {dt.itemsize} bytes ({count * dt.itemsize})",
+                header=_h(text),
             )
-        if p.offset % ALIGNMENT:
+        if offset % ALIGNMENT:
+            raise SegmentError(f"part {i}: offset {offset} is not {ALIGNMENT}-byte aligned", header=_h(text))
+        if offset < data_start:
             raise SegmentError(
-                f"part {i}: offset {p.offset} is not {ALIGNMENT}-byte aligned", header=_parse_header(text)
+                f"part {i}: offset {offset} lies inside the header (data starts at {data_start})", header=_h(text)
             )
-        if p.offset < data_start:
+        end = offset + nbytes
+        if end > size:
             raise SegmentError(
-                f"part {i}: offset {p.offset} lies inside the header (data starts at {data_start})",
-                header=_parse_header(text),
+                f"part {i}: segment [{offset}, {end}) runs past the end of the {size}-byte frame", header=_h(text)
             )
-        if p.offset + p.nbytes > size:
-            raise SegmentError(
-                f"part {i}: segment [{p.offset}, {p.offset + p.nbytes}) runs past the end of the {size}-byte frame",
-                header=_parse_header(text),
-            )
-        if p.nbytes:
-            segments.append((p.offset, p.offset + p.nbytes, i))
-    segments.sort()
-    for (_, end_a, ia), (start_b, _, ib) in itertools.pairwise(segments):
-        if start_b < end_a:
-            raise SegmentError(f"parts {ia} and {ib}: segments overlap", header=_parse_header(text))
-    # The frame ends where the furthest tensor part ends; a zero-size part "ends" at its offset,
-    # so a trailing empty tensor keeps the padding the encoder wrote before it.
-    expected_size = max(
-        (p.offset + p.nbytes for p in h.parts if isinstance(p, _WireTensor)), default=PREAMBLE_SIZE + header_len
-    )
-    if size != expected_size:
-        raise SegmentError(
-            f"frame is {size} bytes but its header accounts for {expected_size}", header=_parse_header(text)
+        if end > expected_size:
+            expected_size = end
+        if nbytes:
+            segments.append((offset, end, i))
+            t = _frombuffer(view, dt, count, offset, shape)
+        else:
+            t = torch.empty(shape, dtype=dt)
+        parts.append(
+            _new(TensorPart, {"type": "tensor", "tensor": t, "role": p.role, "space": p.space, "meta": p.meta})
         )
-
-    parts: list[TextPart | TensorPart] = []
-    with warnings.catch_warnings():
-        # torch warns that a bytes payload is not writable; the view is documented read-only.
-        warnings.simplefilter("ignore", UserWarning)
-        for p in h.parts:
-            if isinstance(p, _WireText):
-                parts.append(_new(TextPart, {"type": "text", "text": p.text, "meta": p.meta}))
-                continue
-            dt = p.dtype.torch_dtype
-            if p.nbytes:
-                t = torch.frombuffer(view, dtype=dt, count=p.nbytes // p.dtype.itemsize, offset=p.offset).view(p.shape)
-            else:
-                t = torch.empty(p.shape, dtype=dt)
-            parts.append(
-                _new(TensorPart, {"type": "tensor", "tensor": t, "role": p.role, "space": p.space, "meta": p.meta})
-            )
+    if len(segments) > 1:
+        segments.sort()
+        for (_, end_a, ia), (start_b, _, ib) in itertools.pairwise(segments):
+            if start_b < end_a:
+                raise SegmentError(f"parts {ia} and {ib}: segments overlap", header=_h(text))
+    if size != expected_size:
+        raise SegmentError(f"frame is {size} bytes but its header accounts for {expected_size}", header=_h(text))
     return _new(
         Envelope,
         {
@@ -477,6 +583,38 @@ def _assemble(h: _WireHeader, view: memoryview, header_len: int, limits: Limits,
             "meta": h.meta,
         },
     )
+
+
+_TORCH_DTYPE: dict[DType, torch.dtype] = {d: d.torch_dtype for d in DType}
+_h = _parse_header  # the header object an error carries, parsed only when there is an error
+_NUMPY_DTYPE: dict[torch.dtype, Any] = {
+    dt: torch.empty(0, dtype=dt).numpy().dtype for dt in _TORCH_DTYPE.values() if dt in _NUMPY_VIEWABLE
+}
+_readonly_warnings_spent = False
+
+
+def _frombuffer(view: memoryview, dt: torch.dtype, count: int, offset: int, shape: list[int]) -> torch.Tensor:
+    """A tensor viewing ``count`` elements of ``view`` from ``offset``, in ``shape``, without a copy.
+
+    NumPy builds the view in half of torch's time; bfloat16, which NumPy lacks, goes through torch."""
+    if not _readonly_warnings_spent:
+        _spend_readonly_warnings()
+    np_dt = _NUMPY_DTYPE.get(dt)
+    if np_dt is None:
+        return torch.frombuffer(view, dtype=dt, count=count, offset=offset).view(shape)
+    return torch.from_numpy(numpy.frombuffer(view, dtype=np_dt, count=count, offset=offset).reshape(shape))
+
+
+def _spend_readonly_warnings() -> None:
+    """torch warns, once per process and call site, that a tensor over a read-only buffer could
+    write to it. Decoded tensors are documented read-only, so both warnings are spent here, once,
+    and no decode pays for a warning filter."""
+    global _readonly_warnings_spent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.frombuffer(_ZEROS, dtype=torch.uint8)
+        torch.from_numpy(numpy.frombuffer(_ZEROS, dtype=numpy.uint8))
+    _readonly_warnings_spent = True
 
 
 def _summarise(e: ValidationError) -> str:

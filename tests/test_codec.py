@@ -779,3 +779,48 @@ def test_mqtt5_properties() -> None:
     assert mqtt5_properties(Envelope.request("x", deadline=50.0), now=100.0)["MessageExpiryInterval"] == 1
     far = Envelope.request("x", deadline=1e12)
     assert mqtt5_properties(far, now=0.0)["MessageExpiryInterval"] == 2**32 - 1
+
+
+# -- the encoder's fast header path writes exactly what the reference form (SPEC §8.2) says ----
+_AWKWARD_META: list[dict[str, Any]] = [
+    {},
+    {"nested": {"list": [1, 2.5, None, True, "x"], "deep": {"a": [[], {}]}}},
+    {"unicode": "é ü 漢字 \u2028\u2029 \x7f", "controls": '\x00\x01\n\t\x1f"\\'},
+    {"floats": [0.0, -0.0, 1e-4, 1.5e-4, 1e-05, 3e-7, 1e-10, 1e16, 1.7976931348623157e308, 5e-324, 0.1]},
+    {"ints": [0, -1, 2**53 + 1, 2**70, -(2**70)], "bools": [True, False]},
+    {"tuple": (1, 2), 'key with "quotes"': "v"},
+]
+
+
+@pytest.mark.parametrize("meta", _AWKWARD_META, ids=range(len(_AWKWARD_META)))
+def test_fast_header_writer_matches_the_stdlib_reference_byte_for_byte(
+    meta: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import protocols.codec as codec
+
+    env = Envelope.request(
+        TextPart(text="t", meta=meta),
+        TensorPart(tensor=torch.arange(5, dtype=torch.int16), role=TensorRole.EMBEDDING, meta=meta),
+        TensorPart(tensor=torch.zeros(0), role=TensorRole.OTHER),
+        meta=meta,
+        deadline=1e16,
+    )
+    fast = encode(env)
+    monkeypatch.setattr(codec, "_plain", lambda *a: False)  # force the stdlib writer
+    assert encode(env) == fast
+    out = decode(fast)
+    assert out.meta == json.loads(json.dumps(meta))
+
+
+def test_a_meta_value_that_looks_like_an_offset_marker_does_not_confuse_the_layout() -> None:
+    from protocols.codec import _OFFSET_MARK
+
+    t = torch.arange(300, dtype=torch.float32)
+    meta = {"offset": _OFFSET_MARK, "nbytes": 1}
+    env = Envelope.request(TensorPart(tensor=t, role=TensorRole.EMBEDDING, meta=meta), meta=meta)
+    frame = encode(env)
+    out = decode(frame)
+    assert torch.equal(out.parts[0].tensor, t)
+    assert out.parts[0].meta == meta and out.meta == meta
+    header = json.loads(frame[PREAMBLE_SIZE : PREAMBLE_SIZE + struct.unpack_from("<I", frame, 8)[0]])
+    assert header["parts"][0]["offset"] == _align(PREAMBLE_SIZE + len(json.dumps(header, separators=(",", ":"))))
