@@ -28,6 +28,7 @@ import random
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -306,6 +307,51 @@ class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
             raise
 
 
+def _write_directly(client: aiomqtt.Client) -> None:
+    """Send each packet when it is queued instead of on the event loop's next writable event.
+
+    aiomqtt answers paho's "I have data to write" with ``call_soon_threadsafe(add_writer, ...)``:
+    per publish a self-pipe write and read, two ``epoll_ctl`` calls and two more loop turns before
+    the bytes reach the socket. Here, on the loop's thread and outside a paho callback (where paho
+    itself would write at once if it ran its own loop), the packet is written straight away; only
+    when the socket's buffer is full does aiomqtt's writer take over until it drains. Measured in
+    ``bench/bench_transport.py``."""
+    paho = client._client
+    fallback = paho.on_socket_register_write  # aiomqtt's: add_writer via the self-pipe
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    in_callback = paho._in_callback_mutex
+    scheduled = False
+
+    def write() -> None:
+        try:
+            paho.loop_write()
+        except Exception as exc:  # as aiomqtt's writer does: a broken socket ends the connection
+            if not client._disconnected.done():
+                client._disconnected.set_exception(exc)
+            return
+        if paho.want_write():  # the socket's buffer is full: wait until it is writable
+            fallback(paho, None, paho.socket())
+
+    def flush() -> None:
+        nonlocal scheduled
+        scheduled = False
+        write()
+
+    def register_write(c: Any, userdata: Any, sock: Any) -> None:
+        nonlocal scheduled
+        if threading.get_ident() != loop_thread:
+            fallback(c, userdata, sock)
+        elif in_callback.acquire(False):
+            in_callback.release()
+            write()
+        elif not scheduled:  # inside a paho callback: write once it has returned
+            scheduled = True
+            loop.call_soon(flush)
+
+    paho.on_socket_register_write = register_write
+
+
 def _filter_of(subscription: str) -> str:
     """The topic filter a (possibly shared) subscription matches."""
     if subscription.startswith("$share/"):
@@ -467,6 +513,7 @@ class Connection:
                     self._fatal = f"bad TLS settings: {e}"
                     raise
                 async with client:
+                    _write_directly(client)
                     self._client = client
                     for sub, qos in list(self._subs.items()):
                         await client.subscribe(sub, qos=qos)

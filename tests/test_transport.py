@@ -66,6 +66,25 @@ async def test_text_and_tensors_cross_intact(broker: BrokerURL, namespace: str, 
         assert rec is not None and rec.tier == "edge" and rec.accepts["any_space"] is True
 
 
+async def test_frames_larger_than_the_socket_buffer_and_bursts_cross_intact(
+    broker: BrokerURL, namespace: str, spawn
+) -> None:
+    """Packets are written as they are queued; one that does not fit the socket's buffer is
+    finished by the event loop's writer. Both sides: client to node and node to client."""
+    spawn(["echo:e1"], broker, namespace)
+    async with Client(broker, namespace=namespace) as c:
+        await c.wait_for_agents(["e1"], timeout=30)
+        big = torch.randint(-(2**31), 2**31 - 1, (3 * 2**20,), dtype=torch.int32)  # 12 MiB
+        reply = await c.request("e1", Envelope.request(TensorPart(tensor=big)), timeout=60)
+        assert torch.equal(reply.tensors()[0].tensor, big)
+        sent = [torch.full((2**18,), i, dtype=torch.float32) for i in range(24)]  # 24 x 1 MiB at once
+        replies = await asyncio.gather(
+            *(c.request("e1", Envelope.request(f"r{i}", TensorPart(tensor=t)), timeout=60) for i, t in enumerate(sent))
+        )
+        for i, (t, r) in enumerate(zip(sent, replies, strict=True)):
+            assert r.text == f"r{i}" and torch.equal(r.tensors()[0].tensor, t)
+
+
 async def test_raising_handler_answers_error_and_node_keeps_serving(broker: BrokerURL, namespace: str, spawn) -> None:
     spawn(["scripted:s1?fail_on=boom&answer=ok:{text}"], broker, namespace)
     async with Client(broker, namespace=namespace) as c:
