@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -23,7 +23,8 @@ def is_valid_agent_id(value: str) -> bool:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits (a uuid4's size, at a quarter of its cost)."""
+    return os.urandom(16).hex()
 
 
 class Kind(StrEnum):

@@ -188,3 +188,24 @@ async def test_slow_node_under_a_flood_stays_bounded(private_mosquitto, namespac
     growth = max(peak, hwm) - baseline
     print(f"flood: {n} x 32 KiB in {elapsed:.2f}s, ok={ok} overloaded={overloaded}, RSS +{growth:.1f} MiB")
     assert growth < offered_mb / 4, f"node RSS grew {growth:.1f} MiB for {offered_mb:.0f} MiB offered"
+
+
+async def test_a_publish_the_broker_never_acknowledges_fails_at_its_timeout_not_later(private_mosquitto) -> None:
+    """QoS 1 publishes await their PUBACK on a future with a timer: a frozen broker makes the
+    publish fail with a typed error at its timeout, and the connection serves on once it thaws."""
+    import signal
+
+    from aiflow_agents import BrokerUnavailableError, Connection
+
+    url = BrokerURL(host="127.0.0.1", port=private_mosquitto.port, protocol="5")
+    async with Connection(url, client_id="frozen-test") as conn:
+        await conn.publish("t/ok", b"x", qos=1, timeout=5)
+        private_mosquitto.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(BrokerUnavailableError):
+                await conn.publish("t/frozen", b"x", qos=1, timeout=0.5)
+            assert time.monotonic() - t0 < 2.0
+        finally:
+            private_mosquitto.proc.send_signal(signal.SIGCONT)
+        await conn.publish("t/thawed", b"x", qos=1, timeout=10)

@@ -77,3 +77,58 @@ def test_reply_and_error_reply_keep_the_trace() -> None:
         True,
         {"where": "x"},
     )
+
+
+# -- MQTT 5 PUBLISH properties: our packer and lazy parser against paho's own --------------------
+def _paho_properties(values: dict) -> object:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    ref = Properties(PacketTypes.PUBLISH)
+    for k, v in values.items():
+        setattr(ref, k, v)
+    return ref
+
+
+_PROPERTY_SETS = [
+    {},
+    {"ContentType": "application/vnd.aiflow.v1", "UserProperty": [("aiflow-kind", "request"), ("aiflow-id", "x")]},
+    {
+        "ResponseTopic": "aiflow/v1/ns/clients/c/replies",
+        "CorrelationData": b"\x00\xffcorr",
+        "MessageExpiryInterval": 4_000_000_000,
+        "UserProperty": [("k", "v"), ("ключ", "значение ✓")],
+        "ContentType": "text/é",
+    },
+    {"PayloadFormatIndicator": 1, "TopicAlias": 7, "SubscriptionIdentifier": 300_000},
+]
+
+
+@pytest.mark.parametrize("values", _PROPERTY_SETS, ids=range(len(_PROPERTY_SETS)))
+def test_publish_properties_pack_and_parse_like_paho(values: dict) -> None:
+    from aiflow_agents.connection import PublishProperties
+
+    packed = PublishProperties(values).pack()
+    assert packed == _paho_properties(values).pack()  # type: ignore[attr-defined]
+    parsed, end = PublishProperties().unpack(packed + b"payload")
+    assert end == len(packed)
+    for name, value in values.items():
+        expected = [value] if name == "SubscriptionIdentifier" else value
+        assert getattr(parsed, name) == expected
+    assert parsed.json() == _paho_properties(values).json()  # type: ignore[attr-defined]
+    assert not hasattr(parsed, "ResponseTopic") or "ResponseTopic" in values
+
+
+def test_received_properties_are_parsed_only_when_read_and_a_bad_block_reads_as_none() -> None:
+    from aiflow_agents.connection import PublishProperties
+
+    good = PublishProperties({"ContentType": "x"}).pack()
+    parsed, _ = PublishProperties().unpack(good)
+    assert "ContentType" not in vars(parsed)  # nothing parsed yet
+    assert parsed.ContentType == "x"
+    # a string claiming 9 bytes where 2 follow: dropped, not raised from an attribute read
+    bad, end = PublishProperties().unpack(b"\x05\x03\x00\x09ab" + b"rest")
+    assert end == 6 and getattr(bad, "ContentType", None) is None and bad.isEmpty()
+    # a block whose length runs past the packet is paho's error, at once, as before
+    with pytest.raises(Exception):  # noqa: B017 - whatever paho raises, as before
+        PublishProperties().unpack(b"\x7f\x03")
