@@ -37,6 +37,7 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt import _packet as _paho_packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -98,6 +99,7 @@ def _definitive(error: BaseException) -> str | None:
 # packs/unpacks by scanning it again: with the seven properties the binding mirrors, that cost more
 # than the rest of a small publish (see docs/performance.md). The classes below produce the same
 # bytes and the same attributes; anything unusual falls back to paho's own code.
+_PAHO_DECODE_PUBLISH = _paho_packet.decode_publish
 _TEMPLATE = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 _PUBLISH_IDS: dict[str, int] = {
     name.replace(" ", ""): ident
@@ -336,12 +338,86 @@ class _ReceivedProperties(Properties):
         return _SharedTableProperties(packet_type)
 
 
+def _decode_publish(header: int, packet: bytes | bytearray, protocol: Any) -> Any:
+    """paho's ``decode_publish`` with one copy of the payload instead of four (it splits the
+    packet with ``struct.unpack`` three times, then slices it). Same result; anything it would
+    reject goes to paho's own function, so its errors are exactly paho's."""
+    _packet = _paho_packet
+    view = memoryview(packet)
+    try:
+        n = len(view)
+        slen = view[0] << 8 | view[1]
+        pos = 2 + slen
+        qos = (header & 0x06) >> 1
+        v5 = protocol == mqtt.MQTTv5
+        if pos > n or (not v5 and slen == 0):
+            raise ValueError("let paho report it")
+        topic = bytes(view[2:pos])
+        mid = 0
+        if qos > 0:
+            if pos + 2 > n:
+                raise ValueError("let paho report it")
+            mid = view[pos] << 8 | view[pos + 1]
+            pos += 2
+        properties = None
+        if v5:
+            properties = _packet.Properties(PacketTypes.PUBLISH)
+            _, length = properties.unpack(view[pos:])
+            pos += length
+        return _packet.PublishPacket(
+            dup=bool(header & 0x08),
+            qos=qos,
+            retain=bool(header & 0x01),
+            topic=topic,
+            mid=mid,
+            properties=properties,
+            payload=bytes(view[pos:]),
+        )
+    except Exception:
+        return _PAHO_DECODE_PUBLISH(header, packet, protocol)
+    finally:
+        view.release()  # paho reuses nothing, but a live export would pin the bytearray's size
+
+
+class _Slices:
+    """An outgoing packet whose slices are views: paho resends ``packet[pos:]`` after each partial
+    write, which copies what is left every time (quadratic in the packet's size)."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.view = memoryview(data)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, index: slice) -> memoryview:
+        return self.view[index]
+
+
+_BIG_PACKET = 64 * 1024  # beyond one socket write: worth views instead of copies
+
+
+def _zero_copy_resends(paho: mqtt.Client) -> None:
+    queue = paho._packet_queue
+
+    def packet_queue(command: int, packet: bytes | bytearray, mid: int, qos: int, info: Any = None) -> Any:
+        if len(packet) > _BIG_PACKET:
+            packet = _Slices(packet)  # type: ignore[assignment]
+        return queue(command, packet, mid, qos, info)
+
+    paho._packet_queue = packet_queue  # type: ignore[method-assign]
+
+
 def install_fast_publish_properties() -> None:
-    """Make paho build its per-packet Properties with the classes above (same values, same bytes)."""
+    """Make paho build its per-packet Properties with the classes above (same values, same bytes),
+    and decode PUBLISH packets with one payload copy."""
     from paho.mqtt import _packet  # constructs only; paho.mqtt.client also isinstance-checks: left alone
 
     if getattr(_packet, "Properties", None) is Properties:
         _packet.Properties = _ReceivedProperties  # type: ignore[misc]
+    if _packet.decode_publish is _PAHO_DECODE_PUBLISH:
+        _packet.decode_publish = _decode_publish  # type: ignore[assignment]
 
 
 install_fast_publish_properties()
@@ -414,6 +490,7 @@ def _write_directly(client: aiomqtt.Client) -> None:
             loop.call_soon(flush)
 
     paho.on_socket_register_write = register_write
+    _zero_copy_resends(paho)
 
 
 class _Confirmation:

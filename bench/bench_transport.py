@@ -1,11 +1,16 @@
 """Framework overhead against the raw MQTT floor, measured side by side in one run.
 
 - round trip through an echo agent (node process) vs a raw aiomqtt ping-pong (echo process),
-  same broker, same payload, QoS 1, TCP_NODELAY on both;
-- one-way small-message throughput into one agent vs raw aiomqtt publisher -> subscriber;
+  same broker, same payload, QoS 1, TCP_NODELAY on both. The two alternate in blocks (all
+  processes stay up), and the ratio reported is the median of the per-block p50 ratios: on a
+  shared machine absolute latency drifts by tens of percent within a minute;
+- one-way small-message throughput into one agent vs raw aiomqtt publisher -> subscriber and
+  raw paho (its own network threads), alternating for ``--rounds`` rounds (median ratio);
 - node memory with 1 vs 100 idle agents.
 
-It starts a private Mosquitto (``set_tcp_nodelay true``) on a free port unless ``--broker`` is given.
+The baseline runs in processes of its own from ``raw_mqtt.py``: stock aiomqtt and paho, none of
+the framework's changes to paho's packet handling. It starts a private Mosquitto
+(``set_tcp_nodelay true``) on a free port unless ``--broker`` is given.
 
     python bench/bench_transport.py [--rtt-n 300] [--tput-n 5000] [--json out.json]
 """
@@ -24,13 +29,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-import aiomqtt
 import torch
 
 from aiflow_agents import BrokerURL, Client, NodeProcess, free_port
-from aiflow_agents.connection import NODELAY
-from protocols import Envelope, TensorPart, Topics
+from protocols import Envelope, TensorPart, Topics, new_id
+
+RAW = Path(__file__).resolve().parent / "raw_mqtt.py"
 
 
 def start_mosquitto() -> tuple[subprocess.Popen[bytes], BrokerURL]:
@@ -47,118 +53,96 @@ def start_mosquitto() -> tuple[subprocess.Popen[bytes], BrokerURL]:
     return proc, BrokerURL(port=port, protocol="5")
 
 
-def _client(url: BrokerURL, ident: str) -> aiomqtt.Client:
-    return aiomqtt.Client(
-        url.host,
-        url.port,
-        identifier=ident,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        socket_options=NODELAY,
-        max_inflight_messages=1000,
-        max_concurrent_outgoing_calls=100000,
-        timeout=60,
+def raw(role: str, url: BrokerURL, topic: str, *args: object) -> subprocess.Popen[str]:
+    """A baseline process (stock aiomqtt/paho, see raw_mqtt.py)."""
+    return subprocess.Popen(
+        [sys.executable, str(RAW), role, url.host, str(url.port), topic, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
 
-async def raw_echo(url: BrokerURL, topic: str) -> None:
-    """The raw baseline's responder: publishes every message back on ``topic/back``."""
-    async with _client(url, f"echo-{uuid.uuid4().hex[:6]}") as c:
-        await c.subscribe(topic, qos=1)
-        async for m in c.messages:
-            await c.publish(topic + "/back", m.payload, qos=1)
+async def _line(proc: subprocess.Popen[str], timeout: float = 120) -> str:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    if not line:
+        raise RuntimeError(f"baseline process exited with {proc.wait()}")
+    return line
 
 
-async def raw_sink(url: BrokerURL, topic: str, n: int) -> None:
-    async with _client(url, f"sink-{uuid.uuid4().hex[:6]}") as c:
-        await c.subscribe(topic, qos=0)
-        await c.subscribe(topic + "/ctl", qos=1)
-        got = 0
-        t0 = None
-        async for m in c.messages:
-            if m.topic.value.endswith("/ctl"):
-                await c.publish(topic + "/ready", b"1", qos=1)
-                continue
-            t0 = t0 or time.perf_counter()
-            got += 1
-            if got == n:
-                print(json.dumps({"rate": (n - 1) / (time.perf_counter() - t0)}), flush=True)
-                return
-
-
-def spawn_py(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-
-
-async def rtt_raw(url: BrokerURL, size: int, n: int) -> list[float]:
+async def rtt_pair(url: BrokerURL, size: int, n: int, blocks: int) -> dict[str, Any]:
+    """Raw and framework round trips, alternating in ``blocks`` blocks of about n/blocks each."""
     topic = f"bench/{uuid.uuid4().hex[:8]}"
-    echo = spawn_py("--role", "raw-echo", "--broker", url.url(), "--topic", topic)
-    try:
-        async with _client(url, "pinger") as c:
-            await c.subscribe(topic + "/back", qos=1)
-            it = c.messages.__aiter__()
-            while True:  # wait until the echo process is subscribed
-                await c.publish(topic, b"hello?", qos=1)
-                try:
-                    await asyncio.wait_for(it.__anext__(), 0.5)
-                    break
-                except TimeoutError:
-                    continue
-            await asyncio.sleep(0.6)
-            while len(c.messages):  # drain late handshake echoes
-                await it.__anext__()
-            payload = os.urandom(size)
-            lat = []
-            for i in range(n + 10):
-                t0 = time.perf_counter()
-                await c.publish(topic, payload, qos=1)
-                await it.__anext__()
-                if i >= 10:
-                    lat.append(time.perf_counter() - t0)
-            return lat
-    finally:
-        echo.kill()
-
-
-async def rtt_framework(url: BrokerURL, size: int, n: int) -> list[float]:
     ns = f"b{uuid.uuid4().hex[:8]}"
+    echo = raw("echo", url, topic)
+    pinger = raw("pinger", url, topic, size)
     node = NodeProcess(["echo:e"], url, namespace=ns).start()
+    per_block = max(1, n // blocks)
+    raw_all: list[float] = []
+    fw_all: list[float] = []
+    ratios: list[float] = []
+
+    async def raw_block(k: int) -> list[float]:
+        assert pinger.stdin is not None
+        pinger.stdin.write(f"{k}\n")
+        pinger.stdin.flush()
+        return [float(x) for x in json.loads(await _line(pinger))]
+
     try:
         async with Client(url, namespace=ns) as c:
             await c.wait_for_agents(["e"], timeout=60)
+            assert (await _line(pinger, 60)).strip() == "ready"
             # small payloads as text; big ones as a latent, the way the protocol carries them
             body = "x" * size if size < 4096 else TensorPart(tensor=torch.randint(0, 255, (size,), dtype=torch.uint8))
             env = Envelope.request(body)
-            lat = []
-            for i in range(n + 10):
-                t0 = time.perf_counter()
-                await c.request(
-                    "e", env.model_copy(update={"id": uuid.uuid4().hex, "correlation_id": None}), timeout=30
-                )
-                if i >= 10:
+
+            async def fw_block(k: int) -> list[float]:
+                lat = []
+                for _ in range(k):
+                    t0 = time.perf_counter()
+                    await c.request("e", env.model_copy(update={"id": new_id(), "correlation_id": None}), timeout=30)
                     lat.append(time.perf_counter() - t0)
-            return lat
+                return lat
+
+            await raw_block(min(20, per_block))  # warm both paths
+            await fw_block(min(20, per_block))
+            for _ in range(blocks):
+                r = await raw_block(per_block)
+                f = await fw_block(per_block)
+                raw_all += r
+                fw_all += f
+                ratios.append(statistics.median(f) / statistics.median(r))
     finally:
+        for p in (pinger, echo):
+            p.kill()
+            p.wait()
         await node.astop()
+    return {
+        "payload": size,
+        "n_each": len(raw_all),
+        "blocks": blocks,
+        "raw_p50_ms": pct(raw_all, 0.5),
+        "raw_p99_ms": pct(raw_all, 0.99),
+        "aiflow_p50_ms": pct(fw_all, 0.5),
+        "aiflow_p99_ms": pct(fw_all, 0.99),
+        "block_ratios": ratios,
+        "ratio_p50": statistics.median(ratios),
+    }
 
 
-async def tput_raw(url: BrokerURL, n: int) -> float:
+async def tput_raw(url: BrokerURL, n: int, kind: str = "aiomqtt") -> float:
+    """Publisher process -> subscriber process, stock aiomqtt or paho; the subscriber's rate."""
     topic = f"bench/{uuid.uuid4().hex[:8]}"
-    sink = spawn_py("--role", "raw-sink", "--broker", url.url(), "--topic", topic, "--n", str(n))
-    async with _client(url, "pub") as c:
-        await c.subscribe(topic + "/ready", qos=1)
-        it = c.messages.__aiter__()
-        while True:  # wait until the sink is subscribed
-            await c.publish(topic + "/ctl", b"?", qos=1)
-            try:
-                await asyncio.wait_for(it.__anext__(), 0.5)
-                break
-            except TimeoutError:
-                continue
-        payload = os.urandom(100)
-        for _ in range(n):
-            await c.publish(topic, payload, qos=0)
-    out, _ = await asyncio.to_thread(sink.communicate, None, 120)
-    return float(json.loads(out.strip().splitlines()[-1])["rate"])
+    prefix = "paho-" if kind == "paho" else ""
+    sink = raw(prefix + "sink", url, topic, n)
+    publisher = raw(prefix + "pub", url, topic, n)
+    try:
+        return float(json.loads(await _line(sink, 300))["rate"])
+    finally:
+        for p in (publisher, sink):
+            p.kill()
+            p.wait()
 
 
 async def tput_framework(url: BrokerURL, n: int) -> float:
@@ -215,26 +199,34 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         rtt = []
         for size in (100, 1 << 20):
             n = args.rtt_n if size < 1000 else max(20, args.rtt_n // 10)
-            raw = await rtt_raw(url, size, n)
-            fw = await rtt_framework(url, size, n)
-            row = {
-                "payload": size,
-                "raw_p50_ms": pct(raw, 0.5),
-                "raw_p99_ms": pct(raw, 0.99),
-                "aiflow_p50_ms": pct(fw, 0.5),
-                "aiflow_p99_ms": pct(fw, 0.99),
-                "ratio_p50": statistics.median(fw) / statistics.median(raw),
-            }
+            row = await rtt_pair(url, size, n, args.blocks)
             rtt.append(row)
             print(
                 f"rtt {size:>8} B: raw p50 {row['raw_p50_ms']:.2f} ms | aiflow p50 {row['aiflow_p50_ms']:.2f} ms "
-                f"| ratio {row['ratio_p50']:.2f}"
+                f"| ratio {row['ratio_p50']:.2f} (median of {row['blocks']} blocks: "
+                + " ".join(f"{r:.2f}" for r in row["block_ratios"])
+                + ")"
             )
         result["rtt"] = rtt
-        raw_rate = await tput_raw(url, args.tput_n)
-        fw_rate = await tput_framework(url, args.tput_n)
-        result["throughput"] = {"raw_msgs_per_s": raw_rate, "aiflow_msgs_per_s": fw_rate, "ratio": fw_rate / raw_rate}
-        print(f"one-way 100 B: raw {raw_rate:.0f} msg/s | aiflow {fw_rate:.0f} msg/s | ratio {fw_rate / raw_rate:.2f}")
+        rounds: list[dict[str, float]] = []
+        for _ in range(args.rounds):
+            raw_rate = await tput_raw(url, args.tput_n)
+            paho_rate = await tput_raw(url, args.tput_n, kind="paho")
+            fw_rate = await tput_framework(url, args.tput_n)
+            rounds.append({"raw": raw_rate, "paho": paho_rate, "aiflow": fw_rate, "ratio": fw_rate / raw_rate})
+        med = {k: statistics.median(r[k] for r in rounds) for k in ("raw", "paho", "aiflow", "ratio")}
+        result["throughput"] = {
+            "raw_msgs_per_s": med["raw"],
+            "raw_paho_msgs_per_s": med["paho"],
+            "aiflow_msgs_per_s": med["aiflow"],
+            "ratio": med["ratio"],
+            "ratio_vs_paho": med["aiflow"] / med["paho"],
+            "rounds": rounds,
+        }
+        print(
+            f"one-way 100 B: raw aiomqtt {med['raw']:.0f} msg/s | raw paho {med['paho']:.0f} msg/s | "
+            f"aiflow {med['aiflow']:.0f} msg/s | ratio vs aiomqtt {med['ratio']:.2f} (median of {args.rounds} rounds)"
+        )
         one, many = await memory(url, 1), await memory(url, args.agents)
         per = (many - one) / (args.agents - 1) * 1024
         result["memory"] = {"rss_mb_1_agent": one, f"rss_mb_{args.agents}_agents": many, "kb_per_agent": per}
@@ -247,20 +239,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--role", default="bench", choices=["bench", "raw-echo", "raw-sink"])
     ap.add_argument("--broker", default=None)
-    ap.add_argument("--topic", default="")
-    ap.add_argument("--n", type=int, default=0)
     ap.add_argument("--rtt-n", type=int, default=300)
     ap.add_argument("--tput-n", type=int, default=5000)
     ap.add_argument("--agents", type=int, default=100)
+    ap.add_argument("--blocks", type=int, default=6, help="alternating raw/framework blocks per round-trip size")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    if a.role == "raw-echo":
-        asyncio.run(raw_echo(BrokerURL.parse(a.broker), a.topic))
-    elif a.role == "raw-sink":
-        asyncio.run(raw_sink(BrokerURL.parse(a.broker), a.topic, a.n))
-    else:
-        res = asyncio.run(main(a))
-        if a.json:
-            Path(a.json).write_text(json.dumps(res, indent=2))
+    res = asyncio.run(main(a))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))

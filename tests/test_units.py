@@ -132,3 +132,43 @@ def test_received_properties_are_parsed_only_when_read_and_a_bad_block_reads_as_
     # a block whose length runs past the packet is paho's error, at once, as before
     with pytest.raises(Exception):  # noqa: B017 - whatever paho raises, as before
         PublishProperties().unpack(b"\x7f\x03")
+
+
+def test_publish_decoding_matches_paho_for_good_and_bad_packets() -> None:
+    """The one-copy PUBLISH decoder returns what paho's returns, and fails where paho fails."""
+    import random
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt import _packet
+
+    from aiflow_agents.connection import _PAHO_DECODE_PUBLISH, PublishProperties, _decode_publish
+
+    assert _packet.decode_publish is _decode_publish  # installed on import
+    rng = random.Random(7)
+    props = PublishProperties({"ContentType": "x", "CorrelationData": b"c", "UserProperty": [("a", "b")]}).pack()
+    cases = []
+    for qos in (0, 1, 2):
+        for v5 in (True, False):
+            for topic in (b"a/b", b"", "ü/t".encode()):
+                body = struct_topic(topic) + (b"\x01\x02" if qos else b"") + (props if v5 else b"")
+                for payload in (b"", b"p" * 100, bytes(rng.randrange(256) for _ in range(300))):
+                    cases.append((0x30 | qos << 1 | rng.choice((0, 1, 8, 9)), bytearray(body + payload), v5))
+    for header, packet, v5 in cases:  # plus truncations of each: malformed packets
+        cases_to_try = [packet, packet[:1], packet[: max(0, len(packet) // 2)]]
+        for p in cases_to_try:
+            protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
+            try:
+                want = _PAHO_DECODE_PUBLISH(header, bytes(p), protocol)
+            except Exception as e:
+                with pytest.raises(type(e)):
+                    _decode_publish(header, bytearray(p), protocol)
+                continue
+            got = _decode_publish(header, bytearray(p), protocol)
+            assert got._replace(properties=None) == want._replace(properties=None)
+            assert type(got.payload) is bytes
+            if want.properties is not None:
+                assert got.properties.json() == want.properties.json()
+
+
+def struct_topic(topic: bytes) -> bytes:
+    return len(topic).to_bytes(2, "big") + topic
