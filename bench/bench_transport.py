@@ -198,7 +198,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result: dict[str, object] = {"broker": str(url)}
         rtt = []
         for size in (100, 1 << 20):
-            n = args.rtt_n if size < 1000 else max(20, args.rtt_n // 10)
+            n = args.rtt_n if size < 1000 else max(4 * args.blocks, args.rtt_n // 8)
             row = await rtt_pair(url, size, n, args.blocks)
             rtt.append(row)
             print(
@@ -240,7 +240,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--broker", default=None)
-    ap.add_argument("--rtt-n", type=int, default=300)
+    ap.add_argument("--rtt-n", type=int, default=1200, help="100 B round trips of each kind (1 MiB: an 8th)")
     ap.add_argument("--tput-n", type=int, default=5000)
     ap.add_argument("--agents", type=int, default=100)
     ap.add_argument("--blocks", type=int, default=6, help="alternating raw/framework blocks per round-trip size")
