@@ -14,8 +14,16 @@ that does not verify, a missing CA file) makes :meth:`Connection.start` fail at 
 Incoming queue policy (backpressure): the loop dispatches every message already queued before it
 lets paho read the socket again, so a flood waits in TCP buffers and in the broker's per-client
 queue, not in this process. The queue is also capped at ``max_queued_incoming`` messages; beyond
-that aiomqtt discards new ones, which are counted in ``dropped_incoming`` and logged (a dropped
-request's sender sees a timeout).
+that new ones are discarded, counted in ``dropped_incoming`` and logged (a dropped request's sender
+sees a timeout).
+
+Fast paths (measured in ``bench/bench_transport.py``, explained in ``docs/performance.md``): aiomqtt
+connects, subscribes and reconnects; on an open connection this module writes each packet as paho
+queues it, awaits acknowledgements and incoming messages on plain futures, parses MQTT 5 properties
+only when read, and decodes a PUBLISH with one payload copy. They lean on internals of aiomqtt
+(``Client._client``, ``_pending_publishes``, ``_disconnected``) and paho (``_packet_queue``,
+``_in_callback_mutex``, ``paho.mqtt._packet.Properties`` and ``decode_publish``), which
+``tests/test_units.py`` checks are in place: the first thing to look at when upgrading either.
 """
 
 from __future__ import annotations

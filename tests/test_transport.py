@@ -357,3 +357,33 @@ async def test_node_without_a_broker_stops_on_sigterm(namespace: str, spawn) -> 
     t0 = time.monotonic()
     assert await node.astop(timeout=10) == 0
     assert time.monotonic() - t0 < 8
+
+
+async def test_the_transport_fast_paths_are_in_place(broker: BrokerURL) -> None:
+    """They rely on aiomqtt's and paho's internals: an upgrade that moves them must fail here, not
+    silently fall back to the slow paths (or break)."""
+    from paho.mqtt import _packet
+
+    from aiflow_agents import Connection
+    from aiflow_agents.connection import _decode_publish, _ReceivedProperties
+
+    assert _packet.decode_publish is _decode_publish and _packet.Properties is _ReceivedProperties
+    async with Connection(broker, client_id=f"fast-{time.monotonic_ns()}") as conn:
+        client = conn._client
+        assert client is not None
+        paho = client._client
+        assert paho.on_socket_register_write.__name__ == "register_write"
+        assert paho._packet_queue.__name__ == "packet_queue"
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on(message: aiomqtt.Message) -> None:
+            got.append(bytes(message.payload))  # type: ignore[arg-type]
+            done.set()
+
+        conn.route("fast/#", on)
+        await conn.subscribe("fast/#", qos=1)
+        await conn.publish("fast/x", b"y" * 200_000, qos=1, timeout=10)  # a big one: resent from views
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [b"y" * 200_000]
+        assert client._pending_publishes == {}  # the acknowledgement was matched and cleared
