@@ -28,7 +28,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 SUITES: dict[str, tuple[str, list[str], list[str]]] = {
     "codec": ("bench_codec.py", ["--repeat", "300"], ["--repeat", "50"]),
     "transport": ("bench_transport.py", [], ["--rtt-n", "300", "--tput-n", "2000", "--agents", "20", "--rounds", "1"]),
-    "fanout": ("bench_fanout.py", ["--sizes", "1,4,16,32"], ["--sizes", "1,8", "--repeat", "2", "--delay", "0.1"]),
+    "fanout": ("bench_fanout.py", ["--sizes", "1,4,16,64"], ["--sizes", "1,8", "--repeat", "2", "--delay", "0.1"]),
     "latents": ("bench_latents.py", [], ["--sizes", "1,4", "--repeat", "3"]),
 }
 

@@ -23,7 +23,7 @@ queues it, awaits acknowledgements and incoming messages on plain futures, parse
 only when read, and decodes a PUBLISH with one payload copy. They lean on internals of aiomqtt
 (``Client._client``, ``_pending_publishes``, ``_disconnected``) and paho (``_packet_queue``,
 ``_in_callback_mutex``, ``paho.mqtt._packet.Properties`` and ``decode_publish``), which
-``tests/test_units.py`` checks are in place: the first thing to look at when upgrading either.
+``tests/test_transport.py`` checks are in place: the first thing to look at when upgrading either.
 """
 
 from __future__ import annotations
