@@ -350,7 +350,6 @@ def _decode_publish(header: int, packet: bytes | bytearray, protocol: Any) -> An
     """paho's ``decode_publish`` with one copy of the payload instead of four (it splits the
     packet with ``struct.unpack`` three times, then slices it). Same result; anything it would
     reject goes to paho's own function, so its errors are exactly paho's."""
-    _packet = _paho_packet
     view = memoryview(packet)
     try:
         n = len(view)
@@ -369,10 +368,10 @@ def _decode_publish(header: int, packet: bytes | bytearray, protocol: Any) -> An
             pos += 2
         properties = None
         if v5:
-            properties = _packet.Properties(PacketTypes.PUBLISH)
+            properties = _paho_packet.Properties(PacketTypes.PUBLISH)
             _, length = properties.unpack(view[pos:])
             pos += length
-        return _packet.PublishPacket(
+        return _paho_packet.PublishPacket(
             dup=bool(header & 0x08),
             qos=qos,
             retain=bool(header & 0x01),
@@ -420,12 +419,11 @@ def _zero_copy_resends(paho: mqtt.Client) -> None:
 def install_fast_publish_properties() -> None:
     """Make paho build its per-packet Properties with the classes above (same values, same bytes),
     and decode PUBLISH packets with one payload copy."""
-    from paho.mqtt import _packet  # constructs only; paho.mqtt.client also isinstance-checks: left alone
-
-    if getattr(_packet, "Properties", None) is Properties:
-        _packet.Properties = _ReceivedProperties  # type: ignore[misc]
-    if _packet.decode_publish is _PAHO_DECODE_PUBLISH:
-        _packet.decode_publish = _decode_publish  # type: ignore[assignment]
+    # paho.mqtt._packet only constructs Properties; paho.mqtt.client also isinstance-checks: left alone
+    if getattr(_paho_packet, "Properties", None) is Properties:
+        _paho_packet.Properties = _ReceivedProperties  # type: ignore[misc]
+    if _paho_packet.decode_publish is _PAHO_DECODE_PUBLISH:
+        _paho_packet.decode_publish = _decode_publish  # type: ignore[assignment]
 
 
 install_fast_publish_properties()

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
 from .envelope import (
+    _FROM_TORCH,
+    _TORCH_DTYPES,
     DType,
     Envelope,
     ErrorInfo,
@@ -138,20 +140,10 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=Fa
 _OFFSET_MARK = 7_394_650_284_161_937_581
 _OFFSET_MARK_BYTES = b'"offset":%d,' % _OFFSET_MARK
 _MARK_DIGITS = len(str(_OFFSET_MARK))
-_ALIGN_MASK = -ALIGNMENT
-_NUMPY_VIEWABLE = frozenset(
-    {
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    }
-)
+# torch dtype -> NumPy dtype, for every wire dtype NumPy has (all but bfloat16)
+_NUMPY_DTYPE: dict[torch.dtype, Any] = {
+    dt: torch.empty(0, dtype=dt).numpy().dtype for dt in _TORCH_DTYPES.values() if dt is not torch.bfloat16
+}
 
 
 def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: SigningKeyLike | None = None) -> bytes:
@@ -180,7 +172,7 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: 
             raise EncodeError(f"tensor has {t.dim()} dimensions, limit is {limits.max_ndim}")
         if not t.is_contiguous():
             t = t.contiguous()
-        dtype = _FROM_TORCH_DTYPE.get(t.dtype) or DType.from_torch(t.dtype)  # the latter raises
+        dtype = _FROM_TORCH.get(t.dtype) or DType.from_torch(t.dtype)  # the latter raises
         nbytes = t.nbytes
         tensors.append(t)
         sizes.append(nbytes)
@@ -252,12 +244,11 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: 
 
 
 _ZEROS = bytes(ALIGNMENT)
-_FROM_TORCH_DTYPE: dict[torch.dtype, DType] = {d.torch_dtype: d for d in DType}
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview | Any:
     """A buffer over a contiguous CPU tensor's bytes, without copying them."""
-    if t.dtype in _NUMPY_VIEWABLE:
+    if t.dtype in _NUMPY_DTYPE:
         return t.numpy()
     return t.reshape(-1).view(torch.uint8).numpy()  # bfloat16 has no numpy dtype
 
@@ -271,16 +262,10 @@ def _lay_out(
     if len(split) == len(sizes) + 1:
         # The header ends at `fixed` plus the offsets' digits. Counting up from one digit each
         # reaches the smallest consistent layout, the one SPEC §5 calls canonical.
-        fixed = PREAMBLE_SIZE + len(dumped) - len(sizes) * _MARK_DIGITS + ALIGNMENT - 1
+        fixed = PREAMBLE_SIZE + len(dumped) - len(sizes) * _MARK_DIGITS
         digits = len(sizes)
         while True:
-            cursor = (fixed + digits) & _ALIGN_MASK
-            offsets = []
-            total = 0
-            for n in sizes:
-                offsets.append(cursor)
-                total += len(str(cursor))
-                cursor = (cursor + n + ALIGNMENT - 1) & _ALIGN_MASK
+            offsets, total = _offsets(fixed + digits, sizes)
             if total == digits:
                 break
             digits = total
@@ -295,7 +280,7 @@ def _lay_out(
         p["offset"] = 0
     for _ in range(8):
         dumped = _dump(header)
-        offsets = _offsets(PREAMBLE_SIZE + len(dumped), sizes)
+        offsets, _ = _offsets(PREAMBLE_SIZE + len(dumped), sizes)
         if all(p["offset"] == o for p, o in zip(tensor_parts, offsets, strict=True)):
             return [dumped], offsets
         for p, o in zip(tensor_parts, offsets, strict=True):
@@ -303,13 +288,17 @@ def _lay_out(
     raise EncodeError("could not lay out tensor segments")  # pragma: no cover
 
 
-def _offsets(header_end: int, sizes: list[int]) -> list[int]:
-    cursor = _align(header_end)
+def _offsets(header_end: int, sizes: list[int]) -> tuple[list[int], int]:
+    """Where each tensor segment starts (64-byte aligned, in part order, after the header), and
+    how many decimal digits those offsets take in the header."""
+    cursor = (header_end + ALIGNMENT - 1) & -ALIGNMENT
     offsets = []
+    digits = 0
     for n in sizes:
         offsets.append(cursor)
-        cursor = _align(cursor + n)
-    return offsets
+        digits += len(str(cursor))
+        cursor = (cursor + n + ALIGNMENT - 1) & -ALIGNMENT
+    return offsets, digits
 
 
 def _dump(header: dict[str, Any], free: list[Any] | None = None) -> bytes:
@@ -518,7 +507,7 @@ def _assemble(h: _WireHeader, view: memoryview, header_len: int, limits: Limits,
             continue
         assert isinstance(p, _WireTensor)
         shape, offset, nbytes = p.shape, p.offset, p.nbytes
-        dt = _TORCH_DTYPE[p.dtype]
+        dt = _TORCH_DTYPES[p.dtype]
         if len(shape) > limits.max_ndim:
             raise SegmentError(
                 f"part {i}: {len(shape)} dimensions exceed the limit of {limits.max_ndim}", header=_h(text)
@@ -585,11 +574,7 @@ def _assemble(h: _WireHeader, view: memoryview, header_len: int, limits: Limits,
     )
 
 
-_TORCH_DTYPE: dict[DType, torch.dtype] = {d: d.torch_dtype for d in DType}
 _h = _parse_header  # the header object an error carries, parsed only when there is an error
-_NUMPY_DTYPE: dict[torch.dtype, Any] = {
-    dt: torch.empty(0, dtype=dt).numpy().dtype for dt in _TORCH_DTYPE.values() if dt in _NUMPY_VIEWABLE
-}
 _readonly_warnings_spent = False
 
 
