@@ -1,12 +1,13 @@
 """aiflow-agents runtime: agents, nodes, request/reply client, brokers and plugins over MQTT."""
 
 from .agent import Accepts, Agent, AgentContext, Reply
-from .broker import BrokerURL, EmbeddedBroker, broker_from_env, broker_scope, free_port
+from .broker import BrokerURL, BrokerURLError, EmbeddedBroker, broker_from_env, broker_scope, free_port
 from .builtin_agents import EchoAgent, ScriptedAgent, TensorStatsAgent
 from .client import Client, Exchange
 from .connection import Backoff, Connection
 from .errors import (
     AgentError,
+    AgentLostError,
     AgentUnavailableError,
     AiflowError,
     BrokerUnavailableError,
@@ -16,6 +17,7 @@ from .errors import (
 )
 from .launch import NodeProcess
 from .log import configure_logging
+from .mqtt import InvalidTopicError, Message, Will
 from .node import Node
 from .presence import Presence
 from .registry import AgentSpec, UnknownAgentTypeError, available, create, load
@@ -27,11 +29,13 @@ __all__ = [
     "Agent",
     "AgentContext",
     "AgentError",
+    "AgentLostError",
     "AgentSpec",
     "AgentUnavailableError",
     "AiflowError",
     "Backoff",
     "BrokerURL",
+    "BrokerURLError",
     "BrokerUnavailableError",
     "Client",
     "Connection",
@@ -39,6 +43,8 @@ __all__ = [
     "EchoAgent",
     "EmbeddedBroker",
     "Exchange",
+    "InvalidTopicError",
+    "Message",
     "Node",
     "NodeProcess",
     "Presence",
@@ -48,6 +54,7 @@ __all__ = [
     "ScriptedAgent",
     "TensorStatsAgent",
     "UnknownAgentTypeError",
+    "Will",
     "__version__",
     "available",
     "broker_from_env",

@@ -12,10 +12,16 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from .errors import BrokerUnavailableError
+from .errors import AiflowError, BrokerUnavailableError
 
 ENV_BROKER = "AIFLOW_BROKER"
 Protocol = Literal["auto", "5", "3.1.1"]
+
+
+class BrokerURLError(AiflowError, ValueError):
+    """A broker URL (or list of URLs) that cannot be parsed."""
+
+    code = "bad_broker_url"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +29,11 @@ class BrokerURL:
     """``mqtt[s]://[user:pass@]host[:port][?protocol=5|3.1.1|auto&ca=FILE&cert=FILE&key=FILE&insecure=1]``.
 
     ``protocol=auto`` (the default) tries MQTT 5 and falls back to 3.1.1 when the broker refuses it.
+
+    A comma-separated list (``mqtt://a:1883,mqtt://b:1884`` or ``a:1883,b:1884``) names members of one
+    cluster: the connection rotates to the next member on each reconnect attempt. The first is this object;
+    the rest are in ``others``. A member written without a scheme, credentials or query takes the first
+    member's (so ``mqtts://u:p@a:8883?ca=F,b:8883`` uses TLS, the CA file and the credentials for both).
     """
 
     host: str = "127.0.0.1"
@@ -35,25 +46,68 @@ class BrokerURL:
     cert_file: str | None = None
     key_file: str | None = None
     tls_insecure: bool = False
+    others: tuple[BrokerURL, ...] = ()
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
+        """Parse one URL or a comma-separated list; a malformed one raises :class:`BrokerURLError`."""
+        items = [u.strip() for u in url.split(",")]
+        if not url.strip() or any(not u for u in items):
+            raise BrokerURLError(f"empty broker URL in {url!r}")
+        first = cls._parse_one(items[0])
+        rest = []
+        for item in items[1:]:
+            member = cls._parse_one(item)
+            if "://" not in item:
+                member = replace(member, tls=first.tls, port=member.port if _has_port(item) else first.port)
+            if member.username is None:
+                member = replace(member, username=first.username, password=first.password)
+            if "?" not in item:
+                member = replace(
+                    member,
+                    protocol=first.protocol,
+                    ca_file=first.ca_file,
+                    cert_file=first.cert_file,
+                    key_file=first.key_file,
+                    tls_insecure=first.tls_insecure,
+                )
+            rest.append(member)
+        return replace(first, others=tuple(rest)) if rest else first
+
+    @classmethod
+    def join(cls, urls: list[str | BrokerURL]) -> BrokerURL:
+        """One URL from several (e.g. a repeated ``--broker``), each possibly a list itself."""
+        members: list[BrokerURL] = []
+        for u in urls:
+            members.extend((u if isinstance(u, BrokerURL) else cls.parse(u)).members())
+        if not members:
+            raise BrokerURLError("no broker URL given")
+        return replace(members[0], others=tuple(members[1:]))
+
+    def members(self) -> list[BrokerURL]:
+        """Every member of the list, each without ``others``, in rotation order."""
+        return [replace(self, others=()), *self.others]
+
+    @classmethod
+    def _parse_one(cls, url: str) -> BrokerURL:
         if "://" not in url:
             url = "mqtt://" + url
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r} (use mqtt:// or mqtts://)")
+            raise BrokerURLError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r} (use mqtt:// or mqtts://)")
         tls = parts.scheme in ("mqtts", "ssl")
         q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         protocol = q.get("protocol", "auto")
         if protocol in ("311", "3", "v311"):
             protocol = "3.1.1"
         if protocol not in ("auto", "5", "3.1.1"):
-            raise ValueError(f"unsupported protocol {protocol!r} (use 5, 3.1.1 or auto)")
+            raise BrokerURLError(f"unsupported protocol {protocol!r} (use 5, 3.1.1 or auto)")
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError as e:
-            raise ValueError(f"bad port in broker URL {url!r}") from e
+            raise BrokerURLError(f"bad port in broker URL {url!r}") from e
+        if parts.path not in ("", "/"):
+            raise BrokerURLError(f"unexpected path {parts.path!r} in broker URL {url!r}")
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=port,
@@ -75,6 +129,9 @@ class BrokerURL:
         return self._format(with_password=True)
 
     def _format(self, *, with_password: bool) -> str:
+        return ",".join(m._format_one(with_password=with_password) for m in self.members())
+
+    def _format_one(self, *, with_password: bool) -> str:
         auth = ""
         if self.username:
             auth = quote(self.username, safe="")
@@ -96,6 +153,11 @@ def broker_from_env(url: str | BrokerURL | None) -> BrokerURL | None:
     return BrokerURL.parse(url) if url else None
 
 
+def _has_port(item: str) -> bool:
+    host = item.split("@")[-1].split("?")[0]
+    return host.rsplit("]", 1)[-1].count(":") == 1
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -106,36 +168,61 @@ class EmbeddedBroker:
     """The pure-Python amqtt broker, in this process. MQTT 3.1.1 only, so its URL says so.
 
     Good for a laptop demo and tests; deployments use Mosquitto, EMQX or another real broker.
+    Connections reach amqtt through :mod:`.embedded_gate` (its ``external`` listener), which keeps
+    amqtt 0.12.1 from killing a connecting session while another client subscribes or leaves, and
+    sets TCP_NODELAY on accepted sockets.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    LISTENER = "default"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, gated: bool = True) -> None:
+        """``gated=False`` hands the socket to amqtt directly (only to show what the gate prevents)."""
         self.host = host
         self.port = port or free_port(host)
+        self.gated = gated
         self._broker: object | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.gate: object | None = None
 
     @property
     def url(self) -> BrokerURL:
         return BrokerURL(host=self.host, port=self.port, protocol="3.1.1")
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Gate counters: connect phases, subscribes held, leave-unsubscribes, sessions amqtt failed on (0)."""
+        return dict(getattr(self.gate, "stats", {}))
+
     async def start(self) -> BrokerURL:
         from amqtt.broker import Broker
 
+        from .embedded_gate import Gate, serve
+
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        bind = f"{self.host}:{self.port}"
+        listener = {"type": "external", "bind": bind} if self.gated else {"type": "tcp", "bind": bind}
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "listeners": {self.LISTENER: listener},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         broker = Broker(config)
         try:
             await broker.start()
+            if self.gated:
+                self.gate = Gate()
+                self._server = await serve(broker, self.LISTENER, self.host, self.port, self.gate)  # type: ignore[arg-type]
         except Exception as e:  # amqtt raises its own BrokerError on bind failures
+            with contextlib.suppress(Exception):
+                await broker.shutdown()
             raise BrokerUnavailableError(f"embedded broker could not listen on {self.host}:{self.port}: {e}") from e
         self._broker = broker
-        _set_nodelay_on_server(broker)
         return self.url
 
     async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.close()
         if self._broker is not None:
             broker, self._broker = self._broker, None
             with contextlib.suppress(Exception):
@@ -146,17 +233,6 @@ class EmbeddedBroker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def _set_nodelay_on_server(broker: object) -> None:
-    """amqtt does not set TCP_NODELAY on accepted sockets; without it every small reply waits for
-    a delayed ACK (~40 ms). Patch the listening servers so new connections get it."""
-    servers = getattr(broker, "_servers", {}) or {}
-    for srv in servers.values():
-        instance = getattr(srv, "instance", None)
-        for sock in getattr(instance, "sockets", None) or []:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @contextlib.asynccontextmanager
@@ -185,4 +261,5 @@ async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 
 def with_protocol(url: BrokerURL, protocol: Protocol) -> BrokerURL:
-    return replace(url, protocol=protocol)
+    """The same URL (every member of a list) with ``protocol`` set."""
+    return replace(url, protocol=protocol, others=tuple(replace(m, protocol=protocol) for m in url.others))

@@ -19,7 +19,14 @@ from .broker import ENV_BROKER, BrokerURL, EmbeddedBroker, broker_from_env, brok
 from .client import Client
 from .errors import AiflowError
 from .log import configure_logging
-from .node import Node
+from .node import (
+    DEFAULT_CLOCK_SKEW,
+    DEFAULT_MAX_DEADLINE,
+    DEFAULT_MAX_FRAME_AGE,
+    DEFAULT_MAX_QUEUED_BYTES,
+    NODE_KEEPALIVE,
+    Node,
+)
 from .registry import AgentSpec, available
 
 CLI_GROUP = "aiflow_agents.cli"
@@ -34,8 +41,14 @@ console = Console()
 err = Console(stderr=True)
 
 BrokerOpt = Annotated[
-    str | None,
-    typer.Option("--broker", "-b", envvar=ENV_BROKER, help="mqtt[s]://[user:pass@]host:port; none = embedded broker"),
+    list[str] | None,
+    typer.Option(
+        "--broker",
+        "-b",
+        envvar=ENV_BROKER,
+        help="mqtt[s]://[user:pass@]host:port; repeat it or give a comma list of cluster members to fail over "
+        "between; none = embedded broker",
+    ),
 ]
 NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", envvar="AIFLOW_NAMESPACE", help="topic namespace")]
 LogOpt = Annotated[str, typer.Option("--log-level", envvar="AIFLOW_LOG_LEVEL")]
@@ -44,6 +57,16 @@ LogOpt = Annotated[str, typer.Option("--log-level", envvar="AIFLOW_LOG_LEVEL")]
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def broker_or_exit(values: list[str] | None) -> str | None:
+    """One broker URL (list) from a repeated ``--broker``; a malformed one ends the command with its reason."""
+    if not values:
+        return None
+    try:
+        return BrokerURL.join(list(values)).url()
+    except ValueError as e:
+        raise _fail(str(e)) from None
 
 
 def signing_key_or_exit() -> bytes | None:
@@ -94,20 +117,41 @@ def node(
     namespace: NamespaceOpt = "default",
     node_id: Annotated[str | None, typer.Option(help="stable node id (default: host-pid-random)")] = None,
     tier: Annotated[str | None, typer.Option(help="device, edge or cloud (shown in presence)")] = None,
-    concurrency: Annotated[int, typer.Option(help="handlers running at once")] = 64,
-    max_pending: Annotated[int, typer.Option(help="requests waiting beyond that before 'overloaded'")] = 1024,
+    concurrency: Annotated[int, typer.Option(help="handlers running at once, per agent")] = 64,
+    max_pending: Annotated[
+        int, typer.Option(help="requests waiting beyond that, per agent, before 'overloaded'")
+    ] = 1024,
+    max_queued_mib: Annotated[
+        float, typer.Option(min=0, help="MiB of request frames a node holds before 'overloaded' (0: no bound)")
+    ] = DEFAULT_MAX_QUEUED_BYTES / (1 << 20),
+    max_deadline: Annotated[
+        float, typer.Option(min=0, help="cap on a request's deadline, in seconds from arrival (0: none)")
+    ] = DEFAULT_MAX_DEADLINE,
+    max_frame_age: Annotated[
+        float, typer.Option(min=0, help="refuse requests created longer ago than this many seconds (0: never)")
+    ] = DEFAULT_MAX_FRAME_AGE,
+    clock_skew: Annotated[float, typer.Option(min=0, help="seconds participants' clocks may disagree")] = (
+        DEFAULT_CLOCK_SKEW
+    ),
     max_frame_bytes: Annotated[
         int, typer.Option(min=64, help="refuse frames (in and out) larger than this many bytes")
     ] = DEFAULT_LIMITS.max_frame_bytes,
     max_header_bytes: Annotated[
         int, typer.Option(min=64, help="refuse frames whose JSON header is larger than this")
     ] = DEFAULT_LIMITS.max_header_bytes,
+    heartbeat: Annotated[
+        float, typer.Option(min=0, help="seconds between presence heartbeats (0: none, the Last Will only)")
+    ] = 2.0,
+    keepalive: Annotated[
+        int, typer.Option(min=1, max=65535, help="MQTT keepalive in seconds: a frozen node's Will fires ~1.5x this")
+    ] = NODE_KEEPALIVE,
     log_level: LogOpt = "info",
 ) -> None:
     """Host agents on a node until SIGINT/SIGTERM. With $AIFLOW_SIGNING_KEY (hex) set, it accepts
     only frames signed with that key and signs its own."""
     configure_logging(log_level)
     signing_key = signing_key_or_exit()
+    broker_url = broker_or_exit(broker)
     limits = Limits(max_frame_bytes=max_frame_bytes, max_header_bytes=max_header_bytes)
     try:
         agents = [AgentSpec.parse(a).create(**({"tier": tier} if tier else {})) for a in agent]
@@ -115,8 +159,8 @@ def node(
         raise _fail(str(e)) from None
 
     async def main() -> None:
-        async with broker_scope(broker) as url:
-            if broker_from_env(broker) is None:
+        async with broker_scope(broker_url) as url:
+            if broker_from_env(broker_url) is None:
                 err.print(f"no broker configured: started an embedded one at [bold]{url}[/]")
             n = Node(
                 agents,
@@ -126,8 +170,14 @@ def node(
                 tier=tier,
                 max_concurrency=concurrency,
                 max_pending=max_pending,
+                max_queued_bytes=int(max_queued_mib * (1 << 20)) or None,
+                max_deadline=max_deadline or None,
+                max_frame_age=max_frame_age or None,
+                clock_skew=clock_skew,
                 limits=limits,
                 signing_key=signing_key,
+                heartbeat=heartbeat or None,
+                keepalive=keepalive,
             )
             await n.run()
 
@@ -156,8 +206,10 @@ def agents_list(
     if not online:
         return
 
+    broker_url = broker_or_exit(broker)
+
     async def main() -> None:
-        url = broker_from_env(broker)
+        url = broker_from_env(broker_url)
         if url is None:
             raise _fail("--online needs --broker or AIFLOW_BROKER")
         async with Client(url, namespace=namespace) as c:
@@ -189,9 +241,10 @@ def send(
     """Send one request and print the reply (exit code 1 with the reason if it fails). Signs it with
     $AIFLOW_SIGNING_KEY when set."""
     signing_key = signing_key_or_exit()
+    broker_url = broker_or_exit(broker)
 
     async def main() -> None:
-        async with broker_scope(broker) as url, Client(url, namespace=namespace, signing_key=signing_key) as c:
+        async with broker_scope(broker_url) as url, Client(url, namespace=namespace, signing_key=signing_key) as c:
             reply = await c.request(agent_id, text, timeout=timeout)
             if as_json:
                 console.print_json(json.dumps(_reply_json(reply)))

@@ -1,66 +1,79 @@
-"""One resilient MQTT connection: TCP_NODELAY, MQTT 5 with 3.1.1 fallback, reconnect with backoff.
+"""One resilient MQTT connection: our own client (:mod:`aiflow_agents.mqtt`), MQTT 5 with 3.1.1 fallback,
+reconnect with backoff and failover across the members of a broker URL list.
 
-Reconnection story: the connection runs in a background task. When the broker goes away, the
-message loop ends with an ``MqttError``; every ``on_disconnect`` hook runs (clients fail their
-in-flight requests with :class:`ConnectionLostError`), then the task retries with exponential
-backoff and jitter. After a reconnect it restores every subscription and runs the
-``on_connect`` hooks (nodes republish presence). Publishes made while disconnected wait for the
-next connection up to their timeout.
+Reconnection story: the connection runs in a background task. Each attempt connects to the next member of
+the URL list (``mqtt://a:1883,mqtt://b:1883`` rotates a → b → a ...), with ``protocol=auto`` first as MQTT 5
+and, when that member refuses it (CONNACK 0x84 / 3.1.1 return code 1) or closes the connection without a
+CONNACK (RabbitMQ 3.10 does), again at once as 3.1.1 (remembered per member). When the broker goes away every
+``on_disconnect`` hook runs (clients fail their in-flight requests with :class:`ConnectionLostError`), then the
+task retries with exponential backoff and jitter; the backoff restarts only after a connection that stayed up
+for a while, so a broker that accepts and then drops us is not hammered. After a reconnect it restores every
+subscription and runs the ``on_connect`` hooks (nodes republish presence). Publishes made while disconnected
+wait for the next connection up to their timeout.
 
-A refusal that retrying cannot fix (wrong user name or password, not authorised, a TLS certificate
-that does not verify, a missing CA file) makes :meth:`Connection.start` fail at once with a clear
+A refusal that retrying cannot fix (wrong user name or password, not authorised, a TLS certificate that does
+not verify, a missing CA file) makes :meth:`Connection.start` fail at once with a clear
 :class:`BrokerUnavailableError` instead of waiting out its timeout.
 
-Incoming queue policy (backpressure): the loop dispatches every message already queued before it
-lets paho read the socket again, so a flood waits in TCP buffers and in the broker's per-client
-queue, not in this process. The queue is also capped at ``max_queued_incoming`` messages; beyond
-that new ones are discarded, counted in ``dropped_incoming`` and logged (a dropped request's sender
-sees a timeout).
+Publishes that must never be retried: a topic or string property the broker would refuse (U+0000, control
+characters, wildcards, ...) raises :class:`InvalidTopicError` at once and is never sent. A QoS 1 publish that
+was in flight when the broker dropped the connection right after it was sent is retried once after the
+reconnect; if the connection drops right after it again, it is taken as the cause (a publish the broker
+refuses by rules beyond ours), dropped, logged and counted in ``poisoned_publishes``, never retried again.
 
-Fast paths (measured in ``bench/bench_transport.py``, explained in ``docs/performance.md``): aiomqtt
-connects, subscribes and reconnects; on an open connection this module writes each packet as paho
-queues it, awaits acknowledgements and incoming messages on plain futures, parses MQTT 5 properties
-only when read, and decodes a PUBLISH with one payload copy. They lean on internals of aiomqtt
-(``Client._client``, ``_pending_publishes``, ``_disconnected``) and paho (``_packet_queue``,
-``_in_callback_mutex``, ``paho.mqtt._packet.Properties`` and ``decode_publish``), which
-``tests/test_transport.py`` checks are in place: the first thing to look at when upgrading either.
+Client id clashes: when the broker says another connection took our session over (MQTT 5 DISCONNECT 0x8E),
+or on 3.1.1 closes the connection soon after each successful connect several times in a row, a warning
+names the client id, ``takeovers`` counts it, and the connection backs off (growing up to a minute) instead
+of kicking the other client off in turn.
+
+Incoming queue policy (backpressure): messages are read in the socket's callback and appended to a bounded
+queue that one dispatcher task drains, awaiting each handler in turn (no task per message). When the queue
+holds ``max_queued_incoming`` messages, reading from the socket pauses until it has drained to half, so a
+flood waits in TCP buffers and in the broker's per-client queue, not in this process; messages that arrive
+in the same read beyond the bound are discarded, counted in ``dropped_incoming`` and logged (a dropped
+request's sender sees a timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import logging
 import random
-import socket
 import ssl
-import struct
-import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import aiomqtt
-import paho.mqtt.client as mqtt
 import structlog
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt import _packet as _paho_packet
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from .broker import BrokerURL
 from .errors import BrokerUnavailableError
+from .mqtt import (
+    MQTT_5,
+    MQTT_311,
+    AckError,
+    ConnectionClosedError,
+    ConnectRefusedError,
+    InvalidTopicError,
+    Message,
+    Session,
+    Will,
+    check_publish,
+    reason_name,
+)
 
-MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
+MessageHandler = Callable[[Message], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 
-NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 _log = structlog.get_logger("aiflow.connection")
 
-# aiomqtt warns at every burst of >10 outstanding publishes, which a fan-out does by design.
-_MQTT_LOG = logging.getLogger("aiflow.mqtt")
-_MQTT_LOG.setLevel(logging.ERROR)
+TAKEOVER = 0x8E  # MQTT 5 DISCONNECT reason: "session taken over"
+_STABLE_AFTER = 10.0  # a connection that lived this long resets the backoff
+_SHORT_LIVED = 2.0  # a connection the broker closed within this after CONNACK counts towards a suspected clash
+_CLASH_STREAK = 3  # ... this many times in a row (MQTT 3.1.1 has no reason code to say so)
+_SUSPECT_WINDOW = 1.0  # a drop within this many seconds of sending a publish makes that publish a suspect
+_CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,482 +92,57 @@ class Backoff:
 
 # CONNACK codes a retry cannot fix: MQTT 3.1.1 return codes 4/5, MQTT 5 reason codes 134/135/138/140.
 _AUTH_REFUSED_V311 = {4: "bad user name or password", 5: "not authorised"}
-_AUTH_REFUSED_V5 = {134, 135, 138, 140}
+_AUTH_REFUSED_V5 = {0x86, 0x87, 0x8A, 0x8C}
+
+
+_CLIENT_CERT_REFUSED = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+}
 
 
 def _definitive(error: BaseException) -> str | None:
     """Why retrying cannot help, when that is so (bad credentials, TLS verification, config)."""
-    if isinstance(error, MqttConnectError):
-        rc = error.rc
-        code = getattr(rc, "value", rc)
-        if isinstance(rc, int) and rc in _AUTH_REFUSED_V311:
-            return f"the broker refused the credentials ({_AUTH_REFUSED_V311[rc]}); check user name and password"
-        if code in _AUTH_REFUSED_V5 and not isinstance(rc, int):
-            return f"the broker refused the credentials ({rc}); check user name and password"
+    if isinstance(error, ConnectRefusedError):
+        rc = error.reason_code
+        if error.version == MQTT_311 or rc < 0x80:
+            if rc in _AUTH_REFUSED_V311:
+                return f"the broker refused the credentials ({_AUTH_REFUSED_V311[rc]}); check user name and password"
+            return None
+        if rc in _AUTH_REFUSED_V5:
+            return f"the broker refused the credentials ({reason_name(rc)}); check user name and password"
         return None
     seen: set[int] = set()
     e: BaseException | None = error
-    while e is not None and id(e) not in seen:  # aiomqtt wraps the ssl error as the context
+    while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, ssl.SSLCertVerificationError):
             return f"TLS certificate verification failed ({e.verify_message or e}); check the CA file and host name"
+        if isinstance(e, ssl.SSLError) and e.reason in _CLIENT_CERT_REFUSED:
+            return f"the broker refused our TLS client certificate or needs one ({e.reason}); check cert= and key="
         e = e.__cause__ or e.__context__
     return None
 
 
-# -- MQTT 5 PUBLISH properties, packed and parsed cheaply ------------------------------------------
-# paho's Properties validates every assignment by scanning its name table with str.replace, and
-# packs/unpacks by scanning it again: with the seven properties the binding mirrors, that cost more
-# than the rest of a small publish (see docs/performance.md). The classes below produce the same
-# bytes and the same attributes; anything unusual falls back to paho's own code.
-_PAHO_DECODE_PUBLISH = _paho_packet.decode_publish
-_TEMPLATE = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-_PUBLISH_IDS: dict[str, int] = {
-    name.replace(" ", ""): ident
-    for name, ident in _TEMPLATE.names.items()
-    if PacketTypes.PUBLISH in _TEMPLATE.properties[ident][1]
-}
-_PACK_ORDER = list(_PUBLISH_IDS)  # paho's packing order, so the bytes are identical
-_TYPE_OF = {ident: _TEMPLATE.types[_TEMPLATE.properties[ident][0]] for ident in _PUBLISH_IDS.values()}
-_NAME_OF = {ident: name for name, ident in _PUBLISH_IDS.items()}
-_MULTIPLE = {11, 38}
-_U16 = struct.Struct("!H")
-_U32 = struct.Struct("!L")
-
-
-def _vbi(x: int) -> bytes:
-    if not 0 <= x <= 268_435_455:
-        raise ValueError(f"Value {x!r} must be in range 0-268435455")
-    out = bytearray()
-    while True:
-        digit, x = x % 128, x // 128
-        out.append(digit | 0x80 if x else digit)
-        if not x:
-            return bytes(out)
-
-
-def _utf(value: str | bytes) -> bytes:
-    data = value if isinstance(value, bytes) else value.encode()
-    return _U16.pack(len(data)) + data
-
-
-def _packer(ident: int) -> Callable[[Any, list[bytes]], None]:
-    """A function appending one property's bytes to a list, for one property id (ids < 128 are a
-    one-byte VBI)."""
-    head = bytes((ident,))
-    kind = _TYPE_OF[ident]
-    pack16, pack32 = _U16.pack, _U32.pack
-
-    def utf(value: str | bytes) -> bytes:
-        return _STRINGS.get(value) or _utf(value)
-
-    if kind == "UTF-8 Encoded String":
-        return lambda v, out: out.extend((head, utf(v)))
-    if kind == "UTF-8 String Pair":
-        return lambda v, out: out.extend((head, utf(v[0]), utf(v[1])))
-    if kind == "Binary Data":
-        return lambda v, out: out.extend((head, pack16(len(v)), bytes(v)))
-    if kind == "Four Byte Integer":
-        return lambda v, out: out.extend((head, pack32(v)))
-    if kind == "Two Byte Integer":
-        return lambda v, out: out.extend((head, pack16(v)))
-    if kind == "Byte":
-        return lambda v, out: out.extend((head, bytes((v,))))
-    return lambda v, out: out.extend((head, _vbi(v)))  # Variable Byte Integer
-
-
-_PACKERS = {ident: _packer(ident) for ident in _PUBLISH_IDS.values()}
-_PACK_PLAN = [(name, _PUBLISH_IDS[name] in _MULTIPLE, _PACKERS[_PUBLISH_IDS[name]]) for name in _PACK_ORDER]
-# Strings every aiflow publish carries, length-prefixed once (see protocols.binding.mqtt5_properties).
-_STRINGS: dict[str | bytes, bytes] = {
-    v: _utf(v) for v in ("application/vnd.aiflow.v1", "aiflow-kind", "aiflow-id", "aiflow-sender", "request", "reply")
-}
-
-
-class PublishProperties(Properties):
-    """PUBLISH properties built from a dict in one pass and packed once (same bytes as paho's)."""
-
-    names = _TEMPLATE.names
-    properties = _TEMPLATE.properties
-    types = _TEMPLATE.types
-
-    def __init__(self, values: dict[str, Any] | None = None) -> None:
-        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
-        object.__setattr__(self, "_packed", None)
-        for key, value in (values or {}).items():
-            if key not in _PUBLISH_IDS or key in ("PayloadFormatIndicator", "TopicAlias"):
-                setattr(self, key, value)  # paho validates the unusual ones (ranges, names)
-                continue
-            if _PUBLISH_IDS[key] in _MULTIPLE and not isinstance(value, list):
-                value = [value]
-            object.__setattr__(self, key, value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)  # type: ignore[no-untyped-call]
-        object.__setattr__(self, "_packed", None)
-
-    def pack(self) -> bytes:
-        packed: bytes | None = self.__dict__.get("_packed")
-        if "_unparsed" in self.__dict__:
-            self._materialise()
-        if packed is None:
-            pieces: list[bytes] = []
-            d = self.__dict__
-            for name, multiple, packer in _PACK_PLAN:
-                if name in d:
-                    if multiple:
-                        for v in d[name]:
-                            packer(v, pieces)
-                    else:
-                        packer(d[name], pieces)
-            body = b"".join(pieces)
-            packed = _vbi(len(body)) + body
-            object.__setattr__(self, "_packed", packed)
-        return packed
-
-    def unpack(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
-        """Take received PUBLISH properties, parsed when first read: most messages are handled on
-        their envelope alone and never read them (a node reads them only to answer a frame it
-        cannot decode). Only the block's length is read now, which paho needs to go on."""
-        length, start = 0, 0
-        for shift in (0, 7, 14, 21):  # the block length, a Variable Byte Integer (at most 4 bytes)
-            if start >= len(buffer):
-                break
-            digit = buffer[start]
-            start += 1
-            length |= (digit & 0x7F) << shift
-            if not digit & 0x80:
-                end = start + length
-                if end <= len(buffer):
-                    object.__setattr__(self, "_unparsed", bytes(buffer[:end]))
-                    return self, end
-                break
-        return self._parse(buffer)  # malformed: paho's parser raises exactly as it would have
-
-    def __getattr__(self, name: str) -> Any:
-        # Called only for attributes not set: the first read of any property parses the block.
-        if "_unparsed" not in self.__dict__:
-            raise AttributeError(name)
-        self._materialise()
-        try:
-            return self.__dict__[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def _materialise(self) -> None:
-        d = self.__dict__
-        raw = d.pop("_unparsed")
-        try:
-            self._parse(raw)
-        except Exception as e:  # the broker forwarded a malformed block: read as no properties
-            for key in [k for k in d if k in _PUBLISH_IDS]:
-                del d[key]
-            _log.warning("malformed MQTT 5 properties in a received PUBLISH ignored", error=str(e))
-
-    def _parse(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
-        """Parse; malformed or unusual input goes to paho's parser, so errors are exactly paho's."""
-        try:
-            return self._fast_unpack(buffer)
-        except Exception:
-            for name in list(self.__dict__):
-                if name in _PUBLISH_IDS:
-                    object.__delattr__(self, name)
-            return super().unpack(buffer)  # type: ignore[no-untyped-call,no-any-return]
-
-    def _fast_unpack(self, buffer: bytes | bytearray) -> tuple[Properties, int]:
-        first, start, shift = 0, 0, 0
-        while True:  # the block length, a Variable Byte Integer (at most 4 bytes)
-            if start >= 4:
-                raise ValueError("bad length")
-            digit = buffer[start]
-            start += 1
-            first |= (digit & 0x7F) << shift
-            shift += 7
-            if not digit & 0x80:
-                break
-        end = start + first
-        if end > len(buffer):
-            raise ValueError("truncated")
-        view = bytes(buffer[start:end])
-        d = self.__dict__
-        pos = 0
-        while pos < first:
-            ident = view[pos]
-            kind = _TYPE_OF[ident]  # KeyError on anything not a PUBLISH property
-            name = _NAME_OF[ident]
-            pos += 1
-            if kind in ("UTF-8 Encoded String", "UTF-8 String Pair", "Binary Data"):
-                n = _U16.unpack_from(view, pos)[0]
-                raw = view[pos + 2 : pos + 2 + n]
-                if len(raw) != n:
-                    raise ValueError("truncated")
-                pos += 2 + n
-                if kind == "Binary Data":
-                    value: Any = raw
-                else:
-                    value = _checked_utf(raw)
-                    if kind == "UTF-8 String Pair":
-                        n2 = _U16.unpack_from(view, pos)[0]
-                        raw2 = view[pos + 2 : pos + 2 + n2]
-                        if len(raw2) != n2:
-                            raise ValueError("truncated")
-                        pos += 2 + n2
-                        value = (value, _checked_utf(raw2))
-            elif kind == "Four Byte Integer":
-                value = _U32.unpack_from(view, pos)[0]
-                pos += 4
-            else:
-                raise ValueError("unusual property: let paho parse it")
-            if ident in _MULTIPLE:
-                d.setdefault(name, []).append(value)
-            elif name in d:
-                raise ValueError("duplicate property")
-            else:
-                d[name] = value
-        if pos != first:
-            raise ValueError("overrun")
-        return self, end
-
-
-def _checked_utf(raw: bytes) -> str:
-    text = raw.decode("utf-8")
-    if not text.isascii() or "\x00" in text:
-        # the rare non-ASCII or NUL case: paho's per-character checks decide
-        raise ValueError("let paho check this string")
-    return text
-
-
-class _SharedTableProperties(Properties):
-    """paho's Properties with its (constant) name and type tables shared, not rebuilt per packet:
-    paho builds one for every packet it reads or writes, PUBACKs included."""
-
-    names = _TEMPLATE.names
-    properties = _TEMPLATE.properties
-    types = _TEMPLATE.types
-
-    def __init__(self, packet_type: int) -> None:
-        object.__setattr__(self, "packetType", packet_type)
-
-
-class _ReceivedProperties(Properties):
-    """What paho's packet code instantiates: PUBLISH properties get the fast parser and packer,
-    every other packet type the shared tables."""
-
-    def __new__(cls, packet_type: int) -> Properties:  # type: ignore[misc]
-        if packet_type == PacketTypes.PUBLISH:
-            return PublishProperties()
-        return _SharedTableProperties(packet_type)
-
-
-def _decode_publish(header: int, packet: bytes | bytearray, protocol: Any) -> Any:
-    """paho's ``decode_publish`` with one copy of the payload instead of four (it splits the
-    packet with ``struct.unpack`` three times, then slices it). Same result; anything it would
-    reject goes to paho's own function, so its errors are exactly paho's."""
-    view = memoryview(packet)
-    try:
-        n = len(view)
-        slen = view[0] << 8 | view[1]
-        pos = 2 + slen
-        qos = (header & 0x06) >> 1
-        v5 = protocol == mqtt.MQTTv5
-        if pos > n or (not v5 and slen == 0):
-            raise ValueError("let paho report it")
-        topic = bytes(view[2:pos])
-        mid = 0
-        if qos > 0:
-            if pos + 2 > n:
-                raise ValueError("let paho report it")
-            mid = view[pos] << 8 | view[pos + 1]
-            pos += 2
-        properties = None
-        if v5:
-            properties = _paho_packet.Properties(PacketTypes.PUBLISH)
-            _, length = properties.unpack(view[pos:])
-            pos += length
-        return _paho_packet.PublishPacket(
-            dup=bool(header & 0x08),
-            qos=qos,
-            retain=bool(header & 0x01),
-            topic=topic,
-            mid=mid,
-            properties=properties,
-            payload=bytes(view[pos:]),
-        )
-    except Exception:
-        return _PAHO_DECODE_PUBLISH(header, packet, protocol)
-    finally:
-        view.release()  # paho reuses nothing, but a live export would pin the bytearray's size
-
-
-class _Slices:
-    """An outgoing packet whose slices are views: paho resends ``packet[pos:]`` after each partial
-    write, which copies what is left every time (quadratic in the packet's size)."""
-
-    __slots__ = ("view",)
-
-    def __init__(self, data: bytes | bytearray) -> None:
-        self.view = memoryview(data)
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def __getitem__(self, index: slice) -> memoryview:
-        return self.view[index]
-
-
-_BIG_PACKET = 64 * 1024  # beyond one socket write: worth views instead of copies
-
-
-def _zero_copy_resends(paho: mqtt.Client) -> None:
-    queue = paho._packet_queue
-
-    def packet_queue(command: int, packet: bytes | bytearray, mid: int, qos: int, info: Any = None) -> Any:
-        if len(packet) > _BIG_PACKET:
-            packet = _Slices(packet)  # type: ignore[assignment]
-        return queue(command, packet, mid, qos, info)
-
-    paho._packet_queue = packet_queue  # type: ignore[method-assign]
-
-
-def install_fast_publish_properties() -> None:
-    """Make paho build its per-packet Properties with the classes above (same values, same bytes),
-    and decode PUBLISH packets with one payload copy."""
-    # paho.mqtt._packet only constructs Properties; paho.mqtt.client also isinstance-checks: left alone
-    if getattr(_paho_packet, "Properties", None) is Properties:
-        _paho_packet.Properties = _ReceivedProperties  # type: ignore[misc]
-    if _paho_packet.decode_publish is _PAHO_DECODE_PUBLISH:
-        _paho_packet.decode_publish = _decode_publish  # type: ignore[assignment]
-
-
-install_fast_publish_properties()
-
-
-_CLOSED = object()  # put in the inbox when the connection drops: wakes the receive loop
-
-
-class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
-    """aiomqtt's incoming queue, owned by us: the connection awaits it directly (see module doc),
-    bounds it, counts what it discards when full (aiomqtt only logs that), and is woken through
-    it when the connection drops."""
-
-    def __init__(self, owner: Connection, maxsize: int = 0) -> None:
-        super().__init__()  # bounded here, so that the close marker always fits
-        self._bound = maxsize
-        self._owner = owner
-        owner._inbox = self
-
-    def put_nowait(self, item: Any) -> None:
-        if self._bound and self.qsize() >= self._bound:
-            self._owner._dropped()
-            raise asyncio.QueueFull
-        super().put_nowait(item)
-
-    def close(self) -> None:
-        super().put_nowait(_CLOSED)
-
-
-def _write_directly(client: aiomqtt.Client) -> None:
-    """Send each packet when it is queued instead of on the event loop's next writable event.
-
-    aiomqtt answers paho's "I have data to write" with ``call_soon_threadsafe(add_writer, ...)``:
-    per publish a self-pipe write and read, two ``epoll_ctl`` calls and two more loop turns before
-    the bytes reach the socket. Here, on the loop's thread and outside a paho callback (where paho
-    itself would write at once if it ran its own loop), the packet is written straight away; only
-    when the socket's buffer is full does aiomqtt's writer take over until it drains. Measured in
-    ``bench/bench_transport.py``."""
-    paho = client._client
-    fallback = paho.on_socket_register_write  # aiomqtt's: add_writer via the self-pipe
-    loop = asyncio.get_running_loop()
-    loop_thread = threading.get_ident()
-    in_callback = paho._in_callback_mutex
-    scheduled = False
-
-    def write() -> None:
-        try:
-            paho.loop_write()
-        except Exception as exc:  # as aiomqtt's writer does: a broken socket ends the connection
-            if not client._disconnected.done():
-                client._disconnected.set_exception(exc)
-            return
-        if paho.want_write():  # the socket's buffer is full: wait until it is writable
-            fallback(paho, None, paho.socket())
-
-    def flush() -> None:
-        nonlocal scheduled
-        scheduled = False
-        write()
-
-    def register_write(c: Any, userdata: Any, sock: Any) -> None:
-        nonlocal scheduled
-        if threading.get_ident() != loop_thread:
-            fallback(c, userdata, sock)
-        elif in_callback.acquire(False):
-            in_callback.release()
-            write()
-        elif not scheduled:  # inside a paho callback: write once it has returned
-            scheduled = True
-            loop.call_soon(flush)
-
-    paho.on_socket_register_write = register_write
-    _zero_copy_resends(paho)
-
-
-class _Confirmation:
-    """Stands in aiomqtt's table of publishes awaiting their PUBACK/PUBCOMP: aiomqtt calls
-    ``set()`` from paho's callback, and this resolves a future the publisher awaits directly."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self.future = future
-
-    def set(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-    def expire(self) -> None:
-        self.fail(aiomqtt.MqttError("Operation timed out"))
-
-
-async def _publish(
-    client: aiomqtt.Client,
-    topic: str,
-    payload: bytes | bytearray | str | None,
-    qos: int,
-    retain: bool,
-    properties: Properties | None,
-    timeout: float,
-) -> None:
-    """aiomqtt's ``publish``, minus what it costs per call: the outgoing-call semaphore, an
-    ``asyncio.Event`` and a ``wait_for`` task to await the acknowledgement (two more loop turns
-    and ~50 µs of CPU per publish). Same paho call, same error types; the acknowledgement is a
-    future, failed at once if the connection drops (see ``Connection._run``)."""
-    info = client._client.publish(topic, payload, qos, retain, properties)
-    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-    if qos == 0 or info.is_published():
-        return
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-    confirmation = _Confirmation(future)
-    pending = client._pending_publishes
-    pending[info.mid] = confirmation  # type: ignore[assignment]
-    timer = loop.call_later(timeout, confirmation.expire)
-    try:
-        await future
-    finally:
-        timer.cancel()
-        pending.pop(info.mid, None)
-
-
-def _fail_confirmations(client: aiomqtt.Client, error: BaseException) -> None:
-    for waiting in list(client._pending_publishes.values()):
-        if isinstance(waiting, _Confirmation):
-            waiting.fail(error)
+def _matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic matching (``+`` one level, ``#`` the rest; wildcards never match a leading ``$``)."""
+    if topic_filter == topic:
+        return True
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f, t = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t):
+            return False
+        if level != "+" and level != t[i]:
+            return False
+    return len(f) == len(t)
 
 
 def _filter_of(subscription: str) -> str:
@@ -564,13 +152,25 @@ def _filter_of(subscription: str) -> str:
     return subscription
 
 
+def _ssl_context(url: BrokerURL) -> ssl.SSLContext | None:
+    if not url.tls:
+        return None
+    context = ssl.create_default_context(cafile=url.ca_file)
+    if url.cert_file:
+        context.load_cert_chain(url.cert_file, url.key_file)
+    if url.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class Connection:
     def __init__(
         self,
         url: BrokerURL,
         *,
         client_id: str,
-        will: aiomqtt.Will | None = None,
+        will: Will | None = None,
         keepalive: int = 30,
         backoff: Backoff = Backoff(),
         max_queued_incoming: int = 10_000,
@@ -581,16 +181,20 @@ class Connection:
         self._will = will
         self._keepalive = keepalive
         self._backoff = backoff
-        self._max_queued = max_queued_incoming
+        self._max_queued = max(1, max_queued_incoming)
         self._op_timeout = op_timeout
-        self._protocol = aiomqtt.ProtocolVersion.V311 if url.protocol == "3.1.1" else aiomqtt.ProtocolVersion.V5
+        self._members = url.members()
+        self._member = 0  # index into _members of the current (or next) attempt
+        self._versions: dict[int, int] = {}  # member index -> protocol that member speaks (auto: learnt)
+        self._version = MQTT_311 if url.protocol == "3.1.1" else MQTT_5
         self._subs: dict[str, int] = {}
         self._routes: list[tuple[str, MessageHandler]] = []
         self._match_cache: dict[str, list[MessageHandler]] = {}
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
-        self._client: aiomqtt.Client | None = None
-        self._inbox: _Inbox | None = None
+        self._session: Session | None = None
+        self._inbox: deque[Message] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -598,12 +202,14 @@ class Connection:
         self._fatal: str | None = None
         self.connects = 0
         self.dropped_incoming = 0
+        self.poisoned_publishes = 0
+        self.takeovers = 0
         self.log = structlog.get_logger("aiflow.connection").bind(client=client_id)
 
     # -- configuration ------------------------------------------------------------------------
     @property
     def is_v5(self) -> bool:
-        return self._protocol == aiomqtt.ProtocolVersion.V5
+        return self._version == MQTT_5
 
     @property
     def connected(self) -> bool:
@@ -612,6 +218,11 @@ class Connection:
     @property
     def subscriptions(self) -> dict[str, int]:
         return dict(self._subs)
+
+    @property
+    def broker(self) -> BrokerURL:
+        """The member of the URL list this connection uses (or tries) now."""
+        return self._members[self._member % len(self._members)]
 
     def route(self, topic_filter: str, handler: MessageHandler) -> None:
         """Send messages whose topic matches ``topic_filter`` to ``handler`` (several may match)."""
@@ -633,6 +244,7 @@ class Connection:
         if self._task is None:
             self._stopping = False
             self._fatal = None
+            self._inbox.clear()
             self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
         if wait:
             try:
@@ -656,14 +268,19 @@ class Connection:
                 await asyncio.wait_for(self._connected.wait(), 0.05 if left is None else min(0.05, left))
 
     async def stop(self) -> None:
+        """Disconnect in order (the broker then discards the Will) and end the reconnect loop."""
         self._stopping = True
+        session = self._session
+        if session is not None and not session.is_closed:
+            with contextlib.suppress(Exception):
+                await session.disconnect(timeout=2.0)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._connected.clear()
-        self._client = None
+        self._session = None
 
     async def __aenter__(self) -> Connection:
         await self.start()
@@ -672,35 +289,23 @@ class Connection:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _make_client(self) -> aiomqtt.Client:
-        url = self.url
-        tls_context = None
-        if url.tls:
-            tls_context = ssl.create_default_context(cafile=url.ca_file)
-            if url.cert_file:
-                tls_context.load_cert_chain(url.cert_file, url.key_file)
-            if url.tls_insecure:
-                tls_context.check_hostname = False
-                tls_context.verify_mode = ssl.CERT_NONE
-        return aiomqtt.Client(
-            url.host,
-            url.port,
-            username=url.username,
-            password=url.password,
-            identifier=self.client_id,
-            logger=_MQTT_LOG,
-            protocol=self._protocol,
-            will=self._will,
-            keepalive=self._keepalive,
-            timeout=self._op_timeout,
-            tls_context=tls_context,
-            tls_insecure=url.tls_insecure if url.tls else None,
-            socket_options=NODELAY,
-            max_queued_incoming_messages=self._max_queued,
-            queue_type=cast(Any, functools.partial(_Inbox, self)),
-            max_inflight_messages=1000,
-            max_concurrent_outgoing_calls=10_000,
-        )
+    def _incoming(self, message: Message) -> None:
+        """The session's per-message callback (in the socket's read callback): queue and wake the dispatcher."""
+        inbox = self._inbox
+        if len(inbox) >= self._max_queued:
+            self._dropped()
+            return
+        inbox.append(message)
+        if len(inbox) >= self._max_queued and self._session is not None:
+            self._session.pause_reading()
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _closed(self, error: ConnectionClosedError) -> None:
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _dropped(self) -> None:
         self.dropped_incoming += 1
@@ -708,168 +313,253 @@ class Connection:
         if n == 1 or n % 1000 == 0:
             self.log.warning("incoming queue full: messages dropped", dropped=n, bound=self._max_queued)
 
-    async def _run(self) -> None:
-        delays = self._backoff.delays()
-        while not self._stopping:
+    async def _connect(self, index: int) -> Session:
+        """One attempt on member ``index``, falling back to MQTT 3.1.1 at once where ``auto`` allows it."""
+        url = self._members[index]
+        auto = url.protocol == "auto"
+        version = self._versions.get(index, MQTT_311 if url.protocol == "3.1.1" else MQTT_5)
+        context = None
+        try:
+            context = _ssl_context(url)
+        except OSError as e:  # e.g. a CA/cert file that is missing or not PEM (ssl.SSLError)
+            self._fatal = f"bad TLS settings: {e}"
+            raise
+        while True:
             try:
-                try:
-                    client = self._make_client()
-                except OSError as e:  # e.g. a CA/cert file that is missing or not PEM (ssl.SSLError)
-                    self._fatal = f"bad TLS settings: {e}"
-                    raise
-                inbox = self._inbox
-                assert inbox is not None
-                async with client:
-                    _write_directly(client)
-                    self._client = client
-                    for sub, qos in list(self._subs.items()):
-                        await client.subscribe(sub, qos=qos)
-                    self.connects += 1
-                    self._last_error = None
-                    self._fatal = None
-                    delays = self._backoff.delays()
-                    self._connected.set()
-                    if self.connects > 1:
-                        self.log.info("reconnected", broker=str(self.url), attempt=self.connects)
-                    for hook in list(self._on_connect):
-                        await self._safe(hook, "on_connect")
-                    await self._receive(client, inbox)
-            except MqttConnectError as e:
-                if self.url.protocol == "auto" and self.is_v5 and "protocol" in str(e).lower():
-                    self.log.info("broker refused MQTT 5, falling back to 3.1.1", broker=str(self.url))
-                    self._protocol = aiomqtt.ProtocolVersion.V311
+                session = await Session.connect(
+                    url.host,
+                    url.port,
+                    ssl_context=context,
+                    server_hostname=url.host,
+                    timeout=min(self._op_timeout, _CONNECT_TIMEOUT),
+                    client_id=self.client_id,
+                    version=version,
+                    keepalive=self._keepalive,
+                    username=url.username,
+                    password=url.password,
+                    will=self._will,
+                    on_message=self._incoming,
+                    on_close=self._closed,
+                )
+            except ConnectRefusedError as e:
+                if auto and version == MQTT_5 and e.reason_code in (0x84, 1):
+                    self.log.info("broker refused MQTT 5, falling back to 3.1.1", broker=str(url))
+                    version = self._versions[index] = MQTT_311
                     continue
-                self._last_error = e
-                self._fatal = _definitive(e)
-                self.log.warning("connect failed", broker=str(self.url), error=str(e))
-            except aiomqtt.MqttError as e:
+                raise
+            except ConnectionClosedError as e:
+                if auto and version == MQTT_5 and e.before_connack:
+                    self.log.info("broker closed an MQTT 5 CONNECT unanswered, trying 3.1.1", broker=str(url))
+                    version = self._versions[index] = MQTT_311
+                    continue
+                if auto and e.before_connack and index in self._versions:
+                    del self._versions[index]  # 3.1.1 did no better: try MQTT 5 again next time
+                raise
+            self._version = version
+            return session
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delays = self._backoff.delays()
+        takeover_delay = self._backoff.maximum
+        short_lived = 0
+        while not self._stopping:
+            index = self._member % len(self._members)
+            url = self._members[index]
+            wait: float | None = None
+            session: Session | None = None
+            try:
+                session = await self._connect(index)
+                self._session = session
+                if self._subs:
+                    subs = list(self._subs.items())
+                    try:
+                        await session.subscribe(subs, timeout=self._op_timeout)
+                    except AckError as e:
+                        # Connected but deaf (a NATS member whose JetStream is not back yet refuses every
+                        # SUBSCRIBE with 0x80): a failed attempt, so we back off and retry or fail over.
+                        raise ConnectionClosedError(f"broker refused our subscriptions on connect: {e}") from e
+                self.connects += 1
+                self._last_error = None
+                self._fatal = None
+                self._connected.set()
+                if self.connects > 1:
+                    self.log.info("reconnected", broker=str(url), attempt=self.connects)
+                for hook in list(self._on_connect):
+                    await self._safe(hook, "on_connect")
+                await self._receive(session)
+            except ConnectionClosedError as e:
                 self._last_error = e
                 self._fatal = _definitive(e)
                 if not self._stopping:
-                    self.log.warning("connection lost", broker=str(self.url), error=str(e))
-            except OSError as e:  # includes ssl.SSLError
+                    self.log.warning(
+                        "connection lost" if session is not None else "connect failed", broker=str(url), error=str(e)
+                    )
+            except ConnectRefusedError as e:
+                self._last_error = e
+                self._fatal = _definitive(e)
+                self.log.warning("connect failed", broker=str(url), error=str(e))
+            except (OSError, TimeoutError) as e:  # includes ssl.SSLError
                 self._last_error = e
                 self._fatal = self._fatal or _definitive(e)
-                self.log.warning("connect failed", broker=str(self.url), error=str(e))
+                self.log.warning("connect failed", broker=str(url), error=str(e) or type(e).__name__)
             except Exception as e:  # the reconnect loop must outlive any surprise
                 self._last_error = e
-                self.log.exception("connection loop error", broker=str(self.url))
+                self.log.exception("connection loop error", broker=str(url))
             finally:
                 was_connected = self._connected.is_set()
                 self._connected.clear()
-                if self._client is not None:  # publishes awaiting an acknowledgement retry at once
-                    _fail_confirmations(
-                        self._client, aiomqtt.MqttError("connection lost before the broker acknowledged")
-                    )
-                self._client = None
+                self._session = None
+                if session is not None and not session.is_closed:
+                    session.abort()
                 if was_connected:
                     for hook in list(self._on_disconnect):
                         await self._safe(hook, "on_disconnect")
-            if not self._stopping:
-                await asyncio.sleep(next(delays))
+            if self._stopping:
+                break
+            # -- how long to wait before the next attempt (and on which member) ---------------------
+            if session is not None and session.closed.done():
+                error = session.closed.result()
+                lived = loop.time() - session.connected_at
+                taken_over = error.reason_code == TAKEOVER
+                by_broker = error.reason_code is not None or error.by_broker
+                short_lived = short_lived + 1 if (by_broker and lived < _SHORT_LIVED) else 0
+                if not taken_over and short_lived >= _CLASH_STREAK:
+                    taken_over = True
+                if taken_over:
+                    self.takeovers += 1
+                    self.log.warning(
+                        "another client with the same client id took the session over: backing off"
+                        if error.reason_code == TAKEOVER
+                        else "the broker keeps closing the connection right after connecting: another client "
+                        "may be using the same client id; backing off",
+                        client_id=self.client_id,
+                        broker=str(url),
+                        takeovers=self.takeovers,
+                        retry_in=round(takeover_delay, 1),
+                    )
+                    wait = takeover_delay
+                    takeover_delay = min(60.0, takeover_delay * 2)
+                elif lived >= _STABLE_AFTER:
+                    delays = self._backoff.delays()
+                    takeover_delay = self._backoff.maximum
+                    short_lived = 0
+            self._member += 1
+            if len(self._members) > 1:
+                self.log.info("next broker", broker=str(self.broker))
+            await asyncio.sleep(max(next(delays), wait or 0.0))
 
-    async def _receive(self, client: aiomqtt.Client, inbox: _Inbox) -> None:
-        """Dispatch incoming messages until the connection drops.
-
-        aiomqtt's message iterator spends a task and an ``asyncio.wait`` on every message (two
-        loop turns); here the loop awaits the queue itself, and the connection's end arrives in
-        it as a marker. What is already queued is dispatched without a loop turn per message:
-        paho reads nothing meanwhile, which is the backpressure (see module doc)."""
-        disconnected: asyncio.Future[None] = client._disconnected
-        disconnected.add_done_callback(lambda _: inbox.close())
+    async def _receive(self, session: Session) -> None:
+        """Dispatch queued messages, each handler awaited in turn, until the connection drops (see module doc)."""
+        loop = asyncio.get_running_loop()
+        inbox = self._inbox
+        resume_at = self._max_queued // 2
         while True:
-            message = await inbox.get()
-            while True:
-                if message is _CLOSED:
-                    error = None if disconnected.cancelled() else disconnected.exception()
-                    raise aiomqtt.MqttError("disconnected from the broker") from error
+            while inbox:
+                message = inbox.popleft()
+                if len(inbox) <= resume_at:
+                    session.resume_reading()
                 await self._dispatch(message)
-                if inbox.empty():
-                    break
-                message = inbox.get_nowait()
+            if session.closed.done():
+                raise session.closed.result()
+            self._wakeup = loop.create_future()
+            await self._wakeup
+            self._wakeup = None
 
     async def _safe(self, hook: Hook, what: str) -> None:
         try:
             await hook()
-        except aiomqtt.MqttError:
+        except ConnectionClosedError:
             raise
         except Exception:
             self.log.exception(f"{what} hook failed")
 
     def _handlers(self, topic: str) -> list[MessageHandler]:
-        """The handlers whose filter matches ``topic``, memoised per topic (aiomqtt's
-        ``Topic.matches`` builds a validated Wildcard per call: ~7 % of a node's time per message)."""
+        """The handlers whose filter matches ``topic``, memoised per topic."""
         handlers = self._match_cache.get(topic)
         if handlers is None:
-            t = aiomqtt.Topic(topic)
-            handlers = [h for f, h in self._routes if t.matches(f)]
+            handlers = [h for f, h in self._routes if _matches(f, topic)]
             if len(self._match_cache) >= 4096:  # e.g. one reply topic per client: stay bounded
                 self._match_cache.clear()
             self._match_cache[topic] = handlers
         return handlers
 
-    async def _dispatch(self, message: aiomqtt.Message) -> None:
-        for handler in self._handlers(message.topic.value):
+    async def _dispatch(self, message: Message) -> None:
+        for handler in self._handlers(message.topic):
             try:
                 await handler(message)
             except Exception:
                 # A raising handler must never take the connection down.
-                self.log.exception("message handler failed", topic=message.topic.value)
+                self.log.exception("message handler failed", topic=message.topic)
 
     # -- operations ---------------------------------------------------------------------------
     async def subscribe(self, subscription: str, qos: int = 1) -> None:
+        """Subscribe now if connected (raising :class:`AckError` if the broker refuses) and after every reconnect."""
         self._subs[subscription] = qos
-        client = self._client
-        if client is not None:
-            await client.subscribe(subscription, qos=qos)
+        session = self._session
+        if session is not None and self._connected.is_set():
+            try:
+                await session.subscribe([(subscription, qos)], timeout=self._op_timeout)
+            except ConnectionClosedError:
+                pass  # restored on reconnect
+            except (AckError, InvalidTopicError):
+                self._subs.pop(subscription, None)
+                raise
 
     async def unsubscribe(self, subscription: str) -> None:
         self._subs.pop(subscription, None)
-        client = self._client
-        if client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe(subscription)
+        session = self._session
+        if session is not None and self._connected.is_set():
+            with contextlib.suppress(ConnectionClosedError, AckError, TimeoutError):
+                await session.unsubscribe([subscription], timeout=self._op_timeout)
 
     async def publish(
         self,
         topic: str,
-        payload: bytes | bytearray | str | None,
+        payload: bytes | bytearray | memoryview | str | None,
         *,
         qos: int = 1,
         retain: bool = False,
         properties: dict[str, Any] | None = None,
         timeout: float | None = None,
-    ) -> None:
-        """Publish, waiting for a connection if needed; retried across a reconnect until ``timeout``."""
+    ) -> int | None:
+        """Publish, waiting for a connection if needed; retried across a reconnect until ``timeout``.
+
+        Returns the PUBACK reason code for QoS 1/2 on MQTT 5 (0 success, 16 "no matching subscribers"),
+        otherwise None. Raises :class:`InvalidTopicError` at once for a topic or string property the broker
+        would refuse (never sent), :class:`BrokerUnavailableError` when not done within ``timeout``. A publish
+        the broker dropped the connection for twice is dropped (see module doc) and returns None."""
+        check_publish(topic, properties)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else self._op_timeout)
+        suspected = 0
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise BrokerUnavailableError(f"could not publish to {topic!r}: not connected to {self.url}")
-            if not self._connected.is_set():
-                try:
+            session = self._session
+            if session is None or not self._connected.is_set():
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._connected.wait(), remaining)
-                except TimeoutError:
-                    continue
-            client = self._client
-            if client is None:
-                await asyncio.sleep(0)
                 continue
+            sent = loop.time()
             try:
-                await _publish(client, topic, payload, qos, retain, self._properties(properties), max(remaining, 0.001))
-                return
-            except aiomqtt.MqttCodeError as e:
-                if not self._connected.is_set() or "not currently connected" in str(e).lower():
-                    await asyncio.sleep(0.01)
-                    continue
-                raise BrokerUnavailableError(f"publish to {topic!r} failed: {e}") from e
-            except aiomqtt.MqttError as e:
-                if self._connected.is_set() and loop.time() >= deadline:
-                    raise BrokerUnavailableError(f"publish to {topic!r} failed: {e}") from e
-                await asyncio.sleep(0.01)
-
-    def _properties(self, props: dict[str, Any] | None) -> Properties | None:
-        if not props or not self.is_v5:
-            return None
-        return PublishProperties(props)
+                return await session.publish(
+                    topic, payload, qos, retain, properties if self.is_v5 else None, timeout=remaining, validate=False
+                )
+            except ConnectionClosedError as e:
+                if not e.unsent and qos > 0 and loop.time() - sent <= _SUSPECT_WINDOW:
+                    suspected += 1
+                    if suspected >= 2:
+                        self.poisoned_publishes += 1
+                        self.log.error(
+                            "publish dropped: the broker closed the connection right after it twice",
+                            topic=topic,
+                            size=len(payload or b""),
+                            error=str(e),
+                            poisoned=self.poisoned_publishes,
+                        )
+                        return None
+                await asyncio.sleep(0.01 if e.unsent else 0)
+            except TimeoutError as e:
+                raise BrokerUnavailableError(f"publish to {topic!r} failed: no acknowledgement in time") from e

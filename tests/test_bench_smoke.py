@@ -74,5 +74,5 @@ def test_transport_bench_runs(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "t.json").read_text())
     assert [r["payload"] for r in result["rtt"]] == [100, 1 << 20]
     assert result["throughput"]["aiflow_msgs_per_s"] > 0
-    assert result["throughput"]["raw_paho_msgs_per_s"] > 0 and result["throughput"]["raw_msgs_per_s"] > 0
+    assert result["throughput"]["raw_threaded_msgs_per_s"] > 0 and result["throughput"]["raw_msgs_per_s"] > 0
     assert all(len(r["block_ratios"]) == 2 for r in result["rtt"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import aiomqtt
@@ -14,10 +15,10 @@ from aiflow_agents import (
     AgentUnavailableError,
     BrokerURL,
     Client,
+    Message,
     RemoteAgentError,
     RequestTimeoutError,
 )
-from aiflow_agents.connection import NODELAY
 from protocols import (
     Envelope,
     FeatureSpace,
@@ -29,6 +30,7 @@ from protocols import (
 )
 
 pytestmark = pytest.mark.timeout(90)
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]  # for the stock aiomqtt peer below
 
 
 async def test_text_and_tensors_cross_intact(broker: BrokerURL, namespace: str, spawn) -> None:
@@ -108,7 +110,7 @@ async def test_malformed_frames_get_error_replies_and_node_keeps_serving(
         errors: list[Envelope] = []
         got_error = asyncio.Event()
 
-        async def on_error(message: aiomqtt.Message) -> None:
+        async def on_error(message: Message) -> None:
             from protocols import decode
 
             errors.append(decode(message.payload))  # type: ignore[arg-type]
@@ -124,7 +126,7 @@ async def test_malformed_frames_get_error_replies_and_node_keeps_serving(
         frame = frame[:-4]  # truncate the tensor segment
         pending_reply = asyncio.get_running_loop().create_future()
 
-        async def catch(message: aiomqtt.Message) -> None:
+        async def catch(message: Message) -> None:
             from protocols import decode
 
             e = decode(message.payload)  # type: ignore[arg-type]
@@ -261,7 +263,7 @@ async def test_duplicate_request_is_processed_once(broker: BrokerURL, namespace:
         env = c.prepare("e1", Envelope.request("once"), timeout=10)
         replies: list[Envelope] = []
 
-        async def count(message: aiomqtt.Message) -> None:
+        async def count(message: Message) -> None:
             from protocols import decode
 
             replies.append(decode(message.payload))  # type: ignore[arg-type]
@@ -359,31 +361,34 @@ async def test_node_without_a_broker_stops_on_sigterm(namespace: str, spawn) -> 
     assert time.monotonic() - t0 < 8
 
 
-async def test_the_transport_fast_paths_are_in_place(broker: BrokerURL) -> None:
-    """They rely on aiomqtt's and paho's internals: an upgrade that moves them must fail here, not
-    silently fall back to the slow paths (or break)."""
-    from paho.mqtt import _packet
+async def test_the_runtime_imports_no_third_party_mqtt_client(broker: BrokerURL) -> None:
+    """The transport is our own (aiflow_agents.mqtt): no paho/aiomqtt internals to break on an upgrade.
+    A node-sized round trip (200 kB, bigger than one socket write) crosses intact and the ack is matched."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, aiflow_agents, aiflow_agents.cli, topologies\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('paho', 'aiomqtt'))\n"
+        "print(bad)\n"
+    )
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
 
     from aiflow_agents import Connection
-    from aiflow_agents.connection import _decode_publish, _ReceivedProperties
 
-    assert _packet.decode_publish is _decode_publish and _packet.Properties is _ReceivedProperties
-    async with Connection(broker, client_id=f"fast-{time.monotonic_ns()}") as conn:
-        client = conn._client
-        assert client is not None
-        paho = client._client
-        assert paho.on_socket_register_write.__name__ == "register_write"
-        assert paho._packet_queue.__name__ == "packet_queue"
+    async with Connection(broker, client_id=f"big-{time.monotonic_ns()}") as conn:
         got: list[bytes] = []
         done = asyncio.Event()
 
-        async def on(message: aiomqtt.Message) -> None:
-            got.append(bytes(message.payload))  # type: ignore[arg-type]
+        async def on(message: Message) -> None:
+            got.append(message.payload)
             done.set()
 
-        conn.route("fast/#", on)
-        await conn.subscribe("fast/#", qos=1)
-        await conn.publish("fast/x", b"y" * 200_000, qos=1, timeout=10)  # a big one: resent from views
+        conn.route("big/#", on)
+        await conn.subscribe("big/#", qos=1)
+        await conn.publish("big/x", b"y" * 200_000, qos=1, timeout=10)
         await asyncio.wait_for(done.wait(), 10)
         assert got == [b"y" * 200_000]
-        assert client._pending_publishes == {}  # the acknowledgement was matched and cleared

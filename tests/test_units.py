@@ -79,7 +79,7 @@ def test_reply_and_error_reply_keep_the_trace() -> None:
     )
 
 
-# -- MQTT 5 PUBLISH properties: our packer and lazy parser against paho's own --------------------
+# -- MQTT 5 PUBLISH properties: our codec against paho's public Properties class (an independent peer) --
 def _paho_properties(values: dict) -> object:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -94,81 +94,54 @@ _PROPERTY_SETS = [
     {},
     {"ContentType": "application/vnd.aiflow.v1", "UserProperty": [("aiflow-kind", "request"), ("aiflow-id", "x")]},
     {
+        "ContentType": "text/é",
         "ResponseTopic": "aiflow/v1/ns/clients/c/replies",
         "CorrelationData": b"\x00\xffcorr",
         "MessageExpiryInterval": 4_000_000_000,
         "UserProperty": [("k", "v"), ("ключ", "значение ✓")],
-        "ContentType": "text/é",
     },
-    {"PayloadFormatIndicator": 1, "TopicAlias": 7, "SubscriptionIdentifier": 300_000},
+    {"PayloadFormatIndicator": 1, "SubscriptionIdentifier": [300_000], "TopicAlias": 7},
 ]
 
 
 @pytest.mark.parametrize("values", _PROPERTY_SETS, ids=range(len(_PROPERTY_SETS)))
-def test_publish_properties_pack_and_parse_like_paho(values: dict) -> None:
-    from aiflow_agents.connection import PublishProperties
+def test_publish_properties_read_what_paho_writes_and_back(values: dict) -> None:
+    """Interoperability of the property block: what paho packs we parse to the same values, and what we
+    pack paho parses to the same values (packing order may differ; both are valid)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
 
-    packed = PublishProperties(values).pack()
-    assert packed == _paho_properties(values).pack()  # type: ignore[attr-defined]
-    parsed, end = PublishProperties().unpack(packed + b"payload")
-    assert end == len(packed)
-    for name, value in values.items():
-        expected = [value] if name == "SubscriptionIdentifier" else value
-        assert getattr(parsed, name) == expected
-    assert parsed.json() == _paho_properties(values).json()  # type: ignore[attr-defined]
-    assert not hasattr(parsed, "ResponseTopic") or "ResponseTopic" in values
+    from aiflow_agents.mqtt import decode_properties, encode_properties
+    from aiflow_agents.mqtt.packets import _Reader
 
-
-def test_received_properties_are_parsed_only_when_read_and_a_bad_block_reads_as_none() -> None:
-    from aiflow_agents.connection import PublishProperties
-
-    good = PublishProperties({"ContentType": "x"}).pack()
-    parsed, _ = PublishProperties().unpack(good)
-    assert "ContentType" not in vars(parsed)  # nothing parsed yet
-    assert parsed.ContentType == "x"
-    # a string claiming 9 bytes where 2 follow: dropped, not raised from an attribute read
-    bad, end = PublishProperties().unpack(b"\x05\x03\x00\x09ab" + b"rest")
-    assert end == 6 and getattr(bad, "ContentType", None) is None and bad.isEmpty()
-    # a block whose length runs past the packet is paho's error, at once, as before
-    with pytest.raises(Exception):  # noqa: B017 - whatever paho raises, as before
-        PublishProperties().unpack(b"\x7f\x03")
+    theirs = _paho_properties(values).pack()  # type: ignore[attr-defined]
+    assert decode_properties(_Reader(theirs)) == values
+    ours = encode_properties(values)
+    back = Properties(PacketTypes.PUBLISH)
+    back.unpack(ours)
+    assert back.json() == _paho_properties(values).json()  # type: ignore[attr-defined]
+    assert len(ours) == len(theirs)
 
 
-def test_publish_decoding_matches_paho_for_good_and_bad_packets() -> None:
-    """The one-copy PUBLISH decoder returns what paho's returns, and fails where paho fails."""
+def test_publish_decoding_round_trips_and_refuses_truncations() -> None:
+    """Every PUBLISH shape decodes to what was encoded; every truncation is a typed error, never a crash."""
     import random
 
-    import paho.mqtt.client as mqtt
-    from paho.mqtt import _packet
+    from aiflow_agents.mqtt import MalformedPacketError, Publish, decode, encode
 
-    from aiflow_agents.connection import _PAHO_DECODE_PUBLISH, PublishProperties, _decode_publish
-
-    assert _packet.decode_publish is _decode_publish  # installed on import
     rng = random.Random(7)
-    props = PublishProperties({"ContentType": "x", "CorrelationData": b"c", "UserProperty": [("a", "b")]}).pack()
-    cases = []
+    props = {"ContentType": "x", "CorrelationData": b"c", "UserProperty": [("a", "b")]}
     for qos in (0, 1, 2):
-        for v5 in (True, False):
-            for topic in (b"a/b", b"", "ü/t".encode()):
-                body = struct_topic(topic) + (b"\x01\x02" if qos else b"") + (props if v5 else b"")
+        for version in (5, 4):
+            for topic in ("a/b", "ü/t"):
                 for payload in (b"", b"p" * 100, bytes(rng.randrange(256) for _ in range(300))):
-                    cases.append((0x30 | qos << 1 | rng.choice((0, 1, 8, 9)), bytearray(body + payload), v5))
-    for header, packet, v5 in cases:  # plus truncations of each: malformed packets
-        cases_to_try = [packet, packet[:1], packet[: max(0, len(packet) // 2)]]
-        for p in cases_to_try:
-            protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
-            try:
-                want = _PAHO_DECODE_PUBLISH(header, bytes(p), protocol)
-            except Exception as e:
-                with pytest.raises(type(e)):
-                    _decode_publish(header, bytearray(p), protocol)
-                continue
-            got = _decode_publish(header, bytearray(p), protocol)
-            assert got._replace(properties=None) == want._replace(properties=None)
-            assert type(got.payload) is bytes
-            if want.properties is not None:
-                assert got.properties.json() == want.properties.json()
-
-
-def struct_topic(topic: bytes) -> bytes:
-    return len(topic).to_bytes(2, "big") + topic
+                    p = Publish(
+                        topic, payload, qos, rng.random() < 0.5, False, 7 if qos else 0, props if version == 5 else {}
+                    )
+                    raw = encode(p, version)
+                    body = raw[2:] if raw[1] < 128 else raw[3:]
+                    assert decode(raw[0], body, version) == p
+                    header = len(body) - len(payload)  # a cut inside the payload is still well formed
+                    for cut in {0, 1, header // 2, header - 1}:
+                        with pytest.raises(MalformedPacketError):
+                            decode(raw[0], body[:cut], version)

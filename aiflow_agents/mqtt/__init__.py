@@ -1,0 +1,86 @@
+"""Our own MQTT 3.1.1 / 5 client on asyncio: a sans-I/O packet codec (:mod:`.packets`), the application's
+types (:mod:`.message`), one connection (:mod:`.session`) and its errors (:mod:`.errors`).
+
+It replaces the third-party client (and its patched internals) at run time; see ``docs/performance.md``.
+Reconnection, subscriptions across reconnects and routing live in :mod:`aiflow_agents.connection`.
+"""
+
+from protocols.mqtt_strings import mqtt_string_problem, topic_filter_problem, topic_name_problem
+
+from .errors import (
+    AckError,
+    ConnectionClosedError,
+    ConnectRefusedError,
+    InvalidTopicError,
+    MalformedPacketError,
+    MqttError,
+    PacketTooLargeError,
+    reason_name,
+)
+from .message import Message, Will
+from .packets import (
+    MQTT_5,
+    MQTT_311,
+    Connack,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    PingResp,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    StreamParser,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    check_publish,
+    decode,
+    decode_properties,
+    encode,
+    encode_properties,
+)
+from .session import Session
+
+__all__ = [
+    "MQTT_5",
+    "MQTT_311",
+    "AckError",
+    "Connack",
+    "Connect",
+    "ConnectRefusedError",
+    "ConnectionClosedError",
+    "Disconnect",
+    "InvalidTopicError",
+    "MalformedPacketError",
+    "Message",
+    "MqttError",
+    "Packet",
+    "PacketTooLargeError",
+    "PingReq",
+    "PingResp",
+    "PubAck",
+    "PubComp",
+    "PubRec",
+    "PubRel",
+    "Publish",
+    "Session",
+    "StreamParser",
+    "SubAck",
+    "Subscribe",
+    "UnsubAck",
+    "Unsubscribe",
+    "Will",
+    "check_publish",
+    "decode",
+    "decode_properties",
+    "encode",
+    "encode_properties",
+    "mqtt_string_problem",
+    "reason_name",
+    "topic_filter_problem",
+    "topic_name_problem",
+]
