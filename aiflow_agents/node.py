@@ -3,13 +3,21 @@
 A node never dies on a bad frame or a raising handler: every failure becomes an error envelope
 to the requester when a reply address is known (from the envelope, or from the MQTT 5
 ResponseTopic/CorrelationData of a frame that could not be decoded), and otherwise a log line
-plus an error envelope on the agent's ``errors`` topic.
+plus an error envelope on the agent's ``errors`` topic. Header strings that would become MQTT
+topics or properties are checked when the frame is decoded (SPEC §6.1), so no frame can make the
+node publish something the broker disconnects it for; a bad reply address is never used.
 
-Load policy: at most ``max_concurrency`` handlers run at once; up to ``max_pending`` more wait;
-beyond that requests are refused at once with the retryable error ``overloaded``. Refusals go
+Replay (SPEC §12 item 8): a request whose ``recipient`` is not the agent (or group) of the inbox it
+arrived on, or whose ``created_at`` lies outside ``max_frame_age`` +- ``clock_skew``, is refused and
+reported on the errors topic, never answered; ids are remembered for that whole window.
+
+Load policy, per agent: at most ``max_concurrency`` handlers run at once; up to ``max_pending``
+more wait; per node, at most ``max_queued_bytes`` of request frames are held; a sender's deadline
+is capped at ``max_deadline``. Beyond a bound requests are refused at once with the retryable
+error ``overloaded``, and one agent's stuck handler never makes another refuse. Refusals go
 out at QoS 0 from background tasks (at most ``_MAX_REFUSALS`` unsent), so the message loop never
-waits on the socket per refused request: under a flood it keeps draining its queue before paho
-reads more (see ``connection``), a refused request's payload is freed as soon as it is read, and
+waits on the socket per refused request: under a flood it keeps draining its queue before more
+is read (see ``connection``), a refused request's payload is freed as soon as it is read, and
 the node's memory stays flat. A refusal lost with a dropped connection becomes the requester's
 timeout.
 
@@ -31,7 +39,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import aiomqtt
 import structlog
 
 from protocols import (
@@ -53,9 +60,11 @@ from protocols import (
     decode,
     encode,
     mqtt5_properties,
+    mqtt_string_problem,
     new_id,
     ops,
     peek_header,
+    topic_name_problem,
 )
 
 from .agent import Agent, AgentContext, Reply
@@ -63,10 +72,17 @@ from .broker import BrokerURL, broker_from_env
 from .client import Client
 from .connection import Connection
 from .errors import AgentError, BrokerUnavailableError
+from .mqtt import Message, Will
 
 HOPS = "hops"
+DEFAULT_MAX_FRAME_AGE = 300.0  # s: older requests are refused (replay bound, SPEC §12 item 8)
+DEFAULT_CLOCK_SKEW = 30.0  # s: how far participants' clocks may disagree
+DEFAULT_MAX_DEADLINE = 600.0  # s: the longest a sender may ask a handler to run
+DEFAULT_MAX_QUEUED_BYTES = 256 << 20  # request frames held by one node (running + waiting)
 _MAX_REFUSALS = 256  # overload refusals not yet written to the socket; beyond that the loop waits
+NODE_KEEPALIVE = 5  # s: MQTT keepalive of a node; the broker fires a frozen node's Will ~1.5x this later
 ACCEPT_POLICY = "accept"
+_REANNOUNCE_AFTER = 30.0  # seconds between re-publishing the retained agent records
 
 
 def _accepted(request: Envelope, reply: Envelope) -> bool:
@@ -84,32 +100,55 @@ def _accepted(request: Envelope, reply: Envelope) -> bool:
     return isinstance(confidence, (int, float)) and confidence >= float(threshold)
 
 
-def _usable(value: Any, max_len: int) -> str | None:
-    """A string from a broken frame's header, if an error envelope can carry it (length, UTF-8)."""
+def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
+    """A string from a broken frame's header (or MQTT properties), if an error envelope and its
+    MQTT packet can carry it: length, and MQTT's rules for strings (topic names for ``topic``)."""
     if not isinstance(value, str) or not 0 < len(value) <= max_len:
         return None
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # a lone surrogate
-        return None
-    return value
+    return value if (topic_name_problem if topic else mqtt_string_problem)(value) is None else None
+
+
+class _Slot:
+    """One agent's share of the node: its own concurrency and queue bound."""
+
+    __slots__ = ("limit", "queued", "sem")
+
+    def __init__(self, concurrency: int, pending: int) -> None:
+        self.sem = asyncio.Semaphore(concurrency)
+        self.limit = concurrency + pending
+        self.queued = 0  # requests of this agent running or waiting for the semaphore
 
 
 class _RecentIds:
-    """Message ids seen lately: QoS 1 may redeliver, and a request must run once."""
+    """Message ids seen lately: QoS 1 may redeliver, and a request must run once.
 
-    def __init__(self, size: int) -> None:
+    An id is kept for ``ttl`` seconds (the freshness window and clock skew, so a replay that is
+    still fresh enough to be accepted is always recognised), and at most ``size`` ids are kept;
+    beyond that the oldest go first (bounded memory: ~200 bytes an id)."""
+
+    def __init__(self, size: int, ttl: float | None = None) -> None:
         self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self.ttl = ttl
+        self._ids: OrderedDict[str, float] = OrderedDict()
 
-    def seen(self, key: str) -> bool:
-        if key in self._ids:
-            self._ids.move_to_end(key)
+    def seen(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        ids = self._ids
+        if key in ids:
             return True
-        self._ids[key] = None
-        if len(self._ids) > self.size:
-            self._ids.popitem(last=False)
+        if self.ttl is not None:
+            while ids:
+                oldest, expires = next(iter(ids.items()))
+                if expires > now:
+                    break
+                del ids[oldest]
+        ids[key] = now + (self.ttl or 0.0)
+        if len(ids) > self.size:
+            ids.popitem(last=False)
         return False
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class Node:
@@ -123,9 +162,16 @@ class Node:
         max_concurrency: int = 64,
         max_pending: int = 1024,
         limits: Limits = DEFAULT_LIMITS,
-        dedupe_window: int = 4096,
+        dedupe_window: int = 100_000,
         tier: str | None = None,
         signing_key: SigningKeyLike | None = None,
+        max_frame_age: float | None = DEFAULT_MAX_FRAME_AGE,
+        clock_skew: float = DEFAULT_CLOCK_SKEW,
+        max_deadline: float | None = DEFAULT_MAX_DEADLINE,
+        max_queued_bytes: int | None = DEFAULT_MAX_QUEUED_BYTES,
+        heartbeat: float | None = 2.0,
+        claim_after: float | None = 0.2,
+        keepalive: int = NODE_KEEPALIVE,
     ) -> None:
         if not agents:
             raise ValueError("a node needs at least one agent")
@@ -143,12 +189,29 @@ class Node:
         self.limits = limits
         self.keyring = as_keyring(signing_key)
         self.tier = tier
+        # Liveness (see presence.py and client.py): a beat every ``heartbeat`` s; a request still
+        # running after ``claim_after`` s is claimed, so its requester knows which node holds it.
+        self.heartbeat = heartbeat
+        self.claim_after = claim_after
+        self._session = 0
+        self._beating: asyncio.Task[None] | None = None
+        self._claims: set[asyncio.Task[None]] = set()
+        # Load bounds, per agent (one agent's stuck handler never makes its siblings refuse) and,
+        # in bytes of request frames held, per node.
         self.max_concurrency = max_concurrency
         self.max_pending = max_pending
-        self._sem = asyncio.Semaphore(max_concurrency)
+        self.max_queued_bytes = max_queued_bytes
+        self._slots = {a.agent_id: _Slot(max_concurrency, max_pending) for a in agents}
+        self._queued_bytes = 0
         self._inflight: set[asyncio.Task[None]] = set()
         self._refusing: set[asyncio.Task[None]] = set()
-        self._recent = _RecentIds(dedupe_window)
+        # Replay bounds: requests older than max_frame_age (+ skew) are refused, so ids need to be
+        # remembered only that long (+ skew for frames dated up to ``skew`` in the future).
+        self.max_frame_age = max_frame_age
+        self.clock_skew = clock_skew
+        self.max_deadline = max_deadline
+        ttl = None if max_frame_age is None else max_frame_age + 2 * clock_skew
+        self._recent = _RecentIds(dedupe_window, ttl)
         # group topic -> agent ids on this node in that group (static from config, or joined at run time)
         self._groups: dict[str, set[str]] = {}
         for a in agents:
@@ -158,7 +221,8 @@ class Node:
         self.connection = Connection(
             url,
             client_id=self.node_id,
-            will=aiomqtt.Will(self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True),
+            will=Will(self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True),
+            keepalive=keepalive,
         )
         self.client = Client(connection=self.connection, namespace=namespace, limits=limits, signing_key=self.keyring)
         self.stats: dict[str, int] = {
@@ -169,6 +233,9 @@ class Node:
             "duplicates": 0,
             "overloaded": 0,
             "unsigned_rejected": 0,
+            "wrong_recipient": 0,
+            "stale": 0,
+            "deadlines_clamped": 0,
         }
         self._stopped = asyncio.Event()
         self._started = False
@@ -192,10 +259,13 @@ class Node:
             await self.connection.subscribe(want, qos=1)
         for topic in self._groups:
             await self.connection.subscribe(topic, qos=1)
-        record = PresenceRecord(
-            status=Status.ONLINE, node_id=self.node_id, tier=self.tier, pid=os.getpid(), host=socket.gethostname()
+        await self.connection.publish(
+            self.topics.node_presence(self.node_id), self._node_record(new_session=True), qos=1, retain=True
         )
-        await self.connection.publish(self.topics.node_presence(self.node_id), record.to_bytes(), qos=1, retain=True)
+        await self._publish_agent_records()
+        self.log.info("online", broker=str(self.url), agents=list(self.agents), v5=self.connection.is_v5)
+
+    async def _publish_agent_records(self) -> None:
         for agent in self.agents.values():
             rec = PresenceRecord(
                 status=Status.ONLINE,
@@ -210,7 +280,6 @@ class Node:
             await self.connection.publish(
                 self.topics.agent_presence(agent.agent_id, self.node_id), rec.to_bytes(), qos=1, retain=True
             )
-        self.log.info("online", broker=str(self.url), agents=list(self.agents), v5=self.connection.is_v5)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self, timeout: float | None = 10.0) -> Node:
@@ -225,6 +294,8 @@ class Node:
         await self.client.start()
         self.connection.on_connect(self._announce)
         await self.connection.start(timeout=timeout)
+        if self.heartbeat:
+            self._beating = asyncio.create_task(self._beat(self.heartbeat), name=f"heartbeat-{self.node_id}")
         return self
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -246,6 +317,7 @@ class Node:
                 await asyncio.wait(still, timeout=1.0)
         if self._refusing:
             await asyncio.wait(set(self._refusing), timeout=1.0)
+        await self._stop_beating()
         with contextlib.suppress(Exception):
             for agent in self.agents.values():
                 # An empty retained payload deletes the retained record.
@@ -328,8 +400,8 @@ class Node:
         members.add(agent.agent_id)
         await self._send(agent, env, env.reply(sender=agent.agent_id, meta={ops.GROUP: group, "joined": True}))
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
+    async def _on_message(self, message: Message) -> None:
+        topic = message.topic
         targets = self._targets(topic)
         if not targets:
             return
@@ -341,21 +413,68 @@ class Node:
             await self._reject_frame(targets[0], message, e)
             return
         for agent in targets:
-            await self._accept(agent, env, len(payload))  # type: ignore[arg-type]
+            await self._accept(agent, env, len(payload), topic)  # type: ignore[arg-type]
 
-    async def _accept(self, agent: Agent, env: Envelope, size: int) -> None:
+    def _misaddressed(self, agent: Agent, env: Envelope, topic: str) -> str | None:
+        """Why ``env`` is not for ``agent`` (SPEC §12 item 8), or None. Binding the recipient (which
+        the MAC covers) stops a captured signed request from being replayed to another agent."""
+        recipient = env.recipient
+        if recipient is None:
+            if self.keyring is None:
+                return None  # unsigned deployments: nothing is authenticated anyway
+            return "a signed request must name its recipient"
+        if recipient == agent.agent_id:
+            return None
+        if topic in self._groups:
+            group = topic[len(self.topics.base) + len("/groups/") : -len("/inbox")]
+            if recipient == group:
+                return None
+            return f"recipient {recipient!r} is neither group {group!r} nor its member {agent.agent_id!r}"
+        return f"recipient {recipient!r} is not {agent.agent_id!r}, whose inbox it arrived on"
+
+    def _stale(self, env: Envelope, now: float) -> str | None:
+        """Why ``env`` is outside the freshness window (too old, or dated in the future), or None."""
+        if self.max_frame_age is None:
+            return None
+        age = now - env.created_at
+        if age > self.max_frame_age + self.clock_skew:
+            return f"created {age:.0f} s ago; this node accepts requests up to {self.max_frame_age:g} s old"
+        if age < -self.clock_skew:
+            return f"created {-age:.0f} s in the future (allowed clock skew {self.clock_skew:g} s)"
+        return None
+
+    async def _accept(self, agent: Agent, env: Envelope, size: int, topic: str = "") -> None:
         if env.kind != Kind.REQUEST:
             with contextlib.suppress(Exception):
                 await agent.on_event(env, self._context(agent, env))
+            return
+        now = time.time()
+        why = self._misaddressed(agent, env, topic) if topic else None
+        if why is not None:
+            self.stats["wrong_recipient"] += 1
+            await self._report(agent, env, "wrong_recipient", why)
+            return
+        why = self._stale(env, now)
+        if why is not None:
+            self.stats["stale"] += 1
+            await self._report(agent, env, "stale_frame", why, created_at=env.created_at, now=now)
             return
         if self._recent.seen(f"{agent.agent_id}/{env.id}"):
             self.stats["duplicates"] += 1
             self.log.info("duplicate request ignored", agent=agent.agent_id, id=env.id)
             return
         self.stats["requests"] += 1
-        if env.expired():
+        if env.expired(now):
             await self._send_error(agent, env, "deadline_exceeded", "request arrived after its deadline")
             return
+        if self.max_deadline is not None:
+            # The sender chooses the deadline; the node caps it (the handler's timeout, the reply's
+            # expiry and any forwarded hop all follow the capped value).
+            cap = now + self.max_deadline
+            if env.deadline is None or env.deadline > cap:
+                if env.deadline is not None:
+                    self.stats["deadlines_clamped"] += 1
+                env.deadline = cap
         if env.meta.get(ops.OP) == ops.Op.JOIN_GROUP:
             await self._join_group(agent, env)
             return
@@ -363,13 +482,104 @@ class Node:
         if reason is not None:
             await self._send_error(agent, env, "unsupported_input", reason)
             return
-        if len(self._inflight) >= self.max_concurrency + self.max_pending:
+        slot = self._slots[agent.agent_id]
+        if slot.queued >= slot.limit:
             self.stats["overloaded"] += 1
-            await self._refuse(agent, env, f"node {self.node_id} has {len(self._inflight)} requests queued")
+            await self._refuse(agent, env, f"agent {agent.agent_id} has {slot.queued} requests queued")
             return
+        if (
+            self.max_queued_bytes is not None
+            and self._queued_bytes
+            and self._queued_bytes + size > self.max_queued_bytes
+        ):
+            self.stats["overloaded"] += 1
+            held = self._queued_bytes
+            await self._refuse(
+                agent, env, f"node {self.node_id} holds {held} bytes of requests (bound {self.max_queued_bytes})"
+            )
+            return
+        slot.queued += 1
+        self._queued_bytes += size
         task = asyncio.create_task(self._serve(agent, env), name=f"serve-{agent.agent_id}-{env.id[:8]}")
         self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._inflight.discard(t)
+            slot.queued -= 1
+            self._queued_bytes -= size
+
+        task.add_done_callback(done)
+        if self.claim_after is not None and env.reply_to:
+            asyncio.get_running_loop().call_later(self.claim_after, self._claim, agent, env, task)
+
+    # -- liveness -----------------------------------------------------------------------------
+    def _node_record(self, *, new_session: bool = False) -> bytes:
+        """This node's online record: announced (retained) on connect, repeated as the heartbeat."""
+        if new_session:
+            self._session += 1
+        record = PresenceRecord(
+            status=Status.ONLINE,
+            node_id=self.node_id,
+            tier=self.tier,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            heartbeat=self.heartbeat,
+            claim_after=self.claim_after,
+            session=self._session,
+        )
+        return record.to_bytes()
+
+    async def _beat(self, interval: float) -> None:
+        """Heartbeats: one small QoS 0, not retained record per interval, while connected. Clients
+        treat a node silent for several intervals as offline even when its Will cannot reach them
+        (a dead bridge or cluster member)."""
+        topic = self.topics.node_presence(self.node_id)
+        every = max(1, round(_REANNOUNCE_AFTER / interval))
+        beats = 0
+        while True:
+            await asyncio.sleep(interval)
+            if not self.connection.connected:
+                continue
+            beats += 1
+            try:
+                await self.connection.publish(topic, self._node_record(), qos=0, timeout=interval)
+                if beats % every == 0:
+                    # Retained agent records again, now and then: a cluster that lost one (seen on a NATS
+                    # cluster: a record never reached a client on another member) heals without a restart.
+                    await self._publish_agent_records()
+            except Exception as e:  # a missed beat is the signal itself: never stop beating
+                self.log.debug("heartbeat not sent", error=str(e))
+
+    async def _stop_beating(self) -> None:
+        task, self._beating = self._beating, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _claim(self, agent: Agent, env: Envelope, task: asyncio.Task[None]) -> None:
+        """Tell the requester this node is working on ``env`` (only requests still running after
+        ``claim_after``: fast ones cost nothing), so it can fail them at once if this node dies."""
+        if task.done() or not env.reply_to:
+            return
+        event = Envelope(
+            kind=Kind.EVENT,
+            sender=agent.agent_id,
+            recipient=env.sender,
+            correlation_id=env.correlation_id or env.id,
+            parent_id=env.id,
+            trace_id=env.trace_id,
+            meta={"claimed": self.node_id},
+        )
+
+        async def publish(topic: str) -> None:
+            # QoS 0: a lost claim only makes a requester treat the request as lost if a replica dies
+            with contextlib.suppress(Exception):
+                await self.connection.publish(topic, self._encode(event), qos=0, timeout=5.0)
+
+        claim = asyncio.create_task(publish(env.reply_to))
+        self._claims.add(claim)
+        claim.add_done_callback(self._claims.discard)
 
     async def _refuse(self, agent: Agent, env: Envelope, message: str) -> None:
         """Answer ``overloaded`` without waiting for the socket (see the module doc)."""
@@ -405,7 +615,7 @@ class Node:
         started = time.time()
         ctx = self._context(agent, env)
         try:
-            async with self._sem:
+            async with self._slots[agent.agent_id].sem:
                 remaining = env.remaining()
                 async with asyncio.timeout(remaining if remaining is not None else None):
                     result = await agent.handle(env, ctx)
@@ -428,18 +638,27 @@ class Node:
             reply = env.error_reply(
                 "handler_error", f"{type(e).__name__}: {e}", sender=agent.agent_id, exception=type(e).__name__
             )
-        if env.route and not env.expired() and not _accepted(env, reply):
-            await self._forward(agent, env, reply, started)
-            return
-        if env.meta.get(HOPS):
-            reply.meta = {**reply.meta, HOPS: env.meta[HOPS]}
-        await self._send(agent, env, reply)
+        try:
+            if env.route and not env.expired() and not _accepted(env, reply):
+                await self._forward(agent, env, reply, started)
+                return
+            if env.meta.get(HOPS):
+                reply.meta = {**reply.meta, HOPS: env.meta[HOPS]}
+            await self._send(agent, env, reply)
+        except Exception:  # never an unhandled task exception: the node keeps serving
+            ctx.log.exception("answer lost")
 
     async def _forward(self, agent: Agent, env: Envelope, reply: Envelope, started: float) -> None:
         """Escalate straight to the next agent on the route: one hop, not a round trip through the
         requester. The requester gets a progress event so it can time the hop and fall through if
         the next stage never answers."""
         nxt, rest = env.route[0], env.route[1:]
+        try:
+            next_inbox = self.topics.inbox(nxt)
+        except ValueError as e:  # the hop is no agent id: tell the requester, do not guess
+            self.log.warning("forward refused: bad route hop", agent=agent.agent_id, to=nxt)
+            await self._send(agent, env, env.error_reply("bad_route", str(e), sender=agent.agent_id, hop=nxt))
+            return
         hop = {
             "agent": agent.agent_id,
             "node": self.node_id,
@@ -488,8 +707,8 @@ class Node:
             with contextlib.suppress(BrokerUnavailableError, ValueError):
                 await self.connection.publish(env.reply_to, self._encode(event), qos=1)
         try:
-            await self.connection.publish(self.topics.inbox(nxt), frame, qos=1, properties=mqtt5_properties(fwd))
-        except BrokerUnavailableError as e:
+            await self.connection.publish(next_inbox, frame, qos=1, properties=mqtt5_properties(fwd))
+        except (BrokerUnavailableError, ValueError) as e:
             self.log.error("forward failed", agent=agent.agent_id, to=nxt, error=str(e))
 
     def _as_reply(self, agent: Agent, env: Envelope, result: Reply) -> Envelope:
@@ -555,12 +774,29 @@ class Node:
             return
         await self._send(agent, request, reply)
 
-    async def _reject_frame(self, agent: Agent, message: aiomqtt.Message, error: ProtocolError) -> None:
+    async def _report(self, agent: Agent, env: Envelope, code: str, message: str, **detail: Any) -> None:
+        """Refuse a decoded request without answering it: log it and report it on the agent's
+        errors topic (SPEC §12 items 7-8). For frames that are authentic but out of place (another
+        agent's, or too old), where an answer at ``reply_to`` could fail a genuine pending request."""
+        claimed = {"id": env.id, "sender": env.sender, "recipient": env.recipient}
+        self.log.warning("request refused", agent=agent.agent_id, code=code, error=message, claimed=claimed)
+        await self._publish_report(agent, code, message, {"claimed": claimed, **detail})
+
+    async def _publish_report(self, agent: Agent, code: str, message: str, detail: dict[str, Any]) -> None:
+        self.stats["errors"] += 1
+        info = ErrorInfo(code=code, message=message, agent=agent.agent_id, detail=detail)
+        with contextlib.suppress(Exception):
+            await self.client.publish(
+                self.topics.errors(agent.agent_id),
+                Envelope(kind=Kind.ERROR, sender=agent.agent_id, created_at=time.time(), error=info),
+            )
+
+    async def _reject_frame(self, agent: Agent, message: Message, error: ProtocolError) -> None:
         """Answer a frame we could not decode, if we can tell where the answer should go."""
         payload: bytes = message.payload  # type: ignore[assignment]
         props = message.properties
-        reply_to = getattr(props, "ResponseTopic", None) if props is not None else None
-        corr_raw = getattr(props, "CorrelationData", None) if props is not None else None
+        reply_to = _usable(props.get("ResponseTopic"), 1024, topic=True)
+        corr_raw = props.get("CorrelationData")
         corr = corr_raw.decode("utf-8", "replace") if isinstance(corr_raw, (bytes, bytearray)) else None
         header = error.header or {}
         unsigned = isinstance(error, (SignatureError, UnsignedFrameError))
@@ -583,15 +819,14 @@ class Node:
                 claimed=claimed,
                 size=len(payload),
             )
-            info = ErrorInfo(code=error.code, message=error.message, agent=agent.agent_id, detail={"claimed": claimed})
-            with contextlib.suppress(Exception):
-                await self.client.publish(
-                    self.topics.errors(agent.agent_id),
-                    Envelope(kind=Kind.ERROR, sender=agent.agent_id, created_at=time.time(), error=info),
-                )
+            await self._publish_report(agent, error.code, error.message, {"claimed": claimed})
             return
-        if not reply_to:
-            reply_to = _usable(header.get("reply_to"), 1024)
+        if error.field == "reply_to":
+            # Not a topic one can publish to (SPEC §6.1): answering there would get this node
+            # disconnected by the broker. Reported on the errors topic below instead.
+            reply_to = None
+        elif not reply_to:
+            reply_to = _usable(header.get("reply_to"), 1024, topic=True)
         if corr is None:
             corr = _usable(header.get("correlation_id"), 128) or _usable(header.get("id"), 128)
         corr = _usable(corr, 128)
@@ -601,10 +836,14 @@ class Node:
             agent=agent.agent_id,
             code=error.code,
             error=error.message,
+            field=error.field,
             reply_to=reply_to,
             size=len(payload),
         )
-        info = ErrorInfo(code="bad_frame", message=f"{error.code}: {error.message}", agent=agent.agent_id)
+        detail = {"field": error.field} if error.field else {}
+        info = ErrorInfo(
+            code="bad_frame", message=f"{error.code}: {error.message}", agent=agent.agent_id, detail=detail
+        )
         reply = Envelope(
             kind=Kind.ERROR,
             sender=agent.agent_id,

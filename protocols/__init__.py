@@ -45,6 +45,7 @@ from .errors import (
     UnsupportedDTypeError,
     UnsupportedVersionError,
 )
+from .mqtt_strings import mqtt_string_problem, topic_filter_problem, topic_name_problem
 from .signing import (
     ENV_SIGNING_KEY,
     FLAG_SIGNED,
@@ -114,8 +115,11 @@ __all__ = [
     "key_from_env",
     "key_from_hex",
     "mqtt5_properties",
+    "mqtt_string_problem",
     "new_id",
     "ops",
     "peek_header",
     "signing",
+    "topic_filter_problem",
+    "topic_name_problem",
 ]

@@ -114,6 +114,12 @@ class PresenceRecord(BaseModel):
     pid: int | None = None
     host: str | None = None
     ts: float = Field(default_factory=time.time)
+    # Liveness (node records): seconds between heartbeats (None: the node sends none, only its
+    # Will says it is gone); seconds after which a still-running request is claimed; a counter
+    # that grows with every (re)connect, so a reader can tell a fresh announcement from a replay.
+    heartbeat: float | None = None
+    claim_after: float | None = None
+    session: int | None = None
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

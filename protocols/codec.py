@@ -44,6 +44,7 @@ from .errors import (
     SegmentError,
     UnsupportedVersionError,
 )
+from .mqtt_strings import mqtt_string_problem, topic_name_problem
 from .signing import (
     FLAG_SIGNED,
     KNOWN_FLAGS,
@@ -152,6 +153,9 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: 
     With ``signing_key`` the frame is signed (SPEC §13.1): flag bit 0 set, key id + HMAC appended.
     """
     keyring = as_keyring(signing_key) if signing_key is not None else None
+    problem = mqtt_field_problem(envelope)
+    if problem is not None:
+        raise EncodeError(f"{problem[0]}: {problem[1]}")
     if sys.byteorder != "little":  # pragma: no cover - no big-endian host in sight
         raise EncodeError("encoding on big-endian hosts is not implemented")
     if len(envelope.parts) > limits.max_parts:
@@ -451,7 +455,38 @@ def _decode(payload: bytes | bytearray | memoryview, limits: Limits, keyring: Ke
         _parse_header(text)  # raises HeaderDecodeError naming the literal, as the stdlib parser sees it
     if len(h.parts) > limits.max_parts:
         _check_part_count(_parse_header(text), limits)
+    problem = mqtt_field_problem(h)
+    if problem is not None:
+        field, why = problem
+        raise HeaderValidationError(f"{field}: {why}", header=_h(text), field=field.split("[", 1)[0])
     return _assemble(h, view, header_len, limits, text)
+
+
+# Header strings an MQTT node copies into PUBLISH packets: user properties and CorrelationData
+# (id, sender, correlation_id), a reply's fields (recipient, trace_id, parent_id) and topics
+# (reply_to; each route hop becomes an inbox topic level). SPEC §6 check 12a.
+_MQTT_STRING_FIELDS = ("id", "sender", "recipient", "correlation_id", "trace_id", "parent_id")
+
+
+def mqtt_field_problem(h: Any) -> tuple[str, str] | None:
+    """``(field, reason)`` for the first header string a broker would refuse (SPEC §6 check 12a),
+    or None. ``h`` is an :class:`Envelope` or a validated header (same attribute names)."""
+    for name in _MQTT_STRING_FIELDS:
+        value = getattr(h, name)
+        if value is not None and not (value.isascii() and value.isprintable()):  # fast path: plain ASCII
+            why = mqtt_string_problem(value)
+            if why is not None:
+                return name, why
+    reply_to = h.reply_to
+    if reply_to is not None:
+        why = topic_name_problem(reply_to)
+        if why is not None:
+            return "reply_to", f"not an MQTT topic name: {why}"
+    for i, hop in enumerate(h.route):
+        why = topic_name_problem(hop) or ("'/' in a topic level" if "/" in hop else None)
+        if why is not None:
+            return f"route[{i}]", f"not an MQTT topic level: {why}"
+    return None
 
 
 def _all_finite(h: _WireHeader) -> bool:

@@ -10,12 +10,15 @@ class ProtocolError(Exception):
 
     code = "protocol_error"
 
-    def __init__(self, message: str, *, header: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, *, header: dict[str, Any] | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         # The parsed JSON header, when the failure came after it was readable: lets a node
         # still answer the requester (reply_to / correlation_id) about a broken frame.
         self.header = header
+        # The header field at fault, when one is (e.g. ``reply_to`` that is no MQTT topic name):
+        # a receiver must not use that field to answer.
+        self.field = field
 
 
 class FrameTooShortError(ProtocolError):

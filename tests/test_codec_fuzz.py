@@ -46,6 +46,15 @@ json_values = st.recursive(
 )
 metas = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 short_text = st.text(min_size=1, max_size=40)
+# Header strings that end up in MQTT packets (SPEC §6 check 12a): no control characters,
+# surrogates or non-characters (all in Cc/Cs/Cn); topics also no wildcards, route hops no '/'.
+mqtt_chars = st.characters(exclude_categories=("Cc", "Cs", "Cn"))
+topic_chars = mqtt_chars.filter(lambda c: c not in "+#")
+level_chars = topic_chars.filter(lambda c: c != "/")
+
+
+def mqtt_text(min_size: int = 0, max_size: int = 40) -> st.SearchStrategy[str]:
+    return st.text(mqtt_chars, min_size=min_size, max_size=max_size)
 
 
 @st.composite
@@ -80,17 +89,17 @@ parts = st.one_of(
 finite = st.floats(allow_nan=False, allow_infinity=False)
 envelopes = st.builds(
     Envelope,
-    id=st.text(min_size=1, max_size=128),
+    id=mqtt_text(1, 128),
     kind=st.sampled_from(list(Kind)),
-    sender=short_text,
-    recipient=st.none() | st.text(max_size=40),
-    correlation_id=st.none() | st.text(max_size=40),
-    reply_to=st.none() | st.text(max_size=80),
-    trace_id=short_text,
-    parent_id=st.none() | st.text(max_size=40),
+    sender=mqtt_text(1),
+    recipient=st.none() | mqtt_text(),
+    correlation_id=st.none() | mqtt_text(),
+    reply_to=st.none() | st.text(topic_chars, min_size=1, max_size=80),
+    trace_id=mqtt_text(1),
+    parent_id=st.none() | mqtt_text(),
     created_at=finite,
     deadline=st.none() | finite,
-    route=st.lists(st.text(max_size=10), max_size=4),
+    route=st.lists(st.text(level_chars, min_size=1, max_size=10), max_size=4),
     parts=st.lists(parts, max_size=5),
     error=st.none()
     | st.builds(

@@ -14,11 +14,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import aiomqtt
 import pytest
 import torch
 
-from aiflow_agents import AiflowError, BrokerURL, Client, RemoteAgentError
+from aiflow_agents import AiflowError, BrokerURL, Client, Message, RemoteAgentError
 from protocols import (
     EncodeError,
     Envelope,
@@ -28,7 +27,9 @@ from protocols import (
     TensorPart,
     Topics,
     decode,
+    mqtt_string_problem,
     peek_header,
+    topic_name_problem,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,16 +64,11 @@ def test_fuzz_script_2000_frames(tmp_path: Path) -> None:
     assert {"header_invalid", "bad_segment", "bad_signature", "unsigned_frame", "decoded"} <= set(summary["outcomes"])
 
 
-def _usable(value: Any, max_len: int) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= max_len and _utf8(value) else None
-
-
-def _utf8(s: str) -> bool:
-    try:
-        s.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
+    """A header string an error reply can carry: MQTT's rules (SPEC §6.1), topic names for ``topic``."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        return None
+    return value if (topic_name_problem if topic else mqtt_string_problem)(value) is None else None
 
 
 def _expected_route(frame: bytes) -> tuple[str, str | None, str | None]:
@@ -88,7 +84,8 @@ def _expected_route(frame: bytes) -> tuple[str, str | None, str | None]:
                 header = peek_header(frame)
             except ProtocolError:
                 header = {}
-        reply_to = _usable(header.get("reply_to"), 1024)
+        # a reply_to that failed SPEC §6.1 is never used (check 12a names it)
+        reply_to = None if e.field == "reply_to" else _usable(header.get("reply_to"), 1024, topic=True)
         corr = _usable(header.get("correlation_id"), 128) or _usable(header.get("id"), 128)
         return e.code, (reply_to if reply_to and corr else None), corr
     return "valid", None, None
@@ -125,12 +122,12 @@ async def test_live_node_answers_mutated_frames_and_keeps_serving(
             assert env.error is not None
             return env.error.message.split(":", 1)[0]
 
-        async def on_reply(message: aiomqtt.Message) -> None:
+        async def on_reply(message: Message) -> None:
             env = decode(message.payload)  # type: ignore[arg-type]
             if env.kind == Kind.ERROR and env.error is not None and env.error.code == "bad_frame":
                 got_replies[(env.correlation_id, code_of(env))] += 1
 
-        async def on_error(message: aiomqtt.Message) -> None:
+        async def on_error(message: Message) -> None:
             env = decode(message.payload)  # type: ignore[arg-type]
             if env.error is not None and env.error.code == "bad_frame":
                 assert env.error.agent == "e1"
@@ -191,7 +188,7 @@ async def test_size_limits_on_both_sides(broker: BrokerURL, namespace: str, spaw
         await small.wait_for_agents(["e1", "mid"], timeout=30)
         seen: list[int] = []
 
-        async def spy(message: aiomqtt.Message) -> None:
+        async def spy(message: Message) -> None:
             seen.append(len(message.payload))  # type: ignore[arg-type]
 
         small.connection.route(topics.inbox("e1"), spy)

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -30,12 +31,12 @@ from aiflow_agents import (
     BrokerUnavailableError,
     BrokerURL,
     Client,
+    Message,
     Node,
     RequestTimeoutError,
 )
 from aiflow_agents.agent import Accepts
 from aiflow_agents.builtin_agents import EchoAgent
-from aiflow_agents.connection import NODELAY
 from protocols import (
     TRAILER_SIZE,
     EncodeError,
@@ -64,6 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SIGNED_VECTORS = ROOT / "protocols" / "vectors" / "signed"
 KEY = bytes.fromhex("5a" * 32)
 OTHER_KEY = bytes.fromhex("a5" * 32)
+
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]  # for the stock aiomqtt intruder
 
 
 # == signing: the wire format ====================================================================
@@ -196,7 +199,7 @@ async def test_signing_node_rejects_unsigned_and_forged_frames(broker: BrokerURL
 
         reports: list[Envelope] = []
 
-        async def on_error(message: aiomqtt.Message) -> None:
+        async def on_error(message: Message) -> None:
             reports.append(decode(message.payload, signing_key=KEY))  # type: ignore[arg-type]  # node-signed
 
         good.connection.route(topics.errors("guard"), on_error)
@@ -239,7 +242,7 @@ async def test_unsigned_junk_cannot_abort_a_signing_clients_request(broker: Brok
         Client(broker, namespace=namespace) as responder,
     ):
 
-        async def answer(message: aiomqtt.Message) -> None:
+        async def answer(message: Message) -> None:
             req = decode(message.payload)  # type: ignore[arg-type]
             assert req.reply_to is not None
             oversized = req.reply("z" * 4000, sender="svc")
@@ -382,8 +385,8 @@ async def test_tls_server_verification_and_client_certificates(
     assert "TLS certificate verification failed" in str(err)
     err = await _refused(_url(m, "u", "p", ca=str(tmp_path / "missing.pem")), namespace)
     assert "bad TLS settings" in str(err)
-    # Plain MQTT to a TLS listener: the broker drops the connection before CONNACK, which aiomqtt
-    # only reports when the connect timeout expires (SECURITY.md), so keep the timeout short.
+    # Plain MQTT to a TLS listener: the broker drops the connection before CONNACK (on MQTT 5 and on
+    # the 3.1.1 fallback), which is retried until the connect timeout (SECURITY.md): keep it short.
     with pytest.raises(BrokerUnavailableError):
         await Client(_url(m, "u", "p"), namespace=namespace).start(timeout=1)
 
@@ -396,12 +399,23 @@ async def test_tls_server_verification_and_client_certificates(
         await Client(_url(m2, ca=str(pki / "ca.pem")), namespace=namespace).start(timeout=1)
 
 
+def _acl(tmp_path: Path, nodes: list[str]) -> Path:
+    """The shipped ACL plus the per-node block its "nodes" section asks for, for each node user."""
+    shipped = (ROOT / "docs" / "mosquitto-acl.conf").read_text()
+    block = "# user <node user>\n# topic write aiflow/v1/+/clients/+/replies\n# topic read aiflow/v1/+/groups/+/inbox\n"
+    assert block in shipped  # the template this fills in
+    lines = block.replace("# ", "")
+    path = tmp_path / "acl.conf"
+    path.write_text(shipped + "".join(lines.replace("<node user>", n) for n in nodes))
+    return path
+
+
 async def test_acl_keeps_an_agent_out_of_another_inbox(brokers, tmp_path: Path, namespace: str) -> None:
     """With docs/mosquitto-acl.conf, user ``a`` may subscribe to ``b``'s inbox (Mosquitto grants
     every SUBSCRIBE) but is delivered nothing from it, while ``b`` serves every request; and ``a``
     cannot publish presence records in ``b``'s name."""
     pw = _passwords(tmp_path / "passwd", {"a": "pa", "b": "pb", "mgr": "pm"})
-    m = brokers(f"allow_anonymous false\npassword_file {pw}\nacl_file {ROOT / 'docs' / 'mosquitto-acl.conf'}\n")
+    m = brokers(f"allow_anonymous false\npassword_file {pw}\nacl_file {_acl(tmp_path, ['b'])}\n")
     topics = Topics(namespace)
     async with (
         Node([EchoAgent("b")], _url(m, "b", "pb"), namespace=namespace, node_id="b"),
@@ -439,3 +453,59 @@ async def test_acl_keeps_an_agent_out_of_another_inbox(brokers, tmp_path: Path, 
         assert not [t for t in stolen if "/inbox" in t or "/replies" in t], stolen
         assert any("/presence/" in t for t in stolen)  # the ACL is not simply denying everything
         assert mgr.presence.is_online("b") and not mgr.presence.is_online("evil")
+
+
+async def test_acl_keeps_clients_out_of_replies_and_group_inboxes(brokers, tmp_path: Path, namespace: str) -> None:
+    """Issue 11 defect 3, with the shipped ACL and no signing: a plain client user can neither read
+    another client's replies or a group inbox, nor publish a forged answer into another client's
+    replies topic; node users still answer requests and serve an ensemble through its group."""
+    users = {"n1": "p1", "n2": "p2", "alice": "pa", "mallory": "pm"}
+    pw = _passwords(tmp_path / "passwd", users)
+    m = brokers(f"allow_anonymous false\npassword_file {pw}\nacl_file {_acl(tmp_path, ['n1', 'n2'])}\n")
+    topics = Topics(namespace)
+    async with (
+        Node([EchoAgent("n1")], _url(m, "n1", "p1"), namespace=namespace, node_id="n1"),
+        Node([EchoAgent("n2")], _url(m, "n2", "p2"), namespace=namespace, node_id="n2"),
+        Client(_url(m, "alice", "pa"), namespace=namespace, client_id="alice") as alice,
+        aiomqtt.Client(
+            "127.0.0.1",
+            m.port,
+            username="mallory",
+            password="pm",
+            identifier="mallory",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            socket_options=NODELAY,
+        ) as mallory,  # fmt: skip
+    ):
+        await alice.wait_for_agents(["n1", "n2"], timeout=20)
+        for sub in (topics.replies("alice"), f"{topics.base}/clients/+/replies", topics.group_filter, "#"):
+            await mallory.subscribe(sub, qos=1)
+        stolen: list[str] = []
+
+        async def listen() -> None:
+            async for message in mallory.messages:
+                stolen.append(str(message.topic))
+
+        listener = asyncio.create_task(listen())
+        # an ensemble: one publish to a group inbox, answers from both nodes into alice's replies
+        async with TopologyManager(client=alice) as mgr:
+            r = await mgr.run(ensemble(["n1", "n2"], "vote"), "secret question", timeout=10)
+        assert r.ok and r.answer == "secret question"
+        # mallory forges an answer under the correlation id of a request alice has in flight
+        pending = Envelope.request("who answers?", id="corr-1")
+
+        async def forge() -> None:
+            await asyncio.sleep(0.3)
+            forged = encode(Envelope(kind=Kind.REPLY, sender="n1", recipient="alice", correlation_id="corr-1"))
+            for _ in range(5):
+                await mallory.publish(topics.replies("alice"), forged, qos=1)
+
+        forging = asyncio.create_task(forge())
+        ex = await alice.exchange("nobody", pending, timeout=2, check_presence=False)
+        await forging
+        await asyncio.sleep(0.3)
+        listener.cancel()
+        assert isinstance(ex.error, RequestTimeoutError) and ex.reply is None  # the forgery never arrived
+        assert alice.stats["late_or_duplicate_replies"] == 0
+        assert not [t for t in stolen if "/replies" in t or "/groups/" in t], stolen
+        assert any("/presence/" in t for t in stolen)  # the ACL is not simply denying everything

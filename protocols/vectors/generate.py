@@ -462,6 +462,30 @@ def invalid_frames(valid: dict[str, bytes]) -> dict[str, tuple[str, str, str, by
         HeaderValidationError,
         _raw_frame(h_ok.replace(b'"sender":"vector-gen"', b'"sender":"\\ud800"')),
     )
+    add(
+        "reply_to_nul",
+        "reply_to holds U+0000 (escaped in JSON): not an MQTT topic name (SPEC §6 check 12a).",
+        HeaderValidationError,
+        craft(_header(reply_to="aiflow/v1/default/clients/x\u0000/replies")),
+    )
+    add(
+        "reply_to_wildcard",
+        "reply_to holds the wildcard '+': a topic filter, not a topic name one can publish to.",
+        HeaderValidationError,
+        craft(_header(reply_to="aiflow/v1/default/clients/+/replies")),
+    )
+    add(
+        "sender_noncharacter",
+        "sender holds the non-character U+FFFF, which MQTT brokers refuse in a user property.",
+        HeaderValidationError,
+        craft(_header(sender="vector\uffffgen")),
+    )
+    add(
+        "route_hop",
+        "A route hop 'judge/#' that would become a topic level: '/' and wildcards are refused.",
+        HeaderValidationError,
+        craft(_header(route=["critic", "judge/#"])),
+    )
     add("unknown_kind", "kind 'command' is not a v1 kind.", HeaderValidationError, craft(_header(kind="command")))
     add("unknown_field", "An unknown top-level field 'priority'.", HeaderValidationError, craft(_header(priority=1)))
     h = _header()
@@ -664,12 +688,26 @@ def build_signed() -> dict[str, tuple[bytes, dict[str, Any]]]:
         return bytes(out)
 
     header_at = PREAMBLE_SIZE + body[PREAMBLE_SIZE:].index(b"signed hello")
+    # The MAC binds what a receiver checks besides authenticity: the recipient (a frame replayed to
+    # another agent is refused) and created_at (the freshness window, SPEC §12 item 8).
+    recipient_at = PREAMBLE_SIZE + body[PREAMBLE_SIZE:].index(b'"recipient":"edge-llm"') + len('"recipient":"edge-ll')
+    created_at = PREAMBLE_SIZE + body[PREAMBLE_SIZE:].index(b'"created_at":1700000000.25') + len('"created_at":')
     bad: dict[str, tuple[str, type[ProtocolError], bytes]] = {
         "bad_mac": ("signed_request with the last bit of its MAC flipped.", SignatureError, flip(frame, -1)),
         "bad_tampered_header": (
             "signed_request with one header byte changed ('signed hello' -> 'rigned hello'), MAC left as it was.",
             SignatureError,
             flip(frame, header_at),
+        ),
+        "bad_tampered_recipient": (
+            "signed_request readdressed to another agent ('edge-llm' -> 'edge-lll'), MAC left as it was.",
+            SignatureError,
+            flip(frame, recipient_at),
+        ),
+        "bad_tampered_created_at": (
+            "signed_request made to look newer (created_at 1700000000.25 -> 0700000000.25), MAC left as it was.",
+            SignatureError,
+            flip(frame, created_at),
         ),
         "bad_tampered_tensor": (
             "signed_request with one tensor byte changed, MAC left as it was.",
