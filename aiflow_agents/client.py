@@ -5,6 +5,25 @@ Replies are matched by correlation id, once: a second reply under the same id (a
 redelivery, a replica answering twice) is dropped and counted in ``stats``. With ``signing_key``
 every frame sent is signed and a reply that is not signed with the deployment's key is dropped
 (counted, logged) without failing the request: a forged reply cannot abort a genuine one.
+
+Lost work fails fast. A node still working on a request after ``claim_after`` seconds (in its
+presence record) sends a tiny "claimed" event to the reply topic, so the client knows which
+replica holds each slow request (fast requests cost nothing extra). When a node goes offline
+(its Last Will, or missed heartbeats: see :mod:`.presence`), the requests it claimed fail at once
+with :class:`AgentLostError`, or are re-sent to a surviving replica when the caller said they are
+``idempotent``; an unclaimed request older than ``claim_after`` plus a margin is taken to be on the
+dead node too (a live one would have claimed it), a younger one is judged when it reaches that
+age; with no replica left, every request to the agent fails at once.
+
+Nothing sent during an outage is silently lost. After our connection comes back, a request waits
+until a host of its agent has been heard from live (an announcement or heartbeat delivered after
+the reconnect, which a node sends only once it has re-subscribed); on MQTT 5 a PUBACK saying "no
+matching subscribers" (reason 16) makes the request wait for the agent's next announcement and go
+out again. Either way it is sent once someone can receive it, or fails with a typed error.
+
+Replicas that each execute every request (on both sides of a bridge, or on an MQTT 3.1.1 broker,
+where ``$share`` does not exist) show up as two distinct replies from one agent under one
+correlation id: counted in ``stats["duplicate_executions"]`` and logged once per agent.
 """
 
 from __future__ import annotations
@@ -12,10 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-import aiomqtt
 import structlog
 
 from protocols import (
@@ -43,6 +62,7 @@ from protocols import (
 from .broker import BrokerURL, broker_from_env
 from .connection import Connection
 from .errors import (
+    AgentLostError,
     AgentUnavailableError,
     AiflowError,
     BrokerUnavailableError,
@@ -50,6 +70,7 @@ from .errors import (
     RemoteAgentError,
     RequestTimeoutError,
 )
+from .mqtt import Message
 from .presence import Presence
 
 
@@ -76,14 +97,25 @@ class Exchange:
         return None if self.ended is None else self.ended - self.started
 
 
+CLAIMED = "claimed"  # meta key of a node's "I am working on it" event: its node id
+CLAIM_MARGIN = 0.5  # seconds a claim may take beyond the node's claim_after (publish, broker, loaded loop)
+NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason code
+_ANSWERED_MEMORY = 4096  # finished conversations remembered to spot a second execution
+
+
 class _Pending:
     """What arrived under one correlation id: one reply, several (group scatter) or events too."""
 
-    __slots__ = ("queue", "seen")
+    __slots__ = ("agent_id", "answers", "claimed_by", "queue", "resent", "seen", "sent_at")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[Envelope | None, int, AiflowError | None]] = asyncio.Queue()
         self.seen: set[str] = set()  # envelope ids delivered: a redelivered copy is not a second answer
+        self.agent_id: str | None = None  # set for a request to one agent: liveness applies
+        self.claimed_by: str | None = None  # node that said it is working on it
+        self.sent_at = 0.0  # monotonic
+        self.resent = False  # we sent it twice ourselves: two answers are no replica fault
+        self.answers: dict[str, str] | None = None  # replying agent -> reply envelope id
 
 
 class Client:
@@ -105,6 +137,8 @@ class Client:
         default_timeout: float = 30.0,
         qos: int = 1,
         signing_key: SigningKeyLike | None = None,
+        heartbeat_misses: float = 3.0,
+        keepalive: int = 30,
     ) -> None:
         self.topics = Topics(namespace)
         self.client_id = client_id or (connection.client_id if connection else f"client-{new_id()[:12]}")
@@ -115,22 +149,34 @@ class Client:
                     "no broker configured: pass a URL, set AIFLOW_BROKER, "
                     "or start one with aiflow_agents.broker_scope()"
                 )
-            connection = Connection(url, client_id=self.client_id)
+            connection = Connection(url, client_id=self.client_id, keepalive=keepalive)
             self._owns_connection = True
         else:
             self._owns_connection = False
         self.connection = connection
         self.limits = limits
         self.keyring = as_keyring(signing_key)
-        self.presence = Presence(self.topics)
+        self.presence = Presence(self.topics, misses=heartbeat_misses)
         self.presence_grace = presence_grace
         self.default_timeout = default_timeout
         self.qos = qos
         self.reply_topic = self.topics.replies(self.client_id)
         self._pending: dict[str, _Pending] = {}
         self._connected_at = 0.0
+        self._lost_at: float | None = None  # monotonic time our connection last dropped
         self._started = False
-        self.stats = {"late_or_duplicate_replies": 0, "bad_replies": 0, "unsigned_replies": 0}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._answered: OrderedDict[str, tuple[dict[str, str], bool]] = OrderedDict()
+        self._duplicate_warned: set[str] = set()
+        self.stats = {
+            "late_or_duplicate_replies": 0,
+            "bad_replies": 0,
+            "unsigned_replies": 0,
+            "requests_lost": 0,  # failed (or re-sent) because their node went offline
+            "resent": 0,  # idempotent requests re-sent after a loss, or after "no matching subscribers"
+            "no_subscribers": 0,  # PUBACKs with reason 16
+            "duplicate_executions": 0,  # one request answered by two executions (replicas without $share)
+        }
         self.on_exchange: list[Callable[[Exchange], Awaitable[None] | None]] = []
         self.log = structlog.get_logger("aiflow.client").bind(client=self.client_id)
 
@@ -144,15 +190,33 @@ class Client:
         conn.route(self.topics.presence_filter, self._on_presence)
         conn.on_connect(self._on_connect)
         conn.on_disconnect(self._on_disconnect)
+        self.presence.listeners.append(self._on_node_lost)
         await conn.subscribe(self.reply_topic, qos=self.qos)
         await conn.subscribe(self.topics.presence_filter, qos=1)
         if conn.connected:
             self._connected_at = time.monotonic()
         if self._owns_connection:
             await conn.start(timeout=timeout)
+        self._sweeper = asyncio.create_task(self._sweep(), name=f"presence-sweep-{self.client_id}")
         return self
 
+    async def _sweep(self) -> None:
+        """Expire nodes whose heartbeats stopped (a few comparisons, four times a second)."""
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await self.presence.sweep()
+            except Exception:
+                self.log.exception("presence sweep failed")
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        with contextlib.suppress(ValueError):
+            self.presence.listeners.remove(self._on_node_lost)
         for p in self._pending.values():
             p.queue.put_nowait((None, 0, ConnectionLostError("client stopped")))
         if self._owns_connection:
@@ -167,16 +231,83 @@ class Client:
 
     async def _on_connect(self) -> None:
         self._connected_at = time.monotonic()
+        self.presence.resume()
 
     async def _on_disconnect(self) -> None:
+        self._lost_at = time.monotonic()
+        self.presence.paused = True
         # Our reply subscription is gone with the session: no in-flight reply can arrive any more.
         for p in self._pending.values():
             p.queue.put_nowait((None, 0, ConnectionLostError(f"connection to {self.connection.url} lost")))
 
-    async def _on_presence(self, message: aiomqtt.Message) -> None:
-        await self.presence.update(message.topic.value, bytes(message.payload))  # type: ignore[arg-type]
+    async def _on_presence(self, message: Message) -> None:
+        # a retained replay says what was last announced, not that the node is connected now
+        await self.presence.update(message.topic, bytes(message.payload), retained=message.retain)
 
-    async def _on_reply(self, message: aiomqtt.Message) -> None:
+    # -- lost work ----------------------------------------------------------------------------
+    def _on_node_lost(self, node_id: str, hosted: list[str], reason: str) -> None:
+        """A node went offline: fail (or re-send) the requests it holds, see the module doc."""
+        if not self._pending or not hosted:
+            return
+        agents = set(hosted)
+        now = time.monotonic()
+        for p in list(self._pending.values()):
+            if p.agent_id in agents and not p.answers:
+                self._judge(p, node_id, reason, now)
+
+    def _judge(self, p: _Pending, node_id: str, reason: str, now: float) -> None:
+        assert p.agent_id is not None
+        if p.claimed_by == node_id or not self.presence.is_online(p.agent_id):
+            self._lose(p, node_id, reason)
+            return
+        if p.claimed_by is not None:
+            return  # a surviving replica has it
+        claim_after = self.presence.claim_after(node_id)
+        if claim_after is None:
+            return  # the node never claims (an older version): the deadline decides
+        due = p.sent_at + claim_after + CLAIM_MARGIN - now
+        if due <= 0:
+            self._lose(p, node_id, reason)  # a live replica would have claimed it by now
+            return
+        sent_at = p.sent_at
+
+        def recheck() -> None:
+            if p.sent_at == sent_at and p.claimed_by is None and not p.answers and p in self._pending.values():
+                self._lose(p, node_id, reason)
+
+        asyncio.get_running_loop().call_later(due, recheck)
+
+    def _lose(self, p: _Pending, node_id: str, reason: str) -> None:
+        assert p.agent_id is not None
+        self.stats["requests_lost"] += 1
+        p.queue.put_nowait((None, 0, AgentLostError(p.agent_id, node_id, reason, list(self.presence.online()))))
+
+    def _remember(self, correlation_id: str, p: _Pending) -> None:
+        """Keep who answered a finished conversation for a while, to spot a second execution."""
+        if p.answers:
+            self._answered[correlation_id] = (p.answers, p.resent)
+            if len(self._answered) > _ANSWERED_MEMORY:
+                self._answered.popitem(last=False)
+
+    def _duplicate(self, env: Envelope, first_id: str, resent: bool) -> None:
+        """One request answered by two executions: replicas that each get every request."""
+        if resent or env.id == first_id:
+            return
+        self.stats["duplicate_executions"] += 1
+        agent = env.sender
+        if agent in self._duplicate_warned:
+            return
+        self._duplicate_warned.add(agent)
+        self.log.warning(
+            "agent executed one request twice: its replicas each receive every request. $share splits "
+            "requests only inside one MQTT 5 broker; replicas on both sides of a bridge or on an MQTT 3.1.1 "
+            "broker all run them (see docs/deployment.md: one broker per replica set, or distinct agent ids)",
+            agent=agent,
+            correlation_id=env.correlation_id,
+            nodes=self.presence.host_ids(agent),
+        )
+
+    async def _on_reply(self, message: Message) -> None:
         payload = message.payload
         size = len(payload)  # type: ignore[arg-type]
         try:
@@ -194,12 +325,27 @@ class Client:
             if isinstance(corr, str) and corr in self._pending and self._authentic(payload):  # type: ignore[arg-type]
                 self._pending[corr].queue.put_nowait((None, size, AiflowError(f"undecodable reply [{e.code}]: {e}")))
             return
-        pending = self._pending.get(env.correlation_id or "")
+        corr = env.correlation_id or ""
+        pending = self._pending.get(corr)
+        if env.kind == Kind.EVENT and CLAIMED in env.meta:
+            node = env.meta[CLAIMED]
+            if pending is not None and isinstance(node, str):
+                pending.claimed_by = node
+            return
         if pending is None or env.id in pending.seen:
             self.stats["late_or_duplicate_replies"] += 1
             self.log.debug("late or duplicate reply dropped", correlation_id=env.correlation_id, sender=env.sender)
+            if pending is None and env.kind != Kind.EVENT and (done := self._answered.get(corr)) is not None:
+                first = done[0].get(env.sender)
+                if first is not None:
+                    self._duplicate(env, first, done[1])
             return
         pending.seen.add(env.id)
+        if env.kind != Kind.EVENT:
+            if pending.answers is None:
+                pending.answers = {env.sender: env.id}
+            elif (first := pending.answers.setdefault(env.sender, env.id)) != env.id:
+                self._duplicate(env, first, pending.resent)
         pending.queue.put_nowait((env, size, None))
 
     def _authentic(self, payload: bytes) -> bool:
@@ -257,9 +403,16 @@ class Client:
         timeout: float | None = None,
         raise_on_error: bool = True,
         check_presence: bool = True,
+        idempotent: bool = False,
     ) -> Envelope:
-        """Send one request and return the reply; raise a typed :class:`AiflowError` otherwise."""
-        ex = await self.exchange(agent_id, message, timeout=timeout, check_presence=check_presence)
+        """Send one request and return the reply; raise a typed :class:`AiflowError` otherwise.
+
+        ``idempotent``: running it twice is harmless, so when its node goes offline before
+        answering it is re-sent to a surviving replica instead of failing with
+        :class:`AgentLostError`."""
+        ex = await self.exchange(
+            agent_id, message, timeout=timeout, check_presence=check_presence, idempotent=idempotent
+        )
         if ex.error is not None:
             raise ex.error
         assert ex.reply is not None
@@ -277,6 +430,7 @@ class Client:
         timeout: float | None = None,
         check_presence: bool = True,
         topic: str | None = None,
+        idempotent: bool = False,
     ) -> Exchange:
         """Like :meth:`request`, but never raises for the remote side: failures land in the record."""
         timeout = self.default_timeout if timeout is None else timeout
@@ -285,8 +439,7 @@ class Client:
         try:
             if check_presence:
                 await self.ensure_online(agent_id)
-            results = await self._send_and_collect(ex.topic, env, 1, timeout, ex)
-            reply, size, error = results[0]
+            reply, size, error = await self._send_and_wait(env, timeout, ex, idempotent)
             ex.reply, ex.bytes_in, ex.error = reply, size, error
             if error is None and reply is not None and reply.kind == Kind.ERROR and reply.error is not None:
                 ex.error = RemoteAgentError(reply.error, agent_id)
@@ -316,7 +469,12 @@ class Client:
         timeout = self.default_timeout if timeout is None else timeout
         replies: list[tuple[Envelope, int]] = []
         timed_out = False
-        async with self.conversation(message, timeout=timeout) as conv:
+        env = Envelope.request(message) if isinstance(message, str) else message
+        prefix = f"{self.topics.base}/groups/"
+        if env.recipient is None and topic.startswith(prefix) and topic.endswith("/inbox"):
+            # Addressed to the group: signing nodes refuse requests that name no recipient (replay bound).
+            env = env.model_copy(update={"recipient": topic[len(prefix) : -len("/inbox")]})
+        async with self.conversation(env, timeout=timeout) as conv:
             size = await conv.send(topic)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
@@ -330,26 +488,69 @@ class Client:
                     replies.append((env, n))
         return conv.request, size, replies, timed_out
 
-    async def _send_and_collect(
-        self, topic: str, env: Envelope, expected: int, timeout: float, ex: Exchange
-    ) -> list[tuple[Envelope | None, int, AiflowError | None]]:
-        results: list[tuple[Envelope | None, int, AiflowError | None]] = []
+    async def _send_and_wait(
+        self, env: Envelope, timeout: float, ex: Exchange, idempotent: bool
+    ) -> tuple[Envelope | None, int, AiflowError | None]:
+        """Send, then wait for the reply, re-sending where the module doc says it is safe."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        agent_id = ex.agent_id
         async with Conversation(self, env) as conv:
-            ex.bytes_out = await conv.send(topic)
-            while len(results) < expected:
+            pending = conv._pending
+            assert pending is not None
+            pending.agent_id = agent_id
+            while True:
                 try:
-                    reply, size = await conv.receive(deadline - loop.time())
-                except TimeoutError:
-                    results.append((None, 0, RequestTimeoutError(ex.agent_id, timeout, env.id)))
-                    break
+                    await self._reachable(agent_id, deadline)
                 except AiflowError as e:
-                    results.append((None, 0, e))
-                    break
-                if reply.kind != Kind.EVENT:
-                    results.append((reply, size, None))
-        return results
+                    return None, 0, e
+                pending.claimed_by = None
+                pending.sent_at = time.monotonic()
+                ex.bytes_out = await conv.send(ex.topic)
+                if conv.no_subscribers:
+                    # Nobody received it (the node is reconnecting): wait for its next announcement.
+                    self.stats["no_subscribers"] += 1
+                    since = pending.sent_at
+                    left = deadline - loop.time()
+                    if left <= 0 or not await self.presence.wait_live(agent_id, since, left, strict=True):
+                        return None, 0, AgentUnavailableError(agent_id, list(self.presence.online()))
+                    self._resend(pending, agent_id, "no matching subscribers")
+                    continue
+                try:
+                    while True:
+                        reply, size = await conv.receive(deadline - loop.time())
+                        if reply.kind != Kind.EVENT:
+                            return reply, size, None
+                except TimeoutError:
+                    return None, 0, RequestTimeoutError(agent_id, timeout, env.id)
+                except AgentLostError as e:
+                    left = deadline - loop.time()
+                    if not idempotent or left <= 0:
+                        return None, 0, e
+                    if not self.presence.is_online(agent_id):
+                        return None, 0, e  # no replica left to re-send to
+                    self._resend(pending, agent_id, e.reason)
+                except AiflowError as e:
+                    return None, 0, e
+
+    def _resend(self, pending: _Pending, agent_id: str, why: str) -> None:
+        pending.resent = True
+        self.stats["resent"] += 1
+        self.log.info("re-sending request", agent=agent_id, reason=why)
+
+    async def _reachable(self, agent_id: str, deadline: float) -> None:
+        """After our connection dropped, hold a request until a host of its agent has been heard
+        from live since, so it is not published before the node re-subscribed (module doc)."""
+        lost_at = self._lost_at
+        if lost_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        if not self.connection.connected:
+            await self.connection.wait_connected(max(deadline - loop.time(), 0.001))
+        if agent_id not in self.presence.agents or self.presence.live_since(agent_id, lost_at):
+            return  # an agent presence never told us about: nothing to judge it by
+        if not await self.presence.wait_live(agent_id, lost_at, deadline - loop.time()):
+            raise AgentUnavailableError(agent_id, list(self.presence.online()))
 
     async def publish(self, topic: str, envelope: Envelope, *, qos: int | None = None) -> int:
         """Fire-and-forget publish of an envelope (events); returns bytes on the wire."""
@@ -380,6 +581,7 @@ class Conversation:
         self.request = request
         self.correlation_id = request.correlation_id or request.id
         self._pending: _Pending | None = None
+        self.no_subscribers = False  # the last send's PUBACK said nobody is subscribed (MQTT 5)
 
     async def __aenter__(self) -> Conversation:
         if self.correlation_id in self.client._pending:
@@ -388,20 +590,23 @@ class Conversation:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.client._pending.pop(self.correlation_id, None)
+        p = self.client._pending.pop(self.correlation_id, None)
+        if p is not None and p.answers:
+            self.client._remember(self.correlation_id, p)
 
     async def send(self, topic: str, envelope: Envelope | None = None) -> int:
         """Publish the request (or a follow-up under the same correlation id); returns bytes on the wire."""
         env = envelope or self.request
         frame = self.client.encode(env)
         remaining = env.remaining()
-        await self.client.connection.publish(
+        rc = await self.client.connection.publish(
             topic,
             frame,
             qos=self.client.qos,
             properties=mqtt5_properties(env),
             timeout=max(remaining, 0.001) if remaining is not None else None,
         )
+        self.no_subscribers = isinstance(rc, int) and rc == NO_MATCHING_SUBSCRIBERS
         return len(frame)
 
     async def receive(self, timeout: float | None) -> tuple[Envelope, int]:

@@ -34,6 +34,23 @@ class AgentUnavailableError(AiflowError):
         self.agent_id = agent_id
 
 
+class AgentLostError(AgentUnavailableError):
+    """The node holding the request went offline (Last Will, missed heartbeats) before answering.
+
+    Retryable: the request may or may not have run. Raised within about a second of the node's
+    loss instead of at the deadline; a request marked ``idempotent`` is re-sent instead."""
+
+    code = "agent_lost"
+    retryable = True
+
+    def __init__(self, agent_id: str, node_id: str | None, reason: str, online: list[str] | None = None) -> None:
+        super().__init__(agent_id, online)
+        where = f"node {node_id!r}" if node_id else "its node"
+        self.args = (f"agent {agent_id!r} lost: {where} went offline ({reason}) before answering",)
+        self.node_id = node_id
+        self.reason = reason
+
+
 class RequestTimeoutError(AiflowError, TimeoutError):
     code = "timeout"
 

@@ -24,9 +24,13 @@ class Ensemble(Pattern):
         weights: Mapping[str, float] | None = None,
         judge: Any = None,
         quorum: int | float | None = None,
+        grace: float | None = None,
         max_steps: int = 64,
         name: str | None = None,
     ) -> None:
+        """``quorum``: members that must answer (an int, or a fraction of them); ``grace``: once
+        the quorum has answered, seconds the others still get before they count as failed (None:
+        wait for every member up to the deadline, or until presence says it is gone)."""
         super().__init__(name)
         self._members = [as_member(m) for m in members]
         self.aggregate = Aggregate.parse(aggregate)
@@ -40,6 +44,9 @@ class Ensemble(Pattern):
             self.quorum = max(1, math.ceil(quorum * n))
         else:
             self.quorum = int(quorum)
+        if grace is not None and grace < 0:
+            raise GraphError(f"ensemble {self.name!r}: grace must be >= 0 seconds, not {grace}")
+        self.grace = grace
         if n and not 1 <= self.quorum <= n:
             raise GraphError(f"ensemble {self.name!r}: quorum {quorum} must be between 1 and {n} members")
         if self.aggregate == Aggregate.JUDGE and self.judge is None:
@@ -77,7 +84,7 @@ class Ensemble(Pattern):
             if answer is None:
                 out.error = details.get("error", "no answer")
             return out
-        proposals = await rt.ask_many(self._members, task, label=self.name)
+        proposals = await rt.ask_many(self._members, task, label=self.name, quorum=self.quorum, grace=self.grace)
         out.children = proposals
         for p in proposals:
             out.cost = out.cost.add(p.cost)
@@ -87,6 +94,7 @@ class Ensemble(Pattern):
             "proposals": {p.source: p.answer for p in proposals},
             "failed": {p.source: p.error for p in proposals if not p.ok},
             "quorum": self.quorum,
+            "grace": self.grace,
         }
         if len(ok) < self.quorum:
             out.error = f"quorum not met: {len(ok)} of {len(proposals)} members answered, {self.quorum} needed"

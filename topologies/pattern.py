@@ -282,33 +282,85 @@ class Runtime:
         label: str = "",
         meta: dict[str, Any] | None = None,
         timeout: float | None = None,
+        quorum: int | None = None,
+        grace: float | None = None,
     ) -> list[Outcome]:
         """Ask every member concurrently. Plain agents get **one** publish to a group topic that the
-        broker copies to each of them; nested patterns run side by side. Results keep member order."""
+        broker copies to each of them; nested patterns run side by side. Results keep member order.
+
+        With ``quorum`` and ``grace``: once ``quorum`` members have answered, the others get
+        ``grace`` more seconds, then count as failed — a frozen member no longer holds the whole
+        run to its deadline."""
         resolved = [as_member(m) for m in members]
         agents = [m for m in resolved if isinstance(m, AgentRef)]
         patterns = [m for m in resolved if isinstance(m, Pattern)]
         limit = self.remaining() if timeout is None else min(timeout, self.remaining())
-        coros: list[Any] = [self.ask(p, task, label=label, meta=meta, timeout=limit) for p in patterns]
+        gate = _Quorum(quorum, grace) if quorum is not None and grace is not None else None
+        # (name, coroutine): the name of what a coroutine answers for, None for the group ask
+        # (which watches the quorum itself and returns an outcome for each of its members)
+        coros: list[tuple[str | None, Any]] = [
+            (p.name, self.ask(p, task, label=label, meta=meta, timeout=limit)) for p in patterns
+        ]
         if len(agents) == 1:
-            coros.append(self.ask(agents[0], task, label=label, meta=meta, timeout=limit))
+            coros.append((agents[0].agent_id, self.ask(agents[0], task, label=label, meta=meta, timeout=limit)))
         elif agents:
-            coros.append(self._group_ask([a.agent_id for a in agents], task, label=label, meta=meta, timeout=limit))
-        results = await asyncio.gather(*coros)
+            ids = [a.agent_id for a in agents]
+            coros.append((None, self._group_ask(ids, task, label=label, meta=meta, timeout=limit, gate=gate)))
+        if gate is None:
+            results = await asyncio.gather(*(c for _, c in coros))
+        else:
+            results = await self._gather_with_grace(coros, gate, label)
         by_name: dict[str, Outcome] = {}
         for r in results:
             for o in r if isinstance(r, list) else [r]:
                 by_name[o.source] = o
         return [by_name[member_name(m)] for m in resolved]
 
+    async def _gather_with_grace(self, coros: list[tuple[str | None, Any]], gate: _Quorum, label: str) -> list[Any]:
+        """Like gather, but members still running when the quorum's grace is over are cut off."""
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.ensure_future(c) for _, c in coros]
+
+        def count(t: asyncio.Future[Any]) -> None:
+            if not t.cancelled() and t.exception() is None and isinstance(r := t.result(), Outcome) and r.ok:
+                gate.add(loop.time())
+
+        for t in tasks:
+            t.add_done_callback(count)
+        waiting = set(tasks)
+        while waiting:
+            left = None if gate.until is None else gate.until - loop.time()
+            if left is not None and left <= 0:
+                break
+            _, waiting = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        results: list[Any] = []
+        for (name, _), t in zip(coros, tasks, strict=True):
+            if name is not None and not t.done():
+                t.cancel()
+            try:
+                results.append(await t)  # the group ask ends by itself within a poll interval
+            except asyncio.CancelledError:
+                err = f"timeout: cut off {gate.grace:.3g}s after a quorum of {gate.need} answered"
+                results.append(Outcome(source=name or "?", kind="agent", label=label, error=err))
+        return results
+
     async def _group_ask(
-        self, agent_ids: list[str], task: Envelope, *, label: str, meta: dict[str, Any] | None, timeout: float
+        self,
+        agent_ids: list[str],
+        task: Envelope,
+        *,
+        label: str,
+        meta: dict[str, Any] | None,
+        timeout: float,
+        gate: _Quorum | None = None,
     ) -> list[Outcome]:
         group = await self.manager.ensure_group(agent_ids)
-        env = self.derive(task, meta=meta)
+        # Addressed to the group: nodes refuse a request whose recipient is not theirs (replay bound).
+        env = self.derive(task, meta=meta).model_copy(update={"recipient": group})
         outcomes: dict[str, Outcome] = {}
         loop = asyncio.get_running_loop()
-        end_at = loop.time() + timeout
+        started_at = loop.time()
+        end_at = started_at + timeout
         started = time.time()
         async with self.client.conversation(env, timeout=timeout) as conv:
             size = await conv.send(self.client.topics.group(group))
@@ -324,6 +376,8 @@ class Runtime:
                 correlation_id=conv.correlation_id,
             )
             while len(outcomes) < len(agent_ids):
+                if gate is not None and gate.until is not None:
+                    end_at = min(end_at, gate.until)
                 left = end_at - loop.time()
                 if left <= 0:
                     break
@@ -347,12 +401,21 @@ class Runtime:
                     break
                 if reply.kind == Kind.EVENT or reply.sender not in agent_ids or reply.sender in outcomes:
                     continue
-                outcomes[reply.sender] = self._outcome_from_exchange(
+                outcomes[reply.sender] = out = self._outcome_from_exchange(
                     reply.sender, reply, n, started, time.time(), None, label, "group"
                 )
+                if gate is not None and out.ok:
+                    gate.add(loop.time())
+        cut = gate is not None and gate.until is not None and loop.time() < started_at + timeout - 0.01
         for a in agent_ids:
             if a not in outcomes:
-                err = _Timeout(f"no reply from agent {a!r} within {timeout:.3g}s")
+                if cut:
+                    assert gate is not None
+                    err = _Timeout(
+                        f"no reply from agent {a!r} within {gate.grace:.3g}s after a quorum of {gate.need} answered"
+                    )
+                else:
+                    err = _Timeout(f"no reply from agent {a!r} within {timeout:.3g}s")
                 outcomes[a] = self._outcome_from_exchange(a, None, 0, started, time.time(), err, label, "group")
         return [outcomes[a] for a in agent_ids]
 
@@ -388,6 +451,21 @@ class Runtime:
 
 class _Timeout(AiflowError, TimeoutError):
     code = "timeout"
+
+
+class _Quorum:
+    """How many members of one fan-out have answered, and when the stragglers' grace ends."""
+
+    def __init__(self, need: int, grace: float) -> None:
+        self.need = need
+        self.grace = grace
+        self.answered = 0
+        self.until: float | None = None  # loop time; set once ``need`` members answered
+
+    def add(self, now: float) -> None:
+        self.answered += 1
+        if self.until is None and self.answered >= self.need:
+            self.until = now + self.grace
 
 
 class _Offline(AiflowError):
