@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from brokers import BridgedMosquittos, NatsCluster, listening
 
-from aiflow_agents import AgentSpec, AgentUnavailableError, BrokerURL, Client, broker_from_env
+from aiflow_agents import AgentSpec, AgentUnavailableError, BrokerURL, Client
 from aiflow_agents.errors import AiflowError
 from topologies import TopologyManager, cascade, ensemble
 
@@ -135,17 +135,6 @@ async def test_nats_cluster_carries_every_pattern(nats: NatsCluster, namespace: 
     print(f"small request/reply across NATS members, median of 20: {across:.1f} ms")
 
 
-def url_lists_supported() -> bool:
-    try:
-        broker_from_env("mqtt://127.0.0.1:1,mqtt://127.0.0.1:2")
-    except ValueError:
-        return False
-    return True
-
-
-needs_url_lists = pytest.mark.skipif(not url_lists_supported(), reason="broker URL lists are not supported yet")
-
-
 async def timed(coro_factory, until: float, pause: float = 0.25) -> tuple[float, object]:
     """Retry ``coro_factory()`` until it returns without an AiflowError; (seconds, result)."""
     t0 = time.monotonic()
@@ -158,7 +147,6 @@ async def timed(coro_factory, until: float, pause: float = 0.25) -> tuple[float,
             await asyncio.sleep(pause)
 
 
-@needs_url_lists
 @pytest.mark.slow
 async def test_node_and_client_fail_over_to_another_nats_member(nats: NatsCluster, namespace: str, spawn) -> None:
     """A node and a client given every member keep working after the member they were on dies."""
@@ -168,7 +156,9 @@ async def test_node_and_client_fail_over_to_another_nats_member(nats: NatsCluste
         assert (await client.request("roamer", "before", timeout=10)).text == "before"
         nats.members[0].kill()
         t_dead = time.monotonic()
-        took, reply = await timed(lambda: client.request("roamer", "after", timeout=3), until=90)
+        # NATS itself decides when the survivors take MQTT sessions again (JetStream re-elects its stream
+        # leaders): 10-80 s measured here under load, hence the generous bound.
+        took, reply = await timed(lambda: client.request("roamer", "after", timeout=3), until=240)
         assert reply.text == "after"  # type: ignore[attr-defined]
     print(
         f"NATS member killed: node and client served again after {took:.1f} s "
