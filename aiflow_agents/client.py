@@ -11,15 +11,25 @@ presence record) sends a tiny "claimed" event to the reply topic, so the client 
 replica holds each slow request (fast requests cost nothing extra). When a node goes offline
 (its Last Will, or missed heartbeats: see :mod:`.presence`), the requests it claimed fail at once
 with :class:`AgentLostError`, or are re-sent to a surviving replica when the caller said they are
-``idempotent``; an unclaimed request older than ``claim_after`` plus a margin is taken to be on the
-dead node too (a live one would have claimed it), a younger one is judged when it reaches that
-age; with no replica left, every request to the agent fails at once.
+``idempotent``; with no replica left, every request to the agent fails at once. An unclaimed
+request may be on the dead node (not yet claimed) or waiting in a survivor's backlog (not yet
+accepted, so not claimed either): it gets ``lost_after`` seconds from the loss (default: the dead
+node's ``claim_after`` + 0.5 s), and at least until it is ``claim_after`` + 0.5 s old, for a claim
+or a reply from a survivor, and is failed as lost only if none came (or no host is left). A
+survivor whose backlog holds it longer than that makes this a false loss: the error is retryable,
+an idempotent request is re-sent, and the client keeps one reply (the second is counted).
 
 Nothing sent during an outage is silently lost. After our connection comes back, a request waits
 until a host of its agent has been heard from live (an announcement or heartbeat delivered after
 the reconnect, which a node sends only once it has re-subscribed); on MQTT 5 a PUBACK saying "no
 matching subscribers" (reason 16) makes the request wait for the agent's next announcement and go
-out again. Either way it is sent once someone can receive it, or fails with a typed error.
+out again. Either way it is sent once someone can receive it, or fails with a typed error. When
+our connection drops while a publish awaits its PUBACK, the publish is retried on the new session
+(whose reply subscription is restored first), so the request waits for its reply there: only a
+request sent completely before the drop fails with :class:`ConnectionLostError` (its reply had no
+subscription to arrive on). If the first copy was delivered and answered during the outage, that
+reply is lost and the node ignores the retried copy as a duplicate: the request then ends with
+:class:`RequestTimeoutError` at its deadline, never with a second execution.
 
 Replicas that each execute every request (on both sides of a bridge, or on an MQTT 3.1.1 broker,
 where ``$share`` does not exist) show up as two distinct replies from one agent under one
@@ -106,16 +116,28 @@ _ANSWERED_MEMORY = 4096  # finished conversations remembered to spot a second ex
 class _Pending:
     """What arrived under one correlation id: one reply, several (group scatter) or events too."""
 
-    __slots__ = ("agent_id", "answers", "claimed_by", "queue", "resent", "seen", "sent_at")
+    __slots__ = ("agent_id", "answers", "claimed_by", "gen", "queue", "resent", "seen", "sent_at")
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[Envelope | None, int, AiflowError | None]] = asyncio.Queue()
+        # (envelope, size, error, generation): an error tagged with a generation concerns the copies
+        # sent until then, and is stale once a later send completed (see :meth:`fail_sent`).
+        self.queue: asyncio.Queue[tuple[Envelope | None, int, AiflowError | None, int | None]] = asyncio.Queue()
+        self.gen = 0  # sends completed (publish acknowledged, or written at QoS 0)
         self.seen: set[str] = set()  # envelope ids delivered: a redelivered copy is not a second answer
         self.agent_id: str | None = None  # set for a request to one agent: liveness applies
         self.claimed_by: str | None = None  # node that said it is working on it
         self.sent_at = 0.0  # monotonic
         self.resent = False  # we sent it twice ourselves: two answers are no replica fault
         self.answers: dict[str, str] | None = None  # replying agent -> reply envelope id
+
+    def put(self, env: Envelope | None, size: int, error: AiflowError | None = None) -> None:
+        """An answer, or an error that ends the conversation whatever was sent."""
+        self.queue.put_nowait((env, size, error, None))
+
+    def fail_sent(self, error: AiflowError) -> None:
+        """An error about the copies sent so far (our session dropped, their node died). A send that
+        completes after it (a publish retried on the new session, a re-send) makes it stale."""
+        self.queue.put_nowait((None, 0, error, self.gen))
 
 
 class Client:
@@ -134,6 +156,7 @@ class Client:
         connection: Connection | None = None,
         limits: Limits = DEFAULT_LIMITS,
         presence_grace: float = 1.0,
+        lost_after: float | None = None,
         default_timeout: float = 30.0,
         qos: int = 1,
         signing_key: SigningKeyLike | None = None,
@@ -158,12 +181,16 @@ class Client:
         self.keyring = as_keyring(signing_key)
         self.presence = Presence(self.topics, misses=heartbeat_misses)
         self.presence_grace = presence_grace
+        # After a replica's loss, how long an unclaimed request waits for a survivor's claim or
+        # reply before it is failed as lost (None: the lost node's claim_after + CLAIM_MARGIN).
+        self.lost_after = lost_after
         self.default_timeout = default_timeout
         self.qos = qos
         self.reply_topic = self.topics.replies(self.client_id)
         self._pending: dict[str, _Pending] = {}
         self._connected_at = 0.0
         self._lost_at: float | None = None  # monotonic time our connection last dropped
+        self._disconnects = 0  # connections lost so far: tells a send that spanned a reconnect
         self._started = False
         self._sweeper: asyncio.Task[None] | None = None
         self._answered: OrderedDict[str, tuple[dict[str, str], bool]] = OrderedDict()
@@ -218,7 +245,7 @@ class Client:
         with contextlib.suppress(ValueError):
             self.presence.listeners.remove(self._on_node_lost)
         for p in self._pending.values():
-            p.queue.put_nowait((None, 0, ConnectionLostError("client stopped")))
+            p.put(None, 0, ConnectionLostError("client stopped"))
         if self._owns_connection:
             await self.connection.stop()
         self._started = False
@@ -235,10 +262,13 @@ class Client:
 
     async def _on_disconnect(self) -> None:
         self._lost_at = time.monotonic()
+        self._disconnects += 1
         self.presence.paused = True
-        # Our reply subscription is gone with the session: no in-flight reply can arrive any more.
+        # Our reply subscription is gone with the session: no reply to what was sent can arrive any
+        # more. A publish still awaiting its PUBACK is retried on the next session, whose reply
+        # subscription is restored first: that send completes later and makes this error stale.
         for p in self._pending.values():
-            p.queue.put_nowait((None, 0, ConnectionLostError(f"connection to {self.connection.url} lost")))
+            p.fail_sent(ConnectionLostError(f"connection to {self.connection.url} lost"))
 
     async def _on_presence(self, message: Message) -> None:
         # a retained replay says what was last announced, not that the node is connected now
@@ -265,10 +295,11 @@ class Client:
         claim_after = self.presence.claim_after(node_id)
         if claim_after is None:
             return  # the node never claims (an older version): the deadline decides
-        due = p.sent_at + claim_after + CLAIM_MARGIN - now
-        if due <= 0:
-            self._lose(p, node_id, reason)  # a live replica would have claimed it by now
-            return
+        # Unclaimed: on the dead node, or in a survivor's backlog (not accepted yet, so not
+        # claimed). A survivor claims it claim_after after accepting it: give it that long from
+        # now (or lost_after), and the request at least claim_after + margin of age.
+        window = self.lost_after if self.lost_after is not None else claim_after + CLAIM_MARGIN
+        due = max(p.sent_at + claim_after + CLAIM_MARGIN - now, window)
         sent_at = p.sent_at
 
         def recheck() -> None:
@@ -280,7 +311,7 @@ class Client:
     def _lose(self, p: _Pending, node_id: str, reason: str) -> None:
         assert p.agent_id is not None
         self.stats["requests_lost"] += 1
-        p.queue.put_nowait((None, 0, AgentLostError(p.agent_id, node_id, reason, list(self.presence.online()))))
+        p.fail_sent(AgentLostError(p.agent_id, node_id, reason, list(self.presence.online())))
 
     def _remember(self, correlation_id: str, p: _Pending) -> None:
         """Keep who answered a finished conversation for a while, to spot a second execution."""
@@ -323,7 +354,7 @@ class Client:
                 corr = peek_header(payload).get("correlation_id")  # type: ignore[arg-type]
             self.log.warning("undecodable reply", error=str(e), code=e.code, correlation_id=corr)
             if isinstance(corr, str) and corr in self._pending and self._authentic(payload):  # type: ignore[arg-type]
-                self._pending[corr].queue.put_nowait((None, size, AiflowError(f"undecodable reply [{e.code}]: {e}")))
+                self._pending[corr].put(None, size, AiflowError(f"undecodable reply [{e.code}]: {e}"))
             return
         corr = env.correlation_id or ""
         pending = self._pending.get(corr)
@@ -346,7 +377,7 @@ class Client:
                 pending.answers = {env.sender: env.id}
             elif (first := pending.answers.setdefault(env.sender, env.id)) != env.id:
                 self._duplicate(env, first, pending.resent)
-        pending.queue.put_nowait((env, size, None))
+        pending.put(env, size)
 
     def _authentic(self, payload: bytes) -> bool:
         """Whether a frame that failed to decode may fail a pending request: with a key, only if it
@@ -516,6 +547,23 @@ class Client:
                         return None, 0, AgentUnavailableError(agent_id, list(self.presence.online()))
                     self._resend(pending, agent_id, "no matching subscribers")
                     continue
+                lost_at = self._lost_at
+                if (
+                    conv.spanned_reconnect
+                    and lost_at is not None
+                    and not self.connection.is_v5
+                    and agent_id in self.presence.known_agents
+                    and not self.presence.live_since(agent_id, lost_at)
+                ):
+                    # MQTT 3.1.1 has no "no matching subscribers": a publish retried on the new
+                    # session before any host was heard live on it may have reached nobody. Send
+                    # it again once one is (a node drops an id it has seen: no second run there;
+                    # hosts without heartbeats cannot be heard, as in _reachable: not re-sent).
+                    left = deadline - loop.time()
+                    if left <= 0 or not await self.presence.wait_live(agent_id, lost_at, left):
+                        return None, 0, AgentUnavailableError(agent_id, list(self.presence.online()))
+                    self._resend(pending, agent_id, "sent across a reconnect (MQTT 3.1.1)")
+                    continue
                 try:
                     while True:
                         reply, size = await conv.receive(deadline - loop.time())
@@ -547,7 +595,7 @@ class Client:
         loop = asyncio.get_running_loop()
         if not self.connection.connected:
             await self.connection.wait_connected(max(deadline - loop.time(), 0.001))
-        if agent_id not in self.presence.agents or self.presence.live_since(agent_id, lost_at):
+        if agent_id not in self.presence.known_agents or self.presence.live_since(agent_id, lost_at):
             return  # an agent presence never told us about: nothing to judge it by
         if not await self.presence.wait_live(agent_id, lost_at, deadline - loop.time()):
             raise AgentUnavailableError(agent_id, list(self.presence.online()))
@@ -582,6 +630,7 @@ class Conversation:
         self.correlation_id = request.correlation_id or request.id
         self._pending: _Pending | None = None
         self.no_subscribers = False  # the last send's PUBACK said nobody is subscribed (MQTT 5)
+        self.spanned_reconnect = False  # our connection dropped while the last send was under way
 
     async def __aenter__(self) -> Conversation:
         if self.correlation_id in self.client._pending:
@@ -599,6 +648,7 @@ class Conversation:
         env = envelope or self.request
         frame = self.client.encode(env)
         remaining = env.remaining()
+        drops = self.client._disconnects
         rc = await self.client.connection.publish(
             topic,
             frame,
@@ -607,6 +657,9 @@ class Conversation:
             timeout=max(remaining, 0.001) if remaining is not None else None,
         )
         self.no_subscribers = isinstance(rc, int) and rc == NO_MATCHING_SUBSCRIBERS
+        self.spanned_reconnect = self.client._disconnects != drops
+        if self._pending is not None:
+            self._pending.gen += 1  # errors about earlier copies (or sessions) are stale now
         return len(frame)
 
     async def receive(self, timeout: float | None) -> tuple[Envelope, int]:
@@ -614,14 +667,20 @@ class Conversation:
         assert self._pending is not None, "use the conversation as an async context manager"
         if timeout is not None and timeout <= 0:
             raise TimeoutError
-        queue = self._pending.queue
-        if queue.empty():
-            # asyncio.timeout, not wait_for: no extra task (and event-loop turn) per reply
-            async with asyncio.timeout(timeout):
-                env, size, error = await queue.get()
-        else:
-            env, size, error = queue.get_nowait()
-        if error is not None:
-            raise error
-        assert env is not None
-        return env, size
+        pending = self._pending
+        queue = pending.queue
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while True:
+            if queue.empty():
+                # asyncio.timeout, not wait_for: no extra task (and event-loop turn) per reply
+                async with asyncio.timeout_at(end):
+                    env, size, error, gen = await queue.get()
+            else:
+                env, size, error, gen = queue.get_nowait()
+            if error is not None:
+                if gen is not None and gen < pending.gen:
+                    continue  # about a copy or session before the latest send: stale
+                raise error
+            assert env is not None
+            return env, size

@@ -64,13 +64,13 @@ from protocols import (
     new_id,
     ops,
     peek_header,
-    topic_name_problem,
+    portable_topic_problem,
 )
 
 from .agent import Agent, AgentContext, Reply
 from .broker import BrokerURL, broker_from_env
 from .client import Client
-from .connection import Connection
+from .connection import Connection, incoming_limits
 from .errors import AgentError, BrokerUnavailableError
 from .mqtt import Message, Will
 
@@ -105,7 +105,7 @@ def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
     MQTT packet can carry it: length, and MQTT's rules for strings (topic names for ``topic``)."""
     if not isinstance(value, str) or not 0 < len(value) <= max_len:
         return None
-    return value if (topic_name_problem if topic else mqtt_string_problem)(value) is None else None
+    return value if (portable_topic_problem if topic else mqtt_string_problem)(value) is None else None
 
 
 class _Slot:
@@ -184,7 +184,8 @@ class Node:
         self.url = url
         self.agents = {a.agent_id: a for a in agents}
         self.node_id = node_id or f"node-{socket.gethostname().split('.')[0][:20]}-{os.getpid()}-{new_id()[:6]}"
-        self.node_id = "".join(c if c.isalnum() or c in "_.-" else "-" for c in self.node_id)
+        # A node id is a topic level: ASCII letters, digits, '_' and '-' only (no '.': SPEC §6.1, §11.1)
+        self.node_id = "".join(c if (c.isascii() and c.isalnum()) or c in "_-" else "-" for c in self.node_id)
         self.topics = Topics(namespace)
         self.limits = limits
         self.keyring = as_keyring(signing_key)
@@ -223,6 +224,7 @@ class Node:
             client_id=self.node_id,
             will=Will(self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True),
             keepalive=keepalive,
+            **incoming_limits(limits.max_frame_bytes, max_queued_bytes),
         )
         self.client = Client(connection=self.connection, namespace=namespace, limits=limits, signing_key=self.keyring)
         self.stats: dict[str, int] = {

@@ -33,7 +33,10 @@ class Presence:
         self.topics = topics
         self.misses = misses
         self.nodes: dict[str, PresenceRecord] = {}
-        self.agents: dict[str, dict[str, PresenceRecord]] = {}
+        self.agents: dict[str, dict[str, PresenceRecord]] = {}  # agent -> its hosts' records
+        # Agent ids ever announced (ids, not node ids: bounded by the deployment). Records of nodes
+        # that went offline are dropped, so this is what says "presence has told us about it".
+        self.known_agents: set[str] = set()
         self.last_seen: dict[str, float] = {}  # node -> monotonic time its last record arrived
         self.live_at: dict[str, float] = {}  # node -> when a record proved it connected and subscribed
         self.expired: set[str] = set()  # nodes whose heartbeats stopped (their record says online)
@@ -57,10 +60,13 @@ class Presence:
                 record = PresenceRecord.from_bytes(payload)
         was_online = self.node_online(node_id)
         now = time.monotonic()
+        gone = False
         if kind == "node":
             if record is None:
                 self.nodes.pop(node_id, None)
+                gone = True
             else:
+                gone = record.status != Status.ONLINE
                 known = self.nodes.get(node_id)
                 self.nodes[node_id] = record
                 if record.status == Status.ONLINE:
@@ -76,10 +82,13 @@ class Presence:
                     self.agents.pop(agent_id, None)
             else:
                 hosts[node_id] = record
+                self.known_agents.add(agent_id)
                 if self.node_online(node_id) or node_id in self.expired:
                     self._heard(node_id, now, retained, None, None)
         if was_online and not self.node_online(node_id):
             self._lost(node_id, "offline record (Last Will or shutdown)")
+        if gone:
+            self._forget(node_id)
         async with self._changed:
             self._changed.notify_all()
 
@@ -97,6 +106,21 @@ class Presence:
         )
         if not retained or newer:
             self.live_at[node_id] = now
+
+    def _forget(self, node_id: str) -> None:
+        """Drop everything kept about a node that is gone (offline or deleted record), after the
+        listeners were told: node ids hold a pid and a random suffix, so a long-lived client would
+        otherwise grow with every node restart. A node that comes back is learnt afresh."""
+        self.nodes.pop(node_id, None)
+        self.last_seen.pop(node_id, None)
+        self.live_at.pop(node_id, None)
+        self._claim_after.pop(node_id, None)
+        self.expired.discard(node_id)
+        for agent_id in [a for a, hs in self.agents.items() if node_id in hs]:
+            hosts = self.agents[agent_id]
+            del hosts[node_id]
+            if not hosts:
+                del self.agents[agent_id]
 
     def _lost(self, node_id: str, reason: str) -> None:
         hosted = [a for a, hs in self.agents.items() if node_id in hs]
@@ -130,6 +154,10 @@ class Presence:
             self.expired.add(node_id)
             silent = now - self.last_seen.get(node_id, now)
             self._lost(node_id, f"no heartbeat for {silent:.1f}s")
+            # Kept only while its record says online (``expired`` and ``claim_after`` go with the
+            # record, see _forget); a beat brings the node back through _heard.
+            self.last_seen.pop(node_id, None)
+            self.live_at.pop(node_id, None)
         if gone:
             async with self._changed:
                 self._changed.notify_all()

@@ -45,7 +45,14 @@ from .errors import (
     UnsupportedDTypeError,
     UnsupportedVersionError,
 )
-from .mqtt_strings import mqtt_string_problem, topic_filter_problem, topic_name_problem
+from .mqtt_strings import (
+    MAX_TOPIC_LEVELS,
+    mqtt_string_problem,
+    portable_level_problem,
+    portable_topic_problem,
+    topic_filter_problem,
+    topic_name_problem,
+)
 from .signing import (
     ENV_SIGNING_KEY,
     FLAG_SIGNED,
@@ -68,6 +75,7 @@ __all__ = [
     "ENV_SIGNING_KEY",
     "FLAG_SIGNED",
     "MAGIC",
+    "MAX_TOPIC_LEVELS",
     "PREAMBLE_SIZE",
     "PROTOCOL_VERSION",
     "TOPIC_ROOT",
@@ -119,6 +127,8 @@ __all__ = [
     "new_id",
     "ops",
     "peek_header",
+    "portable_level_problem",
+    "portable_topic_problem",
     "signing",
     "topic_filter_problem",
     "topic_name_problem",

@@ -21,11 +21,13 @@ TOPIC_ROOT = "aiflow/v1"
 
 
 def check_level(value: str, what: str = "agent id") -> str:
-    """Reject ids that would break the topic tree (``/``, wildcards, empty)."""
+    """Reject ids that would break the topic tree (``/``, wildcards, empty) or make a topic that not
+    every supported broker carries (a space or ``.``: SPEC §6.1), so our own topics are always portable."""
     if not is_valid_agent_id(value):
         raise ValueError(
-            f"invalid {what} {value!r}: use 1-128 characters of letters, digits, '_', '.', '-' "
-            "(no '/', '+', '#' or spaces), starting with a letter, digit or '_'"
+            f"invalid {what} {value!r}: use 1-128 characters of letters, digits, '_', '-' "
+            "(no '/', '+', '#', '.' or spaces: '.' and spaces make the NATS MQTT listener drop the "
+            "connection), starting with a letter, digit or '_'"
         )
     return value
 

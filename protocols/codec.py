@@ -44,7 +44,7 @@ from .errors import (
     SegmentError,
     UnsupportedVersionError,
 )
-from .mqtt_strings import mqtt_string_problem, topic_name_problem
+from .mqtt_strings import mqtt_string_problem, portable_level_problem, portable_topic_problem
 from .signing import (
     FLAG_SIGNED,
     KNOWN_FLAGS,
@@ -464,7 +464,7 @@ def _decode(payload: bytes | bytearray | memoryview, limits: Limits, keyring: Ke
 
 # Header strings an MQTT node copies into PUBLISH packets: user properties and CorrelationData
 # (id, sender, correlation_id), a reply's fields (recipient, trace_id, parent_id) and topics
-# (reply_to; each route hop becomes an inbox topic level). SPEC §6 check 12a.
+# (reply_to; each route hop becomes an inbox topic level), which must be portable: SPEC §6.1.
 _MQTT_STRING_FIELDS = ("id", "sender", "recipient", "correlation_id", "trace_id", "parent_id")
 
 
@@ -479,13 +479,13 @@ def mqtt_field_problem(h: Any) -> tuple[str, str] | None:
                 return name, why
     reply_to = h.reply_to
     if reply_to is not None:
-        why = topic_name_problem(reply_to)
+        why = portable_topic_problem(reply_to)
         if why is not None:
-            return "reply_to", f"not an MQTT topic name: {why}"
+            return "reply_to", f"not a portable MQTT topic name: {why}"
     for i, hop in enumerate(h.route):
-        why = topic_name_problem(hop) or ("'/' in a topic level" if "/" in hop else None)
+        why = portable_level_problem(hop)
         if why is not None:
-            return f"route[{i}]", f"not an MQTT topic level: {why}"
+            return f"route[{i}]", f"not a portable MQTT topic level: {why}"
     return None
 
 

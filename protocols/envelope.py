@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROTOCOL_VERSION = 1
 
-#: Agent ids become MQTT topic levels, so they may not hold ``/``, ``+``, ``#`` or spaces.
-AGENT_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
+#: Agent ids become MQTT topic levels, so they may not hold ``/``, ``+``, ``#``, spaces or ``.`` (the NATS
+#: MQTT listener closes a connection that publishes to a topic with a ``.``: SPEC §6.1, §11.1).
+AGENT_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$"
 _AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
 
 

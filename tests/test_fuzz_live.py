@@ -29,7 +29,7 @@ from protocols import (
     decode,
     mqtt_string_problem,
     peek_header,
-    topic_name_problem,
+    portable_topic_problem,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,10 +65,10 @@ def test_fuzz_script_2000_frames(tmp_path: Path) -> None:
 
 
 def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
-    """A header string an error reply can carry: MQTT's rules (SPEC §6.1), topic names for ``topic``."""
+    """A header string an error reply can carry: MQTT's rules (SPEC §6.1), portable topic names for ``topic``."""
     if not isinstance(value, str) or not 0 < len(value) <= max_len:
         return None
-    return value if (topic_name_problem if topic else mqtt_string_problem)(value) is None else None
+    return value if (portable_topic_problem if topic else mqtt_string_problem)(value) is None else None
 
 
 def _expected_route(frame: bytes) -> tuple[str, str | None, str | None]:

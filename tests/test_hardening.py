@@ -88,6 +88,9 @@ def _poison(topics: Topics, answer_at: str) -> list[tuple[str, bytes, bool]]:
         f"{topics.base}/clients/x\uffffy/replies",  # a non-character
         f"{topics.base}/clients/+/replies",  # wildcards: a filter, not a topic name
         f"{topics.base}/clients/#",
+        f"{topics.base}/" + "r/" * 200 + "r",  # 204 levels: Mosquitto disconnects beyond 200 '/'
+        f"{topics.base}/clients/x y/replies",  # not portable: NATS closes the connection on ' '
+        f"{topics.base}/clients/x.y/replies",  # ... and on '.'
     ]
     out = []
     for reply_to in bad_addresses:
@@ -97,7 +100,7 @@ def _poison(topics: Topics, answer_at: str) -> list[tuple[str, bytes, bool]]:
     i = new_id()
     out.append((i, raw_frame(id=i, sender="evil\u0000", reply_to=answer_at, route=["p2"], meta=ACCEPT_NOTHING), True))
     # route hops that are no topic level
-    for hop in ("bad\u0000hop", "p2/#"):
+    for hop in ("bad\u0000hop", "p2/#", "p2.v2"):
         i = new_id()
         out.append((i, raw_frame(id=i, reply_to=answer_at, route=[hop], meta=ACCEPT_NOTHING), True))
     # a hop MQTT accepts but that is no agent id: fails in the forwarding node, answered `bad_route`
@@ -186,6 +189,106 @@ async def test_poisoned_header_strings_never_knock_a_node_off(
         assert codes >= {("bad_frame", "sender"), ("bad_frame", "route"), ("bad_route", "not@an-agent")}
         log = await asyncio.to_thread(node.log_path.read_text) if node.log_path else ""
         assert "Task exception was never retrieved" not in log and "Traceback" not in log
+
+
+NON_PORTABLE = {
+    "levels": "r/" * 200 + "r",  # 201 levels
+    "space": "aiflow/v1/{ns}/clients/x y/replies",
+    "dot": "aiflow/v1/{ns}/clients/x.y/replies",
+}
+
+
+def _nats(tmp_path: Path) -> tuple[Any, BrokerURL]:
+    """One nats-server with JetStream and its MQTT listener (MQTT 3.1.1 only)."""
+    from brokers import Server, need_binary
+
+    from aiflow_agents import free_port
+
+    port, mqtt_port = free_port(), free_port()
+    (tmp_path / "js").mkdir()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f"server_name: h{port}\nlisten: 127.0.0.1:{port}\n"
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\nmqtt {{ listen: 127.0.0.1:{mqtt_port} }}\n'
+    )
+    server = Server("nats", [need_binary("nats-server"), "-c", str(conf)], mqtt_port, tmp_path / "nats.log")
+    return server.start(timeout=60), BrokerURL(host="127.0.0.1", port=mqtt_port, protocol="3.1.1")
+
+
+@pytest.mark.parametrize("broker", ["mosquitto-5", "mosquitto-3.1.1", "nats"])
+async def test_non_portable_reply_topics_are_refused_at_decode(broker: str, tmp_path: Path, namespace: str) -> None:
+    """Review of issue 11: a reply_to with more than 200 levels (Mosquitto disconnects the
+    publisher) or with a space or '.' (the NATS MQTT listener closes the connection) is reported
+    on errors/<agent>, never answered there: the node keeps its one connection. Old code: the
+    node published its answer there, was disconnected and its Will fired."""
+    server: Any
+    if broker == "nats":
+        server, url = await asyncio.to_thread(_nats, tmp_path)
+        from test_deployments import mqtt_ready
+
+        await mqtt_ready(url, 60)
+    else:
+        server = PrivateMosquitto(tmp_path).start()
+        url = BrokerURL(host="127.0.0.1", port=server.port, protocol=broker.split("-", 1)[1])  # type: ignore[arg-type]
+    topics = Topics(namespace)
+    try:
+        async with (
+            Node([Counting("q1")], url, namespace=namespace, node_id=f"{namespace}-n") as node,
+            Client(url, namespace=namespace) as c,
+        ):
+            await c.wait_for_agents(["q1"], timeout=60)
+            reports: list[Envelope] = []
+
+            async def on_error(message: Any) -> None:
+                reports.append(decode(message.payload))
+
+            c.connection.route(topics.errors("q1"), on_error)
+            await c.connection.subscribe(topics.errors("q1"))
+            ids = {}
+            for what, reply_to in NON_PORTABLE.items():
+                i = new_id()
+                ids[i] = what
+                frame = raw_frame(id=i, reply_to=reply_to.format(ns=namespace), recipient="q1")
+                await c.connection.publish(topics.inbox("q1"), frame, qos=1)
+            assert (await c.request("q1", "after", timeout=20)).text == "q1:after"
+            await _wait(lambda: len(reports) >= len(ids), timeout=20)
+            fields = {r.error.detail.get("field") for r in reports if r.error is not None}
+            claimed = {r.correlation_id for r in reports}
+            print(
+                f"\n[{broker}] reports {[(ids.get(r.correlation_id or ''), r.error and r.error.code) for r in reports]}"
+            )
+            assert claimed == set(ids) and fields == {"reply_to"}
+            assert node.connection.connects == 1 and c.connection.connects == 1
+            assert c.presence.is_online("q1")
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def test_our_topic_builders_refuse_non_portable_ids() -> None:
+    """Our own ids never produce a topic a supported broker refuses: '.' and ' ' are refused when
+    the topic is built (agent, client and node construction), and the level limit holds."""
+    from aiflow_agents.builtin_agents import EchoAgent
+    from protocols import MAX_TOPIC_LEVELS, portable_topic_problem, topic_filter_problem, topic_name_problem
+
+    for bad in ("agent.v2", "a b", "ns.prod"):
+        with pytest.raises(ValueError, match="'\\.' and spaces"):
+            Topics(bad)
+        with pytest.raises(ValueError, match="invalid agent id"):
+            EchoAgent(bad)
+        with pytest.raises(ValueError, match="invalid client id"):
+            Client("mqtt://127.0.0.1:1", client_id=bad)
+    node = Node([EchoAgent("e")], "mqtt://127.0.0.1:1", node_id="host.example.com")
+    assert (
+        node.node_id == "host-example-com" and portable_topic_problem(node.topics.node_presence(node.node_id)) is None
+    )
+    limit = "/".join(["r"] * MAX_TOPIC_LEVELS)
+    assert topic_name_problem(limit) is None and topic_filter_problem(limit) is None
+    assert (
+        topic_name_problem(limit + "/r") and topic_filter_problem(limit + "/#") and topic_filter_problem(limit + "/+")
+    )
+    assert (
+        portable_topic_problem("a/b.c") and portable_topic_problem("a/b c") and portable_topic_problem("a/é/$x") is None
+    )
 
 
 # == defect 2: replay =============================================================================

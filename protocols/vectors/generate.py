@@ -486,6 +486,30 @@ def invalid_frames(valid: dict[str, bytes]) -> dict[str, tuple[str, str, str, by
         HeaderValidationError,
         craft(_header(route=["critic", "judge/#"])),
     )
+    add(
+        "reply_to_levels",
+        "reply_to has 201 levels: Mosquitto 2.0 disconnects a publisher beyond 200 '/' (SPEC §6.1).",
+        HeaderValidationError,
+        craft(_header(reply_to="r/" * 200 + "r")),
+    )
+    add(
+        "reply_to_space",
+        "reply_to holds a space: not portable, the NATS MQTT listener closes the connection (SPEC §6.1).",
+        HeaderValidationError,
+        craft(_header(reply_to="aiflow/v1/default/clients/cli 1/replies")),
+    )
+    add(
+        "reply_to_dot",
+        "reply_to holds a '.': not portable, the NATS MQTT listener closes the connection (SPEC §6.1).",
+        HeaderValidationError,
+        craft(_header(reply_to="aiflow/v1/default/clients/cli.1/replies")),
+    )
+    add(
+        "route_hop_dot",
+        "A route hop 'judge.v2' would become an inbox topic level holding a '.': not portable (SPEC §6.1).",
+        HeaderValidationError,
+        craft(_header(route=["critic", "judge.v2"])),
+    )
     add("unknown_kind", "kind 'command' is not a v1 kind.", HeaderValidationError, craft(_header(kind="command")))
     add("unknown_field", "An unknown top-level field 'priority'.", HeaderValidationError, craft(_header(priority=1)))
     h = _header()
