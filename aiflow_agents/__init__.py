@@ -1,7 +1,7 @@
 """aiflow-agents runtime: agents, nodes, request/reply client, brokers and plugins over MQTT."""
 
 from .agent import Accepts, Agent, AgentContext, Reply
-from .broker import BrokerURL, BrokerURLError, EmbeddedBroker, broker_from_env, broker_scope, free_port
+from .broker import BrokerURL, BrokerURLError, EmbeddedBroker, broker_from_env, broker_scope
 from .builtin_agents import EchoAgent, ScriptedAgent, TensorStatsAgent
 from .client import Client, Exchange
 from .connection import Backoff, Connection
@@ -15,7 +15,7 @@ from .errors import (
     RemoteAgentError,
     RequestTimeoutError,
 )
-from .launch import NodeProcess
+from .forwarding import Forwarding, RouteForwarding
 from .log import configure_logging
 from .mqtt import InvalidTopicError, Message, Will
 from .node import Node
@@ -43,14 +43,15 @@ __all__ = [
     "EchoAgent",
     "EmbeddedBroker",
     "Exchange",
+    "Forwarding",
     "InvalidTopicError",
     "Message",
     "Node",
-    "NodeProcess",
     "Presence",
     "RemoteAgentError",
     "Reply",
     "RequestTimeoutError",
+    "RouteForwarding",
     "ScriptedAgent",
     "TensorStatsAgent",
     "UnknownAgentTypeError",
@@ -61,6 +62,5 @@ __all__ = [
     "broker_scope",
     "configure_logging",
     "create",
-    "free_port",
     "load",
 ]
