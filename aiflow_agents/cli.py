@@ -81,7 +81,7 @@ class _Lazy:
 
 def _as_click(name: str, obj: Any) -> Any:
     """The click command that ``app.add_typer(obj, name=name)`` or ``app.command(name)(obj)`` makes."""
-    holder = typer.Typer()
+    holder = typer.Typer(rich_markup_mode=None)  # plain help, like the root's (a sub-app keeps its own)
     holder.callback()(lambda: None)  # a callback keeps the holder a group even with one member
     if isinstance(obj, typer.Typer):
         holder.add_typer(obj, name=name)

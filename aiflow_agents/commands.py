@@ -29,7 +29,7 @@ from .node import (
 )
 from .registry import AgentSpec, available
 
-agents_app = typer.Typer(help="Agent types and online agents.", no_args_is_help=True)
+agents_app = typer.Typer(help="Agent types and online agents.", no_args_is_help=True, rich_markup_mode=None)
 console = Console()
 err = Console(stderr=True)
 
