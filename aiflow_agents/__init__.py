@@ -1,28 +1,95 @@
-"""aiflow-agents runtime: agents, nodes, request/reply client, brokers and plugins over MQTT."""
+"""aiflow-agents runtime: agents, nodes, request/reply client, brokers and plugins over MQTT.
 
-from .agent import Accepts, Agent, AgentContext, Reply
-from .broker import BrokerURL, BrokerURLError, EmbeddedBroker, broker_from_env, broker_scope, free_port
-from .builtin_agents import EchoAgent, ScriptedAgent, TensorStatsAgent
-from .client import Client, Exchange
-from .connection import Backoff, Connection
-from .errors import (
-    AgentError,
-    AgentLostError,
-    AgentUnavailableError,
-    AiflowError,
-    BrokerUnavailableError,
-    ConnectionLostError,
-    RemoteAgentError,
-    RequestTimeoutError,
-)
-from .launch import NodeProcess
-from .log import configure_logging
-from .mqtt import InvalidTopicError, Message, Will
-from .node import Node
-from .presence import Presence
-from .registry import AgentSpec, UnknownAgentTypeError, available, create, load
+Names are resolved on first use (PEP 562), so ``import aiflow_agents`` and the ``aiflow`` CLI's
+start-up load nothing heavy: ``from aiflow_agents import Agent, Node, Client`` works as before and
+imports only the modules those names live in. Model agents live in :mod:`aiflow_agents.models`,
+test helpers in :mod:`aiflow_agents.testing`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the runtime module that defines it
+_EXPORTS: dict[str, str] = {
+    "Accepts": "agent",
+    "Agent": "agent",
+    "AgentContext": "agent",
+    "Reply": "agent",
+    "BrokerURL": "broker",
+    "BrokerURLError": "broker",
+    "EmbeddedBroker": "broker",
+    "broker_from_env": "broker",
+    "broker_scope": "broker",
+    "EchoAgent": "builtin_agents",
+    "ScriptedAgent": "builtin_agents",
+    "TensorStatsAgent": "builtin_agents",
+    "Client": "client",
+    "Exchange": "client",
+    "Backoff": "connection",
+    "Connection": "connection",
+    "AgentError": "errors",
+    "AgentLostError": "errors",
+    "AgentUnavailableError": "errors",
+    "AiflowError": "errors",
+    "BrokerUnavailableError": "errors",
+    "ConnectionLostError": "errors",
+    "RemoteAgentError": "errors",
+    "RequestTimeoutError": "errors",
+    "Forwarding": "forwarding",
+    "RouteForwarding": "forwarding",
+    "configure_logging": "log",
+    "InvalidTopicError": "mqtt",
+    "Message": "mqtt",
+    "Will": "mqtt",
+    "Node": "node",
+    "Presence": "presence",
+    "AgentSpec": "registry",
+    "UnknownAgentTypeError": "registry",
+    "available": "registry",
+    "create": "registry",
+    "load": "registry",
+}
+
+if TYPE_CHECKING:
+    from .agent import Accepts, Agent, AgentContext, Reply
+    from .broker import BrokerURL, BrokerURLError, EmbeddedBroker, broker_from_env, broker_scope
+    from .builtin_agents import EchoAgent, ScriptedAgent, TensorStatsAgent
+    from .client import Client, Exchange
+    from .connection import Backoff, Connection
+    from .errors import (
+        AgentError,
+        AgentLostError,
+        AgentUnavailableError,
+        AiflowError,
+        BrokerUnavailableError,
+        ConnectionLostError,
+        RemoteAgentError,
+        RequestTimeoutError,
+    )
+    from .forwarding import Forwarding, RouteForwarding
+    from .log import configure_logging
+    from .mqtt import InvalidTopicError, Message, Will
+    from .node import Node
+    from .presence import Presence
+    from .registry import AgentSpec, UnknownAgentTypeError, available, create, load
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Accepts",
@@ -43,14 +110,15 @@ __all__ = [
     "EchoAgent",
     "EmbeddedBroker",
     "Exchange",
+    "Forwarding",
     "InvalidTopicError",
     "Message",
     "Node",
-    "NodeProcess",
     "Presence",
     "RemoteAgentError",
     "Reply",
     "RequestTimeoutError",
+    "RouteForwarding",
     "ScriptedAgent",
     "TensorStatsAgent",
     "UnknownAgentTypeError",
@@ -61,6 +129,5 @@ __all__ = [
     "broker_scope",
     "configure_logging",
     "create",
-    "free_port",
     "load",
 ]

@@ -1,9 +1,12 @@
 """``aiflow bench``: run the benchmarks of a repository checkout and summarise them against the targets.
 
-The benchmark scripts live in ``bench/`` next to the package in a source checkout (they are not
-installed): each runs as ``python bench/X.py --json FILE`` in a subprocess, so a benchmark that
-starts brokers or node processes cleans up after itself. The summary table compares every
-measured ratio with the target of issue 6; the combined JSON holds every script's full output.
+The benchmark scripts live in ``bench/`` of a source checkout and are not installed: the command
+runs only where the package is imported from a checkout (an editable install, or ``PYTHONPATH``
+at the repository), recognised by its ``pyproject.toml`` naming this project next to ``bench/``;
+anywhere else it says so and exits 2 instead of guessing. Each script runs as
+``python bench/X.py --json FILE`` in a subprocess, so a benchmark that starts brokers or node
+processes cleans up after itself. The summary table compares every measured ratio with its
+target (issues 6 and 12); the combined JSON holds every script's full output.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+CHECKOUT = Path(__file__).resolve().parents[1]
+BENCH_DIR = CHECKOUT / "bench"
 
 # name -> (script, arguments for the full run, arguments for --quick)
 SUITES: dict[str, tuple[str, list[str], list[str]]] = {
@@ -30,7 +34,17 @@ SUITES: dict[str, tuple[str, list[str], list[str]]] = {
     "transport": ("bench_transport.py", [], ["--rtt-n", "300", "--tput-n", "2000", "--agents", "20", "--rounds", "1"]),
     "fanout": ("bench_fanout.py", ["--sizes", "1,4,16,64"], ["--sizes", "1,8", "--repeat", "2", "--delay", "0.1"]),
     "latents": ("bench_latents.py", [], ["--sizes", "1,4", "--repeat", "3"]),
+    "cli": ("bench_cli.py", ["--repeat", "15"], ["--repeat", "5"]),
 }
+
+
+def source_checkout() -> Path | None:
+    """The repository this package is imported from, or None for an installed copy: a
+    ``pyproject.toml`` of this project beside the package, with the bench scripts."""
+    pyproject = CHECKOUT / "pyproject.toml"
+    if not (pyproject.is_file() and all((BENCH_DIR / script).is_file() for script, _, _ in SUITES.values())):
+        return None
+    return CHECKOUT if 'name = "aiflow-agents"' in pyproject.read_text(encoding="utf-8") else None
 
 
 def _run_suite(name: str, quick: bool, broker: str | None, timeout: float) -> dict[str, Any]:
@@ -117,6 +131,14 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]
                 ">= 2x" + (" (less per-row scales)" if row["method"] == "int8" else ""),
                 saving >= 2 * allowance,
             )
+    cli = results.get("cli", {}).get("result")
+    if cli:
+        for row in cli["rows"]:
+            if row["command"] in ("aiflow --help", "aiflow send"):
+                r = row["ratio"]
+                add(f"start-up: {row['command']} vs `import typer, rich`", r, "{:.2f}x", "<= 1.5x", r <= 1.5)
+            elif row["command"] != "baseline":
+                rows.append((f"start-up: {row['command']}", f"{row['ratio']:.2f}x", "-", "info"))
     for name, res in results.items():
         if not res.get("ok"):
             rows.append((f"{name} suite", "failed", "-", f"[red]{res.get('error', '')[:80]}[/]"))
@@ -135,13 +157,15 @@ def bench_command(
     timeout: Annotated[float, typer.Option(help="seconds allowed per suite")] = 1800.0,
 ) -> None:
     """Measure the framework against the raw floor (codec vs memcpy, MQTT vs the stock clients of
-    bench/raw_mqtt.py) and print the targets met and missed. Needs a source checkout (the bench/
-    folder) and, for the transport suites, a ``mosquitto`` executable."""
+    bench/raw_mqtt.py, CLI start-up vs importing typer) and print the targets met and missed. Runs
+    only from a source checkout (the bench/ scripts are not installed); the transport suites need a
+    ``mosquitto`` executable."""
     console = Console()
-    if not BENCH_DIR.is_dir():
+    if source_checkout() is None:
         console.print(
-            f"[red]no bench/ folder at {BENCH_DIR}[/]: the benchmarks ship with the source checkout, not the "
-            "installed package. Run `aiflow bench` from an editable install (pip install -e .) of the repository."
+            f"[red]aiflow bench needs a source checkout[/]: this aiflow_agents is imported from {CHECKOUT}, "
+            "which holds no aiflow-agents repository with bench/ scripts (they are not part of the installed "
+            "package). Clone the repository and run it from an editable install: pip install -e ."
         )
         raise typer.Exit(2)
     names = suites or list(SUITES)

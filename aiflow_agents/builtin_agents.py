@@ -8,8 +8,6 @@ import signal
 from collections import Counter
 from typing import Any
 
-import torch
-
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart, ops
 
 from .agent import Accepts, Agent, AgentContext, Reply
@@ -115,6 +113,8 @@ class ScriptedAgent(Agent):
         else:
             probs = [float(p) for p in self.config.get("dist") or []]
         space = FeatureSpace.from_str(str(self.config.get("space", "scripted~scripted-vocab")))
+        import torch  # only the ops that build tensors need it: a text-only node starts without torch
+
         part = TensorPart(
             tensor=torch.tensor(probs, dtype=torch.float32), role=TensorRole.TOKEN_DISTRIBUTION, space=space
         )
@@ -132,6 +132,8 @@ class TensorStatsAgent(Agent):
         tensors = request.tensors()
         if not tensors:
             raise AgentError("send at least one tensor part", code="no_tensor")
+        import torch  # loaded already: the request holds tensors
+
         lines, rows = [], []
         for i, part in enumerate(tensors):
             t = part.tensor.to(torch.float64)

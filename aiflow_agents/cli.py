@@ -1,300 +1,184 @@
-"""The ``aiflow`` command. Subcommands from other packages (topologies, demos) plug in through
-entry-point groups, so the runtime never imports them."""
+"""The ``aiflow`` command: a thin, lazy dispatcher.
+
+Start-up imports typer and nothing heavy. The built-in commands live in :mod:`.commands` and
+are imported only when one of them runs; subcommands from other packages (topologies, demos,
+the model agents) plug in through the entry-point groups ``aiflow_agents.cli`` and
+``aiflow_agents.demos`` and are loaded only when invoked, so the runtime never imports them and
+``aiflow --help`` never loads torch, transformers, matplotlib or a demo. Help is plain text
+(typer's rich help costs as much again as importing typer).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from importlib.metadata import entry_points
-from typing import Annotated, Any
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
-from protocols import DEFAULT_LIMITS, Limits, key_from_env
+from typer.core import TyperGroup
 
 from . import __version__
-from .broker import ENV_BROKER, BrokerURL, EmbeddedBroker, broker_from_env, broker_scope
-from .client import Client
-from .errors import AiflowError
-from .log import configure_logging
-from .node import (
-    DEFAULT_CLOCK_SKEW,
-    DEFAULT_MAX_DEADLINE,
-    DEFAULT_MAX_FRAME_AGE,
-    DEFAULT_MAX_QUEUED_BYTES,
-    NODE_KEEPALIVE,
-    Node,
-)
-from .registry import AgentSpec, available
 
 CLI_GROUP = "aiflow_agents.cli"
 DEMO_GROUP = "aiflow_agents.demos"
+BUILTINS_MODULE = "aiflow_agents.commands"
 
-app = typer.Typer(help="aiflow-agents: heterogeneous model agents over MQTT.", no_args_is_help=True)
-agents_app = typer.Typer(help="Agent types and online agents.", no_args_is_help=True)
-demo_app = typer.Typer(help="Demo scenarios (each starts its own node processes).", no_args_is_help=True)
-app.add_typer(agents_app, name="agents")
-app.add_typer(demo_app, name="demo")
-console = Console()
-err = Console(stderr=True)
-
-BrokerOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--broker",
-        "-b",
-        envvar=ENV_BROKER,
-        help="mqtt[s]://[user:pass@]host:port; repeat it or give a comma list of cluster members to fail over "
-        "between; none = embedded broker",
-    ),
-]
-NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", envvar="AIFLOW_NAMESPACE", help="topic namespace")]
-LogOpt = Annotated[str, typer.Option("--log-level", envvar="AIFLOW_LOG_LEVEL")]
+# built-in command -> its one-line help (the first sentence of its docstring in .commands)
+BUILTINS: dict[str, str] = {
+    "broker": "Run the embedded (amqtt, MQTT 3.1.1) broker in the foreground until Ctrl-C.",
+    "node": "Host agents on a node until SIGINT/SIGTERM.",
+    "agents": "Agent types and online agents.",
+    "send": "Send one request and print the reply (exit code 1 with the reason if it fails).",
+}
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+def _err(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(message)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``message`` as an error; return the exit to raise."""
+    _err(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+_fail = fail
 
 
 def broker_or_exit(values: list[str] | None) -> str | None:
     """One broker URL (list) from a repeated ``--broker``; a malformed one ends the command with its reason."""
     if not values:
         return None
+    from .broker import BrokerURL
+
     try:
         return BrokerURL.join(list(values)).url()
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 def signing_key_or_exit() -> bytes | None:
     """The deployment's signing key from ``$AIFLOW_SIGNING_KEY`` (hex); never a CLI argument, which
     other users could read in the process list."""
+    from protocols import key_from_env
+
     try:
         return key_from_env()
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
+
+
+@dataclass
+class _Lazy:
+    """A subcommand known by name and one-line help, imported only when it is used."""
+
+    load: Callable[[], Any]  # -> a typer.Typer, a typer command function, or a click command
+    help: str
+
+
+def _as_click(name: str, obj: Any) -> Any:
+    """The click command that ``app.add_typer(obj, name=name)`` or ``app.command(name)(obj)`` makes."""
+    holder = typer.Typer(rich_markup_mode=None)  # plain help, like the root's (a sub-app keeps its own)
+    holder.callback()(lambda: None)  # a callback keeps the holder a group even with one member
+    if isinstance(obj, typer.Typer):
+        holder.add_typer(obj, name=name)
+    else:
+        holder.command(name)(obj)
+    return typer.main.get_command(holder).commands[name]  # type: ignore[attr-defined]
+
+
+class _LazyGroup(TyperGroup):
+    """A group whose subcommands beyond the eager ones are listed from :meth:`lazy_commands` and
+    imported on first use. A subcommand that fails to import is reported, never fatal."""
+
+    def lazy_commands(self) -> dict[str, _Lazy]:
+        return {}
+
+    def _lazy(self) -> dict[str, _Lazy]:
+        cached: dict[str, _Lazy] | None = getattr(self, "_lazy_cache", None)
+        if cached is None:
+            cached = self._lazy_cache = self.lazy_commands()
+        return cached
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._lazy()})
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        lazy = self._lazy().get(cmd_name)
+        if cmd is not None or lazy is None:
+            return cmd
+        try:
+            cmd = _as_click(cmd_name, lazy.load())
+        except Exception as e:  # a broken plugin must not break the CLI
+            _err(f"[yellow]warning:[/] command {cmd_name!r} failed to load: {type(e).__name__}: {e}")
+            return None
+        self.add_command(cmd, cmd_name)
+        return cmd
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Like click's, but a command not yet imported shows its known help instead of being loaded."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = []
+        for name in names:
+            cmd = self.commands.get(name)
+            if cmd is None:
+                rows.append((name, self._lazy()[name].help))
+            elif not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _entry_point_commands(group: str) -> dict[str, _Lazy]:
+    from importlib.metadata import entry_points
+
+    out: dict[str, _Lazy] = {}
+    for ep in entry_points(group=group):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        out[ep.name] = _Lazy(ep.load, f"(from {dist}: {ep.value})")
+    return out
+
+
+def _builtin(name: str) -> Callable[[], Any]:
+    def load() -> Any:
+        commands = importlib.import_module(BUILTINS_MODULE)
+        return commands.agents_app if name == "agents" else getattr(commands, name)
+
+    return load
+
+
+class _RootGroup(_LazyGroup):
+    def lazy_commands(self) -> dict[str, _Lazy]:
+        builtins = {name: _Lazy(_builtin(name), text) for name, text in BUILTINS.items()}
+        return {**_entry_point_commands(CLI_GROUP), **builtins}
+
+
+class _DemoGroup(_LazyGroup):
+    def lazy_commands(self) -> dict[str, _Lazy]:
+        return _entry_point_commands(DEMO_GROUP)
+
+
+_PLAIN: dict[str, Any] = {"rich_markup_mode": None, "no_args_is_help": True}
+app = typer.Typer(cls=_RootGroup, help="aiflow-agents: heterogeneous model agents over MQTT.", **_PLAIN)
+demo_app = typer.Typer(cls=_DemoGroup, help="Demo scenarios (each starts its own node processes).", **_PLAIN)
+app.add_typer(demo_app, name="demo")
 
 
 @app.command()
 def version() -> None:
     """Print the version."""
-    console.print(__version__)
-
-
-@app.command()
-def broker(
-    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to bind")] = 1883,
-    log_level: LogOpt = "info",
-) -> None:
-    """Run the embedded (amqtt, MQTT 3.1.1) broker in the foreground until Ctrl-C."""
-    configure_logging(log_level)
-
-    async def main() -> None:
-        b = EmbeddedBroker(host, port)
-        url = await b.start()
-        console.print(f"embedded broker listening on [bold]{url}[/] (Ctrl-C to stop)")
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await b.stop()
-
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
-    except AiflowError as e:
-        raise _fail(str(e)) from None
-
-
-@app.command()
-def node(
-    agent: Annotated[list[str], typer.Option("--agent", "-a", help="NAME[:ID][?key=value&...] (repeatable)")],
-    broker: BrokerOpt = None,
-    namespace: NamespaceOpt = "default",
-    node_id: Annotated[str | None, typer.Option(help="stable node id (default: host-pid-random)")] = None,
-    tier: Annotated[str | None, typer.Option(help="device, edge or cloud (shown in presence)")] = None,
-    concurrency: Annotated[int, typer.Option(help="handlers running at once, per agent")] = 64,
-    max_pending: Annotated[
-        int, typer.Option(help="requests waiting beyond that, per agent, before 'overloaded'")
-    ] = 1024,
-    max_queued_mib: Annotated[
-        float, typer.Option(min=0, help="MiB of request frames a node holds before 'overloaded' (0: no bound)")
-    ] = DEFAULT_MAX_QUEUED_BYTES / (1 << 20),
-    max_deadline: Annotated[
-        float, typer.Option(min=0, help="cap on a request's deadline, in seconds from arrival (0: none)")
-    ] = DEFAULT_MAX_DEADLINE,
-    max_frame_age: Annotated[
-        float, typer.Option(min=0, help="refuse requests created longer ago than this many seconds (0: never)")
-    ] = DEFAULT_MAX_FRAME_AGE,
-    clock_skew: Annotated[float, typer.Option(min=0, help="seconds participants' clocks may disagree")] = (
-        DEFAULT_CLOCK_SKEW
-    ),
-    max_frame_bytes: Annotated[
-        int, typer.Option(min=64, help="refuse frames (in and out) larger than this many bytes")
-    ] = DEFAULT_LIMITS.max_frame_bytes,
-    max_header_bytes: Annotated[
-        int, typer.Option(min=64, help="refuse frames whose JSON header is larger than this")
-    ] = DEFAULT_LIMITS.max_header_bytes,
-    heartbeat: Annotated[
-        float, typer.Option(min=0, help="seconds between presence heartbeats (0: none, the Last Will only)")
-    ] = 2.0,
-    keepalive: Annotated[
-        int, typer.Option(min=1, max=65535, help="MQTT keepalive in seconds: a frozen node's Will fires ~1.5x this")
-    ] = NODE_KEEPALIVE,
-    log_level: LogOpt = "info",
-) -> None:
-    """Host agents on a node until SIGINT/SIGTERM. With $AIFLOW_SIGNING_KEY (hex) set, it accepts
-    only frames signed with that key and signs its own."""
-    configure_logging(log_level)
-    signing_key = signing_key_or_exit()
-    broker_url = broker_or_exit(broker)
-    limits = Limits(max_frame_bytes=max_frame_bytes, max_header_bytes=max_header_bytes)
-    try:
-        agents = [AgentSpec.parse(a).create(**({"tier": tier} if tier else {})) for a in agent]
-    except (AiflowError, ValueError, TypeError) as e:
-        raise _fail(str(e)) from None
-
-    async def main() -> None:
-        async with broker_scope(broker_url) as url:
-            if broker_from_env(broker_url) is None:
-                err.print(f"no broker configured: started an embedded one at [bold]{url}[/]")
-            n = Node(
-                agents,
-                url,
-                node_id=node_id,
-                namespace=namespace,
-                tier=tier,
-                max_concurrency=concurrency,
-                max_pending=max_pending,
-                max_queued_bytes=int(max_queued_mib * (1 << 20)) or None,
-                max_deadline=max_deadline or None,
-                max_frame_age=max_frame_age or None,
-                clock_skew=clock_skew,
-                limits=limits,
-                signing_key=signing_key,
-                heartbeat=heartbeat or None,
-                keepalive=keepalive,
-            )
-            await n.run()
-
-    try:
-        asyncio.run(main())
-    except AiflowError as e:
-        raise _fail(str(e)) from None
-
-
-@agents_app.command("list")
-def agents_list(
-    online: Annotated[bool, typer.Option("--online", help="also list agents online on the broker")] = False,
-    broker: BrokerOpt = None,
-    namespace: NamespaceOpt = "default",
-    wait: Annotated[float, typer.Option(help="seconds to collect presence")] = 1.0,
-) -> None:
-    """Installed agent types (entry-point group aiflow_agents.agents) and, with --online, live agents."""
-    table = Table(title="installed agent types")
-    table.add_column("name")
-    table.add_column("class")
-    table.add_column("distribution")
-    for name, ep in sorted(available().items()):
-        dist = ep.dist.name if ep.dist is not None else "?"
-        table.add_row(name, ep.value, dist)
-    console.print(table)
-    if not online:
-        return
-
-    broker_url = broker_or_exit(broker)
-
-    async def main() -> None:
-        url = broker_from_env(broker_url)
-        if url is None:
-            raise _fail("--online needs --broker or AIFLOW_BROKER")
-        async with Client(url, namespace=namespace) as c:
-            await asyncio.sleep(wait)
-            t = Table(title=f"online agents on {url}")
-            for col in ("agent", "type", "tier", "nodes"):
-                t.add_column(col)
-            for agent_id, hosts in sorted(c.presence.online().items()):
-                t.add_row(
-                    agent_id, hosts[0].agent_type or "?", hosts[0].tier or "", ", ".join(h.node_id for h in hosts)
-                )
-            console.print(t)
-
-    try:
-        asyncio.run(main())
-    except AiflowError as e:
-        raise _fail(str(e)) from None
-
-
-@app.command()
-def send(
-    agent_id: Annotated[str, typer.Argument(help="the agent to ask")],
-    text: Annotated[str, typer.Argument(help="the request text")],
-    broker: BrokerOpt = None,
-    namespace: NamespaceOpt = "default",
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
-    as_json: Annotated[bool, typer.Option("--json", help="print the reply as JSON")] = False,
-) -> None:
-    """Send one request and print the reply (exit code 1 with the reason if it fails). Signs it with
-    $AIFLOW_SIGNING_KEY when set."""
-    signing_key = signing_key_or_exit()
-    broker_url = broker_or_exit(broker)
-
-    async def main() -> None:
-        async with broker_scope(broker_url) as url, Client(url, namespace=namespace, signing_key=signing_key) as c:
-            reply = await c.request(agent_id, text, timeout=timeout)
-            if as_json:
-                console.print_json(json.dumps(_reply_json(reply)))
-                return
-            console.print(reply.text)
-            for part in reply.tensors():
-                console.print(f"[dim]tensor {part.dtype} {list(part.shape)} role={part.role} space={part.space}[/]")
-            if reply.meta:
-                console.print(f"[dim]meta {json.dumps(reply.meta)}[/]")
-
-    try:
-        asyncio.run(main())
-    except AiflowError as e:
-        raise _fail(str(e)) from None
-
-
-def _reply_json(reply: Any) -> dict[str, Any]:
-    return {
-        "id": reply.id,
-        "kind": str(reply.kind),
-        "sender": reply.sender,
-        "text": reply.text,
-        "meta": reply.meta,
-        "tensors": [{"dtype": str(p.dtype), "shape": list(p.shape), "role": str(p.role)} for p in reply.tensors()],
-    }
-
-
-def _load_extensions() -> None:
-    for ep in entry_points(group=CLI_GROUP):
-        try:
-            sub = ep.load()
-        except Exception as e:  # a broken plugin must not break the CLI
-            err.print(f"[yellow]warning:[/] CLI extension {ep.name!r} failed to load: {e}")
-            continue
-        if isinstance(sub, typer.Typer):
-            app.add_typer(sub, name=ep.name)
-        else:
-            app.command(ep.name)(sub)
-    for ep in entry_points(group=DEMO_GROUP):
-        try:
-            fn = ep.load()
-        except Exception as e:
-            err.print(f"[yellow]warning:[/] demo {ep.name!r} failed to load: {e}")
-            continue
-        demo_app.command(ep.name)(fn)
+    typer.echo(__version__)
 
 
 def main() -> None:
-    _load_extensions()
     app()
 
 
-__all__ = ["BrokerURL", "app", "main"]
+__all__ = ["BUILTINS", "app", "broker_or_exit", "fail", "main", "signing_key_or_exit"]

@@ -72,32 +72,16 @@ from .broker import BrokerURL, broker_from_env
 from .client import Client
 from .connection import Connection, incoming_limits
 from .errors import AgentError, BrokerUnavailableError
+from .forwarding import Forwarding, RouteForwarding
 from .mqtt import Message, Will
 
-HOPS = "hops"
 DEFAULT_MAX_FRAME_AGE = 300.0  # s: older requests are refused (replay bound, SPEC §12 item 8)
 DEFAULT_CLOCK_SKEW = 30.0  # s: how far participants' clocks may disagree
 DEFAULT_MAX_DEADLINE = 600.0  # s: the longest a sender may ask a handler to run
 DEFAULT_MAX_QUEUED_BYTES = 256 << 20  # request frames held by one node (running + waiting)
 _MAX_REFUSALS = 256  # overload refusals not yet written to the socket; beyond that the loop waits
 NODE_KEEPALIVE = 5  # s: MQTT keepalive of a node; the broker fires a frozen node's Will ~1.5x this later
-ACCEPT_POLICY = "accept"
 _REANNOUNCE_AFTER = 30.0  # seconds between re-publishing the retained agent records
-
-
-def _accepted(request: Envelope, reply: Envelope) -> bool:
-    """The cascade acceptance policy carried in ``meta.accept``: ``{"min_confidence": x}``, or per
-    stage ``{"min_confidence": {agent_id: x, ...}}`` (a stage missing from the map always escalates)."""
-    if reply.kind != Kind.REPLY:
-        return False
-    policy = request.meta.get(ACCEPT_POLICY) or {}
-    threshold = policy.get("min_confidence")
-    if isinstance(threshold, dict):
-        threshold = threshold.get(request.recipient or "", float("inf"))
-    if threshold is None:
-        return True
-    confidence = reply.meta.get(ops.CONFIDENCE)
-    return isinstance(confidence, (int, float)) and confidence >= float(threshold)
 
 
 def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
@@ -172,6 +156,7 @@ class Node:
         heartbeat: float | None = 2.0,
         claim_after: float | None = 0.2,
         keepalive: int = NODE_KEEPALIVE,
+        forwarding: Forwarding | None = RouteForwarding(),
     ) -> None:
         if not agents:
             raise ValueError("a node needs at least one agent")
@@ -190,6 +175,8 @@ class Node:
         self.limits = limits
         self.keyring = as_keyring(signing_key)
         self.tier = tier
+        # Escalation along a request's route (a topology behaviour, see forwarding.py); None: never
+        self.forwarding = forwarding
         # Liveness (see presence.py and client.py): a beat every ``heartbeat`` s; a request still
         # running after ``claim_after`` s is claimed, so its requester knows which node holds it.
         self.heartbeat = heartbeat
@@ -641,52 +628,29 @@ class Node:
                 "handler_error", f"{type(e).__name__}: {e}", sender=agent.agent_id, exception=type(e).__name__
             )
         try:
-            if env.route and not env.expired() and not _accepted(env, reply):
-                await self._forward(agent, env, reply, started)
-                return
-            if env.meta.get(HOPS):
-                reply.meta = {**reply.meta, HOPS: env.meta[HOPS]}
+            if self.forwarding is not None:
+                nxt = self.forwarding.next_hop(env, reply)
+                if nxt is not None:
+                    await self._forward(self.forwarding, nxt, agent, env, reply, started)
+                    return
+                reply = self.forwarding.final(env, reply)
             await self._send(agent, env, reply)
         except Exception:  # never an unhandled task exception: the node keeps serving
             ctx.log.exception("answer lost")
 
-    async def _forward(self, agent: Agent, env: Envelope, reply: Envelope, started: float) -> None:
+    async def _forward(
+        self, forwarding: Forwarding, nxt: str, agent: Agent, env: Envelope, reply: Envelope, started: float
+    ) -> None:
         """Escalate straight to the next agent on the route: one hop, not a round trip through the
         requester. The requester gets a progress event so it can time the hop and fall through if
-        the next stage never answers."""
-        nxt, rest = env.route[0], env.route[1:]
+        the next stage never answers. What is forwarded is ``forwarding``'s decision."""
         try:
             next_inbox = self.topics.inbox(nxt)
         except ValueError as e:  # the hop is no agent id: tell the requester, do not guess
             self.log.warning("forward refused: bad route hop", agent=agent.agent_id, to=nxt)
             await self._send(agent, env, env.error_reply("bad_route", str(e), sender=agent.agent_id, hop=nxt))
             return
-        hop = {
-            "agent": agent.agent_id,
-            "node": self.node_id,
-            "answer": reply.meta.get(ops.ANSWER, reply.text) if reply.kind == Kind.REPLY else None,
-            "confidence": reply.meta.get(ops.CONFIDENCE),
-            "error": reply.error.code if reply.error else None,
-            "error_message": reply.error.message if reply.error else None,
-            "cost": reply.meta.get(ops.COST),
-            "start": started,
-            "end": time.time(),
-            "forwarded_to": nxt,
-        }
-        fwd = Envelope(
-            kind=Kind.REQUEST,
-            sender=env.sender,
-            recipient=nxt,
-            correlation_id=env.correlation_id or env.id,
-            reply_to=env.reply_to,
-            trace_id=env.trace_id,
-            parent_id=env.id,
-            deadline=env.deadline,
-            route=rest,
-            # the original input, plus whatever latents this stage produced (e.g. its hidden states)
-            parts=[*env.parts, *reply.tensors()],
-            meta={**env.meta, HOPS: [*env.meta.get(HOPS, []), hop]},
-        )
+        fwd, hop = forwarding.forwarded(env, reply, nxt, agent_id=agent.agent_id, node_id=self.node_id, started=started)
         try:
             frame = self._encode(fwd)
         except ProtocolError as e:

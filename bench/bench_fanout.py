@@ -16,7 +16,8 @@ import statistics
 import time
 import uuid
 
-from aiflow_agents import NodeProcess, broker_scope
+from aiflow_agents import broker_scope
+from aiflow_agents.testing import NodeProcess
 from topologies import TopologyManager, ensemble
 
 

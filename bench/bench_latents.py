@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from bench_transport import start_mosquitto
 
-from aiflow_agents import BrokerURL, Client, NodeProcess
+from aiflow_agents import BrokerURL, Client
+from aiflow_agents.testing import NodeProcess
 from protocols import Envelope, TensorPart, TensorRole, compress, decompress, encode
 from protocols.compress import topk_mass_lost
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from aiflow_agents import configure_logging
-from aiflow_agents import tasks as T
-from aiflow_agents.familial import WEIGHTS_DIR, load_shipped, relay
+from aiflow_agents.models import tasks as T
+from aiflow_agents.models.familial import WEIGHTS_DIR, load_shipped, relay
 
 
 def in_process(n: int, seed: int, thresholds: list[float]) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def in_process(n: int, seed: int, thresholds: list[float]) -> dict[str, Any]:
 
 async def over_bus(n: int, seed: int, thresholds: list[float]) -> dict[str, Any]:
     from aiflow_agents import Client, EmbeddedBroker, Node
-    from aiflow_agents.familial_agents import FamilialAgent
+    from aiflow_agents.models.familial_agents import FamilialAgent
     from protocols import Envelope
 
     items = T.generate_tasks(n, seed)

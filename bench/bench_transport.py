@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from aiflow_agents import BrokerURL, Client, NodeProcess, free_port
+from aiflow_agents import BrokerURL, Client
+from aiflow_agents.testing import NodeProcess, free_port
 from protocols import Envelope, TensorPart, Topics, new_id
 
 RAW = Path(__file__).resolve().parent / "raw_mqtt.py"

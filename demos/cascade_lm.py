@@ -56,7 +56,7 @@ def correct(answer: str | None, accepted: list[str]) -> bool:
 
 
 async def _run(tasks: int, threshold: float, broker: str | None, concurrency: int) -> dict[str, Any]:
-    from aiflow_agents.catalog import fetch
+    from aiflow_agents.models.catalog import fetch
 
     for name in ("smollm2-135m", "gemma3-270m"):
         await asyncio.to_thread(fetch, name)

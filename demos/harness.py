@@ -15,7 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from aiflow_agents import AgentSpec, BrokerURL, NodeProcess, broker_from_env, broker_scope
+from aiflow_agents import AgentSpec, BrokerURL, broker_from_env, broker_scope
+from aiflow_agents.launch import NodeProcess
 from topologies import Pattern, RunResult, TopologyManager
 
 # wide tables stay readable in logs and CI, where no terminal tells rich its width

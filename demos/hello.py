@@ -19,7 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aiflow_agents import Client, NodeProcess, broker_from_env, broker_scope
+from aiflow_agents import Client, broker_from_env, broker_scope
+from aiflow_agents.launch import NodeProcess
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole
 
 console = Console()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiflow_agents.tasks import SEEDS, Task, check_answer, generate_tasks
+from aiflow_agents.models.tasks import SEEDS, Task, check_answer, generate_tasks
 from protocols import Envelope
 from topologies import Pattern, RunResult, TopologyManager, cascade, debate, ensemble, mixture_of_agents
 
@@ -32,7 +32,7 @@ TRIO = ["cloud", "peer-a", "peer-b"]
 
 def relay_thresholds() -> list[float]:
     """Per-exit cascade thresholds tuned on the tuning seed (never on evaluation seeds)."""
-    from aiflow_agents.familial_agents import shipped_thresholds
+    from aiflow_agents.models.familial_agents import shipped_thresholds
 
     tuned = shipped_thresholds()
     return [float(tuned.get("device", 0.9)), float(tuned.get("edge", 0.9))]

@@ -5,6 +5,7 @@ Tensors are decoded as zero-copy views over the payload; nothing is ever unpickl
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -12,16 +13,13 @@ import struct
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
 from .envelope import (
-    _FROM_TORCH,
-    _TORCH_DTYPES,
     DType,
     Envelope,
     ErrorInfo,
@@ -31,6 +29,8 @@ from .envelope import (
     TensorPart,
     TensorRole,
     TextPart,
+    from_torch_dtypes,
+    torch_dtypes,
 )
 from .errors import (
     BadMagicError,
@@ -54,6 +54,9 @@ from .signing import (
     UnsignedFrameError,
     as_keyring,
 )
+
+if TYPE_CHECKING:  # torch loads with the first tensor encoded or decoded
+    import torch
 
 MAGIC = b"AIFL"
 WIRE_VERSION = 1
@@ -141,10 +144,15 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=Fa
 _OFFSET_MARK = 7_394_650_284_161_937_581
 _OFFSET_MARK_BYTES = b'"offset":%d,' % _OFFSET_MARK
 _MARK_DIGITS = len(str(_OFFSET_MARK))
-# torch dtype -> NumPy dtype, for every wire dtype NumPy has (all but bfloat16)
-_NUMPY_DTYPE: dict[torch.dtype, Any] = {
-    dt: torch.empty(0, dtype=dt).numpy().dtype for dt in _TORCH_DTYPES.values() if dt is not torch.bfloat16
-}
+
+
+@functools.cache
+def _numpy_dtypes() -> dict[torch.dtype, Any]:
+    """torch dtype -> NumPy dtype, for every wire dtype NumPy has (all but bfloat16). Built when the
+    first tensor is encoded or decoded: torch is imported only where tensors are."""
+    import torch
+
+    return {dt: torch.empty(0, dtype=dt).numpy().dtype for dt in torch_dtypes().values() if dt is not torch.bfloat16}
 
 
 def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: SigningKeyLike | None = None) -> bytes:
@@ -176,7 +184,7 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: 
             raise EncodeError(f"tensor has {t.dim()} dimensions, limit is {limits.max_ndim}")
         if not t.is_contiguous():
             t = t.contiguous()
-        dtype = _FROM_TORCH.get(t.dtype) or DType.from_torch(t.dtype)  # the latter raises
+        dtype = from_torch_dtypes().get(t.dtype) or DType.from_torch(t.dtype)  # the latter raises
         nbytes = t.nbytes
         tensors.append(t)
         sizes.append(nbytes)
@@ -252,8 +260,10 @@ _ZEROS = bytes(ALIGNMENT)
 
 def _raw_bytes(t: torch.Tensor) -> memoryview | Any:
     """A buffer over a contiguous CPU tensor's bytes, without copying them."""
-    if t.dtype in _NUMPY_DTYPE:
+    if t.dtype in _numpy_dtypes():
         return t.numpy()
+    import torch  # loaded already: ``t`` is a tensor
+
     return t.reshape(-1).view(torch.uint8).numpy()  # bfloat16 has no numpy dtype
 
 
@@ -542,7 +552,7 @@ def _assemble(h: _WireHeader, view: memoryview, header_len: int, limits: Limits,
             continue
         assert isinstance(p, _WireTensor)
         shape, offset, nbytes = p.shape, p.offset, p.nbytes
-        dt = _TORCH_DTYPES[p.dtype]
+        dt = torch_dtypes()[p.dtype]  # imports torch with the first tensor part
         if len(shape) > limits.max_ndim:
             raise SegmentError(
                 f"part {i}: {len(shape)} dimensions exceed the limit of {limits.max_ndim}", header=_h(text)
@@ -577,6 +587,8 @@ def _assemble(h: _WireHeader, view: memoryview, header_len: int, limits: Limits,
             segments.append((offset, end, i))
             t = _frombuffer(view, dt, count, offset, shape)
         else:
+            import torch
+
             t = torch.empty(shape, dtype=dt)
         parts.append(
             _new(TensorPart, {"type": "tensor", "tensor": t, "role": p.role, "space": p.space, "meta": p.meta})
@@ -617,9 +629,11 @@ def _frombuffer(view: memoryview, dt: torch.dtype, count: int, offset: int, shap
     """A tensor viewing ``count`` elements of ``view`` from ``offset``, in ``shape``, without a copy.
 
     NumPy builds the view in half of torch's time; bfloat16, which NumPy lacks, goes through torch."""
+    import torch
+
     if not _readonly_warnings_spent:
         _spend_readonly_warnings()
-    np_dt = _NUMPY_DTYPE.get(dt)
+    np_dt = _numpy_dtypes().get(dt)
     if np_dt is None:
         return torch.frombuffer(view, dtype=dt, count=count, offset=offset).view(shape)
     return torch.from_numpy(numpy.frombuffer(view, dtype=np_dt, count=count, offset=offset).reshape(shape))
@@ -630,6 +644,8 @@ def _spend_readonly_warnings() -> None:
     write to it. Decoded tensors are documented read-only, so both warnings are spent here, once,
     and no decode pays for a warning filter."""
     global _readonly_warnings_spent
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         torch.frombuffer(_ZEROS, dtype=torch.uint8)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
 import time
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    import torch
+
+    Tensor = torch.Tensor
+else:
+    # torch loads only where a tensor is built or read (text-only messages, the CLI and the
+    # protocol layer never need it); TensorPart checks the type itself, see _check_tensor.
+    Tensor = Any
 
 PROTOCOL_VERSION = 1
 
@@ -57,16 +67,16 @@ class DType(StrEnum):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self]
+        return torch_dtypes()[self]
 
     @property
     def itemsize(self) -> int:
-        return _TORCH_DTYPES[self].itemsize
+        return _ITEMSIZE[self]
 
     @classmethod
     def from_torch(cls, dtype: torch.dtype) -> DType:
         try:
-            return _FROM_TORCH[dtype]
+            return from_torch_dtypes()[dtype]
         except KeyError:
             from .errors import UnsupportedDTypeError
 
@@ -75,19 +85,32 @@ class DType(StrEnum):
             ) from None
 
 
-_TORCH_DTYPES: dict[DType, torch.dtype] = {
-    DType.FLOAT64: torch.float64,
-    DType.FLOAT32: torch.float32,
-    DType.FLOAT16: torch.float16,
-    DType.BFLOAT16: torch.bfloat16,
-    DType.INT64: torch.int64,
-    DType.INT32: torch.int32,
-    DType.INT16: torch.int16,
-    DType.INT8: torch.int8,
-    DType.UINT8: torch.uint8,
-    DType.BOOL: torch.bool,
+_ITEMSIZE: dict[DType, int] = {
+    DType.FLOAT64: 8,
+    DType.FLOAT32: 4,
+    DType.FLOAT16: 2,
+    DType.BFLOAT16: 2,
+    DType.INT64: 8,
+    DType.INT32: 4,
+    DType.INT16: 2,
+    DType.INT8: 1,
+    DType.UINT8: 1,
+    DType.BOOL: 1,
 }
-_FROM_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+@functools.cache
+def torch_dtypes() -> dict[DType, torch.dtype]:
+    """Wire dtype -> torch dtype; imports torch on first use (a tensor is about to be built)."""
+    import torch
+
+    return {d: getattr(torch, d.value) for d in DType}
+
+
+@functools.cache
+def from_torch_dtypes() -> dict[torch.dtype, DType]:
+    return {v: k for k, v in torch_dtypes().items()}
+
 
 Meta = dict[str, Any]
 
@@ -157,14 +180,18 @@ class TensorPart(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     type: Literal["tensor"] = "tensor"
-    tensor: torch.Tensor
+    tensor: Tensor
     role: TensorRole = TensorRole.OTHER
     space: FeatureSpace | None = None
     meta: Meta = Field(default_factory=dict)
 
     @field_validator("tensor")
     @classmethod
-    def _check_dtype(cls, t: torch.Tensor) -> torch.Tensor:
+    def _check_tensor(cls, t: Any) -> torch.Tensor:
+        # A torch tensor exists only once torch is imported, so the check needs no import of its own.
+        loaded = sys.modules.get("torch")
+        if loaded is None or not isinstance(t, loaded.Tensor):
+            raise ValueError(f"Input should be an instance of torch.Tensor, not {type(t).__name__}")
         DType.from_torch(t.dtype)
         return t
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from aiflow_agents import BrokerURL, free_port
+from aiflow_agents import BrokerURL
+from aiflow_agents.testing import free_port
 
 
 def need_binary(name: str) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from aiflow_agents import BrokerURL, EmbeddedBroker, NodeProcess, configure_logging, free_port
+from aiflow_agents import BrokerURL, EmbeddedBroker, configure_logging
+from aiflow_agents.testing import NodeProcess, free_port
 
 MOSQUITTO = BrokerURL(host="127.0.0.1", port=1883)
 

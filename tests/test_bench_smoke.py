@@ -76,3 +76,14 @@ def test_transport_bench_runs(tmp_path: Path) -> None:
     assert result["throughput"]["aiflow_msgs_per_s"] > 0
     assert result["throughput"]["raw_threaded_msgs_per_s"] > 0 and result["throughput"]["raw_msgs_per_s"] > 0
     assert all(len(r["block_ratios"]) == 2 for r in result["rtt"])
+
+
+@pytest.mark.timeout(240)
+def test_cli_bench_runs(tmp_path: Path) -> None:
+    out = run("bench_cli.py", "--repeat", "1", "--json", str(tmp_path / "s.json"), timeout=200)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "s.json").read_text())
+    rows = {r["command"]: r for r in result["rows"]}
+    assert {"baseline", "aiflow --help", "aiflow send"} <= set(rows)
+    assert rows["baseline"]["ratio"] == 1.0 and all(r["median_ms"] > 0 for r in rows.values())
+    assert not rows["aiflow --help"]["imports_torch"]

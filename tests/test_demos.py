@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aiflow_agents.tasks import generate_tasks
+from aiflow_agents.models.tasks import generate_tasks
 
 pytestmark = pytest.mark.timeout(950)
 

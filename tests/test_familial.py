@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from aiflow_agents import tasks as T
 from aiflow_agents.errors import AgentError
-from aiflow_agents.familial import (
+from aiflow_agents.models import tasks as T
+from aiflow_agents.models.familial import (
     FamilialConfig,
     FamilialModel,
     decode_latent,
@@ -25,8 +25,8 @@ from aiflow_agents.familial import (
     relay,
     save_model,
 )
-from aiflow_agents.familial_agents import FamilialAgent, pack_latent, unpack_latent
-from aiflow_agents.training import evaluate
+from aiflow_agents.models.familial_agents import FamilialAgent, pack_latent, unpack_latent
+from aiflow_agents.models.training import evaluate
 from protocols import Envelope, FeatureSpace, Kind, TensorRole, decode, encode
 from protocols import ops as O
 
@@ -214,7 +214,7 @@ def test_shipped_exits_get_more_accurate_with_depth() -> None:
 
 
 def test_shipped_weights_fit_the_size_budget() -> None:
-    from aiflow_agents.familial import WEIGHTS_DIR
+    from aiflow_agents.models.familial import WEIGHTS_DIR
 
     files = list(WEIGHTS_DIR.glob("*.safetensors"))
     assert len(files) >= 3 and sum(f.stat().st_size for f in files) <= 20 * 2**20

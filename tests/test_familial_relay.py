@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from aiflow_agents import BrokerURL, Client
-from aiflow_agents import tasks as T
-from aiflow_agents.familial import load_shipped
+from aiflow_agents.models import tasks as T
+from aiflow_agents.models.familial import load_shipped
 from protocols import Envelope, TensorRole
 from protocols import ops as O
 

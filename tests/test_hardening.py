@@ -21,9 +21,10 @@ import aiomqtt
 import pytest
 from conftest import PrivateMosquitto
 
-from aiflow_agents import Agent, AgentContext, BrokerURL, Client, Node, NodeProcess
+from aiflow_agents import Agent, AgentContext, BrokerURL, Client, Node
 from aiflow_agents.agent import Accepts
 from aiflow_agents.node import _RecentIds
+from aiflow_agents.testing import NodeProcess
 from protocols import Envelope, Kind, Topics, decode, new_id
 
 pytestmark = pytest.mark.timeout(300)

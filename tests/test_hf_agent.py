@@ -27,10 +27,11 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
-from aiflow_agents import BrokerURL, Client, RemoteAgentError, catalog
+from aiflow_agents import BrokerURL, Client, RemoteAgentError
 from aiflow_agents.agent import AgentContext
 from aiflow_agents.errors import AgentError
-from aiflow_agents.hf import TransformersAgent, tokenizer_id, vocab_signature
+from aiflow_agents.models import catalog
+from aiflow_agents.models.hf import TransformersAgent, tokenizer_id, vocab_signature
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole
 from protocols import ops as O
 

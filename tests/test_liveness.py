@@ -24,9 +24,9 @@ from aiflow_agents import (
     AiflowError,
     BrokerURL,
     Client,
-    NodeProcess,
     RequestTimeoutError,
 )
+from aiflow_agents.testing import NodeProcess
 from topologies import TopologyManager, ensemble
 
 pytestmark = pytest.mark.timeout(180)

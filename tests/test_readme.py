@@ -27,3 +27,44 @@ def test_quick_start_has_demo_and_test_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert quick_start_commands()[1] in ci.splitlines()
+
+
+def layout_map() -> set[Path]:
+    """The paths the README's Layout section names (a ``text`` block, nested by indentation)."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"(?m)^## Layout\n", text)
+    assert m, "README has no Layout section"
+    block = re.search(r"```text\n(.*?)```", text[m.end() :], re.S)
+    assert block, "Layout has no map"
+    paths: set[Path] = set()
+    parents: list[tuple[int, Path]] = []  # (indent, folder)
+    for line in block.group(1).splitlines():
+        indent = len(line) - len(line.lstrip())
+        names = re.split(r"\s{2,}", line.strip())[0]
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        base = parents[-1][1] if parents else Path()
+        for name in (n.strip() for n in names.split(",")):
+            if not re.fullmatch(r"[\w.-]+/?", name):
+                continue
+            paths.add(base / name.rstrip("/"))
+            if name.endswith("/"):
+                parents.append((indent, base / name.rstrip("/")))
+    return paths
+
+
+def test_layout_map_matches_the_tree() -> None:
+    named = layout_map()
+    missing = sorted(str(p) for p in named if not (ROOT / p).exists())
+    assert not missing, f"README Layout names paths that do not exist: {missing}"
+    modules = [
+        p
+        for pkg in ("protocols", "aiflow_agents", "aiflow_agents/models", "topologies")
+        for p in (ROOT / pkg).glob("*.py")
+    ]
+    unnamed = sorted(
+        str(p.relative_to(ROOT))
+        for p in modules
+        if p.name not in ("__init__.py", "__main__.py") and p.relative_to(ROOT) not in named
+    )
+    assert not unnamed, f"modules missing from README Layout: {unnamed}"

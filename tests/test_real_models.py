@@ -14,8 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from aiflow_agents import BrokerURL, Client, RemoteAgentError, catalog
-from aiflow_agents.hf import TransformersAgent, vocab_signature
+from aiflow_agents import BrokerURL, Client, RemoteAgentError
+from aiflow_agents.models import catalog
+from aiflow_agents.models.hf import TransformersAgent, vocab_signature
 from protocols import Envelope, TensorRole
 from protocols import ops as O
 

@@ -352,7 +352,7 @@ async def test_node_waits_for_a_broker_that_starts_later(tmp_path, namespace: st
 
 
 async def test_node_without_a_broker_stops_on_sigterm(namespace: str, spawn) -> None:
-    from aiflow_agents import free_port
+    from aiflow_agents.testing import free_port
 
     node = spawn(["echo:lonely"], BrokerURL(port=free_port()), namespace)
     await asyncio.sleep(3)

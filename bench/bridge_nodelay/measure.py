@@ -21,7 +21,8 @@ sys.path.insert(0, str(HERE.parents[1] / "tests"))
 
 from brokers import BridgedMosquittos  # noqa: E402
 
-from aiflow_agents import Client, NodeProcess  # noqa: E402
+from aiflow_agents import Client  # noqa: E402
+from aiflow_agents.testing import NodeProcess  # noqa: E402
 
 
 async def median_ms(client: Client, agent: str, n: int) -> tuple[float, float]:

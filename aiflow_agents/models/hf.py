@@ -43,8 +43,8 @@ import torch
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart
 from protocols import ops as O
 
-from .agent import Accepts, Agent, AgentContext, Reply
-from .errors import AgentError
+from ..agent import Accepts, Agent, AgentContext, Reply
+from ..errors import AgentError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -38,8 +38,8 @@ import torch
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart, encode
 from protocols import ops as O
 
-from .agent import Accepts, Agent, AgentContext, Reply
-from .errors import AgentError, RemoteAgentError
+from ..agent import Accepts, Agent, AgentContext, Reply
+from ..errors import AgentError, RemoteAgentError
 from .familial import (
     ALPHABET,
     ENCODINGS,

@@ -7,13 +7,13 @@ trunk's features at every exit depth are aligned and a deeper exit can *continue
 exit's trunk state: :meth:`FamilialModel.continue_from` runs trunk layers ``k+1..K`` on hidden
 states received from elsewhere, which is what relays between device, edge and cloud agents.
 
-Decoding is parallel over a fixed-width answer (see :mod:`aiflow_agents.tasks` for the layout):
+Decoding is parallel over a fixed-width answer (see :mod:`aiflow_agents.models.tasks` for the layout):
 the input is the padded prompt, ``=``, and ``ANSWER_WIDTH - 1`` slot tokens ``_``; the positions
 from ``=`` on predict the answer digits (lowest first) in one forward pass. One pass over
 prompt + slots yields the whole answer, so the layer-k hidden states of all positions are all a
 deeper exit needs: relay is exact with no KV cache and no recomputation of the trunk.
 
-Pure torch; weights ship as float16 safetensors under ``aiflow_agents/weights``.
+Pure torch; weights ship as float16 safetensors under ``aiflow_agents/models/weights``.
 """
 
 from __future__ import annotations

