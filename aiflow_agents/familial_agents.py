@@ -190,7 +190,7 @@ class FamilialAgent(Agent):
             meta = self._answer_meta(answer, conf, self._cost(ran), [here], request)
             parts: list[TextPart | TensorPart] = [TextPart(text=answer)]
             parts += self._returns(request, dec.probs[0], h)
-            if self.next is None and conf < _cascade_threshold(request, self.agent_id):
+            if self.next is None and not _cascade_accepts(request, conf):
                 # A topology cascade will escalate this answer: hand the next stage our trunk state
                 # so it continues from here instead of recomputing (the node forwards these parts).
                 parts += pack_latent(h, self.space, str(request.meta.get("encoding", self.encoding)))
@@ -275,13 +275,14 @@ class FamilialAgent(Agent):
         return out
 
 
-def _cascade_threshold(request: Envelope, agent_id: str) -> float:
-    """The confidence a topology cascade (``meta.accept``) asks of this stage; 0 outside a cascade."""
-    policy = request.meta.get("accept") or {}
-    t = policy.get("min_confidence") if isinstance(policy, dict) else None
-    if isinstance(t, dict):
-        t = t.get(agent_id)
-    return float(t) if isinstance(t, (int, float)) else 0.0
+def _cascade_accepts(request: Envelope, confidence: float) -> bool:
+    """Whether a topology cascade's ``meta.acceptance`` lets this stage's answer stand (the node
+    decides the same way); True outside a cascade."""
+    try:
+        policy = O.AcceptancePolicy.from_meta(request.meta)
+    except ValueError as e:
+        raise AgentError(str(e), code="bad_request") from None
+    return policy is None or policy.accepts_confidence(confidence, request.recipient)
 
 
 def pack_latent(hidden: torch.Tensor, space: FeatureSpace, encoding: str = "float16") -> list[TensorPart]:

@@ -81,23 +81,17 @@ DEFAULT_MAX_DEADLINE = 600.0  # s: the longest a sender may ask a handler to run
 DEFAULT_MAX_QUEUED_BYTES = 256 << 20  # request frames held by one node (running + waiting)
 _MAX_REFUSALS = 256  # overload refusals not yet written to the socket; beyond that the loop waits
 NODE_KEEPALIVE = 5  # s: MQTT keepalive of a node; the broker fires a frozen node's Will ~1.5x this later
-ACCEPT_POLICY = "accept"
 _REANNOUNCE_AFTER = 30.0  # seconds between re-publishing the retained agent records
 
 
 def _accepted(request: Envelope, reply: Envelope) -> bool:
-    """The cascade acceptance policy carried in ``meta.accept``: ``{"min_confidence": x}``, or per
-    stage ``{"min_confidence": {agent_id: x, ...}}`` (a stage missing from the map always escalates)."""
-    if reply.kind != Kind.REPLY:
-        return False
-    policy = request.meta.get(ACCEPT_POLICY) or {}
-    threshold = policy.get("min_confidence")
-    if isinstance(threshold, dict):
-        threshold = threshold.get(request.recipient or "", float("inf"))
-    if threshold is None:
-        return True
-    confidence = reply.meta.get(ops.CONFIDENCE)
-    return isinstance(confidence, (int, float)) and confidence >= float(threshold)
+    """Whether ``reply`` stands under the request's ``meta.acceptance`` (:class:`ops.AcceptancePolicy`,
+    OPS.md §4); without a policy, or with a malformed one, a reply stands and an error escalates."""
+    try:
+        policy = ops.AcceptancePolicy.from_meta(request.meta) or ops.AcceptancePolicy()
+    except ValueError:
+        policy = ops.AcceptancePolicy()
+    return policy.accepts(reply, request.recipient)
 
 
 def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
@@ -106,6 +100,23 @@ def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
     if not isinstance(value, str) or not 0 < len(value) <= max_len:
         return None
     return value if (topic_name_problem if topic else mqtt_string_problem)(value) is None else None
+
+
+def _error_address(header: dict[str, Any], props: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Where to answer a frame that failed to decode, and with which correlation id (SPEC §12
+    item 6): the header's ``reply_to`` and ``correlation_id`` (or ``id``) when the header has them,
+    else the MQTT 5 ResponseTopic and CorrelationData. A header address that is not a publishable
+    topic (§6.1) is never replaced by the properties: (None, ...) sends the report to errors/<agent>."""
+    if header.get("reply_to") is not None:
+        reply_to = _usable(header["reply_to"], 1024, topic=True)
+    else:
+        reply_to = _usable(props.get("ResponseTopic"), 1024, topic=True)
+    # an empty correlation_id counts as absent (SPEC §12 item 3), as in Envelope.reply
+    corr = _usable(header.get("correlation_id"), 128) or _usable(header.get("id"), 128)
+    if corr is None:
+        raw = props.get("CorrelationData")
+        corr = _usable(raw.decode("utf-8", "replace"), 128) if isinstance(raw, (bytes, bytearray)) else None
+    return reply_to, corr
 
 
 class _Slot:
@@ -794,10 +805,6 @@ class Node:
     async def _reject_frame(self, agent: Agent, message: Message, error: ProtocolError) -> None:
         """Answer a frame we could not decode, if we can tell where the answer should go."""
         payload: bytes = message.payload  # type: ignore[assignment]
-        props = message.properties
-        reply_to = _usable(props.get("ResponseTopic"), 1024, topic=True)
-        corr_raw = props.get("CorrelationData")
-        corr = corr_raw.decode("utf-8", "replace") if isinstance(corr_raw, (bytes, bytearray)) else None
         header = error.header or {}
         unsigned = isinstance(error, (SignatureError, UnsignedFrameError))
         if not header and (unsigned or error.code in ("frame_too_large", "header_too_large")):
@@ -821,15 +828,7 @@ class Node:
             )
             await self._publish_report(agent, error.code, error.message, {"claimed": claimed})
             return
-        if error.field == "reply_to":
-            # Not a topic one can publish to (SPEC §6.1): answering there would get this node
-            # disconnected by the broker. Reported on the errors topic below instead.
-            reply_to = None
-        elif not reply_to:
-            reply_to = _usable(header.get("reply_to"), 1024, topic=True)
-        if corr is None:
-            corr = _usable(header.get("correlation_id"), 128) or _usable(header.get("id"), 128)
-        corr = _usable(corr, 128)
+        reply_to, corr = _error_address(header, message.properties)
         sender = _usable(header.get("sender"), 256) or "unknown"
         self.log.warning(
             "bad frame",
