@@ -64,6 +64,8 @@ from protocols import (
     decode,
     encode,
 )
+from protocols import compression as C
+from protocols.codec import MAX_JSON_DEPTH
 from protocols.signing import FLAG_SIGNED, KEY_ID_SIZE, MAC_SIZE, TRAILER_SIZE
 
 HERE = Path(__file__).resolve().parent
@@ -275,7 +277,94 @@ def valid_envelopes() -> dict[str, tuple[str, Envelope]]:
             route=["planner", "drafter@node-a", "critic", "judge"],
         ),
     )
+    deep: dict[str, Any] = {}
+    for _ in range(MAX_JSON_DEPTH - 4):  # header object, meta, the list and the innermost {}: the limit
+        deep = {"d": deep}
+    out["meta_depth_limit"] = (
+        f"A header nested exactly {MAX_JSON_DEPTH} levels deep (SPEC §3.1: arrays and objects count alike).",
+        _env(39, TextPart(text="deep"), meta={"deep": [deep]}),
+    )
+    out["layout_least_fixed_point"] = _least_fixed_point()
+    out.update(encoding_envelopes())
     return out
+
+
+def _least_fixed_point() -> tuple[str, Envelope]:
+    """A zero-size and a 4-element tensor, the header ending at byte 959: offsets 960/960 are
+    consistent, and so are 1024/1024 (one more digit each pushes the header end past 960)."""
+    parts = [torch.zeros(0, dtype=torch.float32), torch.arange(4, dtype=torch.float32)]
+    for pad in range(1000):
+        env = _env(41, TextPart(text="x" * pad), *[TensorPart(tensor=t) for t in parts])
+        frame = encode(env)
+        header_len = struct.unpack_from("<I", frame, 8)[0]
+        if PREAMBLE_SIZE + header_len == 959:
+            description = (
+                "A zero-size and a 4-element tensor whose header ends at byte 959: both canonical offsets "
+                "are 960. Writing 1024 for both would also be self-consistent (two more digits push the "
+                "header end to 961, so data_start is 1024), but the canonical layout is the least fixed "
+                "point, reached by iterating from one-digit offsets (SPEC §5)."
+            )
+            return description, env
+    raise AssertionError("no padding puts the header end at 959")  # pragma: no cover
+
+
+def encoding_envelopes() -> dict[str, tuple[str, Envelope]]:
+    """The latent encodings of SPEC §17, one vector each (their JSON adds ``restored``)."""
+    space = FeatureSpace(family="demo", model="demo-1", layer=2, hidden_size=4, tokenizer="demo")
+    hidden = torch.tensor([[1.0, -2.0, 0.5, 0.25], [0.0, 0.0, 0.0, 0.0], [127.0, 63.5, -254.0, 1.0]])
+    probs = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15, 0.0], [0.25, 0.25, 0.25, 0.25, 0.0, 0.0]])
+    logits = torch.tensor([[2.0, -1.0, 3.5, 0.0, 3.5]], dtype=torch.float16)
+    hs = TensorRole.HIDDEN_STATE
+    out: dict[str, tuple[str, Envelope]] = {}
+    for name in C.PLAIN:
+        out[f"encoding_{name}"] = (
+            f"A hidden state in the plain encoding {name}: one part of that dtype, meta.encoding = {name!r}.",
+            _env(50, TextPart(text="p"), *C.pack(hidden, name, role=hs, space=space)),
+        )
+    out["encoding_int8_rowwise"] = (
+        "A (3, 4) float32 hidden state as int8-rowwise: the int8 head (role other, meta names role and "
+        "dtype) and its float32 scales (3, 1); one row is all zeros (scale 0).",
+        _env(51, TextPart(text="p"), *C.pack(hidden, C.INT8_ROWWISE, role=hs, space=space, meta={"layer": 2})),
+    )
+    out["encoding_topk"] = (
+        "Two probability rows over 6 tokens as topk k=3 (fill 0): values descending, ties to the lower "
+        "index, then the int32 indices part.",
+        _env(52, *C.pack(probs, C.TOPK, role=TensorRole.TOKEN_DISTRIBUTION, space=space, k=3, fill=0.0)),
+    )
+    out["encoding_topk_logits"] = (
+        'float16 logits as topk k=2 with fill "-inf": a tie at 3.5 keeps index 2 before 4.',
+        _env(53, *C.pack(logits, C.TOPK, role=TensorRole.TOKEN_DISTRIBUTION, k=2)),
+    )
+    unknown = TensorPart(tensor=torch.arange(8, dtype=torch.uint8), role=hs, meta={"encoding": "zstd"})
+    out["encoding_unknown"] = (
+        "A valid frame whose tensor part names an encoding this version does not define: a receiver "
+        "MUST NOT use the part and answers unsupported_encoding if it cannot do without it (SPEC §17.4).",
+        _env(54, TextPart(text="p"), unknown),
+    )
+    return out
+
+
+def restored_of(frame: bytes) -> dict[str, Any]:
+    """What the encodings of a decoded frame restore to (SPEC §17): the parts after expansion, or
+    the error code a receiver answers."""
+    try:
+        parts = C.expand(decode(frame).parts)
+    except C.CompressionError as e:
+        return {"restored_error": e.code}
+    return {
+        "restored": [
+            {
+                "part": i,
+                "role": p.role.value,
+                "dtype": p.dtype.value,
+                "shape": list(p.shape),
+                "meta": p.meta,
+                "values": _values(p.tensor),
+            }
+            for i, p in enumerate(parts)
+            if isinstance(p, TensorPart)
+        ]
+    }
 
 
 def _values(t: torch.Tensor) -> list[Any]:
@@ -420,6 +509,15 @@ def invalid_frames(valid: dict[str, bytes]) -> dict[str, tuple[str, str, str, by
     add("header_utf8", "Header bytes are not UTF-8 (a lone 0xFF).", HeaderDecodeError, _raw_frame(h_ok[:-1] + b"\xff}"))
     add("header_json", "Header is not JSON (unterminated object).", HeaderDecodeError, _raw_frame(h_ok[:-1]))
     add("header_not_object", "Header is a JSON array, not an object.", HeaderDecodeError, _raw_frame(b"[]"))
+    innermost = {"arrays": b"[]", "objects": b"{}"}
+    for kind, (o, c) in {"arrays": (b"[", b"]"), "objects": (b'{"d":', b"}")}.items():
+        n = MAX_JSON_DEPTH - 1  # with the header object: one level over the limit
+        add(
+            f"header_too_deep_{kind}",
+            f"A header nested {MAX_JSON_DEPTH + 1} levels deep (meta holds {kind}): one over the limit (SPEC §3.1).",
+            HeaderDecodeError,
+            _raw_frame(h_ok[:-1] + b',"meta":{"x":' + o * (n - 1) + innermost[kind] + c * (n - 1) + b"}}"),
+        )
     add(
         "header_bom",
         "Header starts with a UTF-8 byte-order mark.",
@@ -638,6 +736,8 @@ def build() -> dict[str, tuple[bytes, dict[str, Any]]]:
         decode(frame)  # the reference decoder must accept every valid vector
         frames[name] = frame
         vectors[name] = (frame, expected_of(description, env, frame))
+        if name.startswith("encoding_"):
+            vectors[name][1].update(restored_of(frame))
     for name, (description, code, exc, frame) in invalid_frames(frames).items():
         try:
             decode(frame)
