@@ -202,6 +202,8 @@ def decompress(parts: Sequence[TensorPart]) -> TensorPart:
                 raise ValueError(f"scales shape {list(second.shape)} for values {list(first.shape)}")
             dense = dequantize_int8_rowwise(first, second)
         else:
+            if head.dtype.value != m["dtype"]:
+                raise ValueError(f"values of dtype {head.dtype.value}, meta.dtype {m['dtype']}")
             if parts[1].dtype.value not in ("int32", "int64") or second.shape != first.shape or first.ndim == 0:
                 raise ValueError(f"indices {list(second.shape)} do not match values {list(first.shape)}")
             fill = -math.inf if m["fill"] == "-inf" else float(m["fill"])
