@@ -144,3 +144,113 @@ class AcceptancePolicy(BaseModel):
     def accepts(self, reply: Envelope, agent_id: str | None = None) -> bool:
         """Whether ``reply`` from stage ``agent_id`` stands (an error never does)."""
         return reply.kind == Kind.REPLY and self.accepts_confidence(reply.meta.get(CONFIDENCE), agent_id)
+
+
+# -- the op messages (OPS.md §3): what a request's and a reply's meta must hold ---------------------
+class _Meta(BaseModel):
+    """Keys an op defines are checked; any other key is free (agents add their own)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+Confidence = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class Peer(_Meta):
+    """What another agent said in the previous round (``meta.peers`` entries)."""
+
+    agent: str
+    answer: str | None = None
+    confidence: Confidence | None = None
+
+
+class GenerateRequest(_Meta):
+    op: str = Op.GENERATE.value
+    return_: str | list[str] = Field(default_factory=list, alias="return")
+    peers: list[Peer] = Field(default_factory=list)
+    acceptance: AcceptancePolicy | None = None
+
+
+class Answer(_Meta):
+    """Every reply to generate, score, judge and next may say these; a vote compares ``answer``."""
+
+    answer: str | None = None
+    confidence: Confidence | None = None
+    cost: Cost | None = None
+
+
+class ScoreRequest(_Meta):
+    op: str = Op.SCORE.value
+    candidates: list[str] = Field(min_length=1)
+
+
+class ScoreReply(Answer):
+    scores: list[Annotated[float, Field(allow_inf_nan=False)]]
+    token_counts: list[int] | None = None
+
+
+class NextRequest(_Meta):
+    op: str = Op.NEXT.value
+    prefix: str = ""
+
+
+class NextReply(Answer):
+    tokens: dict[str, str] = Field(default_factory=dict)
+    eos_id: int | None = None
+    last_step: bool = False
+    answer_order: str = "normal"
+
+
+class JudgeRequest(_Meta):
+    op: str = Op.JUDGE.value
+    candidates: list[str] = Field(min_length=1)
+
+
+class VerifyRequest(_Meta):
+    op: str = Op.VERIFY.value
+    candidate: str
+
+
+class VerifyReply(Answer):
+    accepted: bool
+
+
+class JoinGroupRequest(_Meta):
+    op: str = Op.JOIN_GROUP.value
+    group: str = Field(min_length=1)
+
+
+class JoinGroupReply(_Meta):
+    group: str
+    joined: bool
+
+
+#: op -> (request meta model, reply meta model)
+MESSAGES: dict[Op, tuple[type[_Meta], type[_Meta]]] = {
+    Op.GENERATE: (GenerateRequest, Answer),
+    Op.SCORE: (ScoreRequest, ScoreReply),
+    Op.NEXT: (NextRequest, NextReply),
+    Op.JUDGE: (JudgeRequest, Answer),
+    Op.VERIFY: (VerifyRequest, VerifyReply),
+    Op.JOIN_GROUP: (JoinGroupRequest, JoinGroupReply),
+}
+
+
+def check_request(meta: dict[str, Any]) -> _Meta:
+    """The request's op message, validated; ``ValueError`` (unknown op or bad meta) otherwise."""
+    try:
+        op = op_of(meta)
+    except ValueError:
+        raise ValueError(f"unknown op {meta.get(OP)!r}") from None
+    try:
+        return MESSAGES[op][0].model_validate(meta)
+    except ValidationError as e:
+        raise ValueError(f"{op} request: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+
+
+def check_reply(op: Op | str, meta: dict[str, Any]) -> _Meta:
+    """A reply's meta for ``op``, validated; ``ValueError`` otherwise."""
+    try:
+        return MESSAGES[Op(op)][1].model_validate(meta)
+    except ValidationError as e:
+        raise ValueError(f"{op} reply: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None

@@ -63,6 +63,7 @@ from protocols import (
     UnsupportedVersionError,
     decode,
     encode,
+    ops,
 )
 from protocols import compression as C
 from protocols.codec import MAX_JSON_DEPTH
@@ -848,6 +849,194 @@ def build_signed() -> dict[str, tuple[bytes, dict[str, Any]]]:
     return vectors
 
 
+# -- ops (protocols/OPS.md): one request and its reply per operation ------------------------------
+OPS_DIR = "ops"
+CLIENT_REPLIES = "aiflow/v1/default/clients/cli-1/replies"
+
+
+def ops_exchanges() -> dict[str, tuple[str, str, str, Envelope]]:
+    """name -> (description, op, "request" | "reply" | "event", envelope), deterministic."""
+    space = FeatureSpace(family="demo", model="demo-1", layer=-1, hidden_size=4, tokenizer="demo-vocab")
+    out: dict[str, tuple[str, str, str, Envelope]] = {}
+    n = 0x600
+
+    def exchange(name: str, op: str, description: str, request: Envelope, *reply: Envelope) -> None:
+        nonlocal n
+        out[f"{name}_request"] = (description, op, "request", request)
+        for r in reply:
+            out[f"{name}_reply"] = (description, op, "reply", r)
+        n += 0x10
+
+    def req(text: str, meta: dict[str, Any], **fields: Any) -> Envelope:
+        base: dict[str, Any] = {"recipient": "agent-a", "reply_to": CLIENT_REPLIES, "deadline": DEADLINE}
+        return _env(n, TextPart(text=text), kind=Kind.REQUEST, sender="cli-1", meta=meta, **{**base, **fields})
+
+    def rep(request: Envelope, *parts: TextPart | TensorPart, sender: str = "agent-a", **meta: Any) -> Envelope:
+        r = request.reply(*parts, sender=sender, meta=meta)
+        return r.model_copy(update={"id": _id(n + 1), "created_at": CREATED_AT + 1})
+
+    cost = {"model_calls": 1, "layers": 48, "tokens": 12}
+    r = req("What is 2+2?", {"op": "generate", "return": ["distribution"]})
+    dist = torch.tensor([[0.0625, 0.75, 0.125, 0.0625]])
+    exchange(
+        "generate",
+        "generate",
+        "generate: the answer as text and meta.answer, with confidence and cost; meta.return asked for "
+        "the answer's token distribution (one row per generated token), tagged with the agent's space.",
+        r,
+        rep(
+            r,
+            TextPart(text="4"),
+            TensorPart(tensor=dist, role=TensorRole.TOKEN_DISTRIBUTION, space=space),
+            answer="4",
+            confidence=0.75,
+            cost=cost,
+        ),
+    )
+    peers = [
+        {"agent": "agent-b", "answer": "5", "confidence": 0.4},
+        {"agent": "agent-c", "answer": "4", "confidence": 0.9},
+    ]
+    r = req("What is 2+2?", {"peers": peers})
+    exchange(
+        "generate_peers",
+        "generate",
+        "generate in a debate round: meta.peers says what the others answered last round (no op: generate).",
+        r,
+        rep(r, TextPart(text="4"), answer="4", confidence=0.8, cost=cost),
+    )
+    r = req("What is 2+2?", {"op": "score", "candidates": ["4", "5"]})
+    exchange(
+        "score",
+        "score",
+        "score: one log-likelihood per candidate under the agent's own model, with token counts.",
+        r,
+        rep(r, TextPart(text="4"), scores=[-0.125, -3.5], token_counts=[1, 1], answer="4", confidence=0.97, cost=cost),
+    )
+    r = req("What is 2+2?", {"op": "next", "prefix": ""})
+    vocab = torch.tensor([0.0625, 0.75, 0.125, 0.0625])
+    exchange(
+        "next",
+        "next",
+        "next: the probabilities of the next token as one token_distribution part; meta.tokens names ids, "
+        "meta.eos_id ends an answer.",
+        r,
+        rep(
+            r,
+            TensorPart(tensor=vocab, role=TensorRole.TOKEN_DISTRIBUTION, space=space),
+            tokens={"0": "3", "1": "4", "2": "5", "3": "<eos>"},
+            eos_id=3,
+            last_step=False,
+            cost=cost,
+        ),
+    )
+    r = req("What is 2+2?", {"op": "judge", "candidates": ["5", "4", "4"]})
+    exchange("judge", "judge", "judge: meta.answer is the chosen candidate.", r, rep(r, TextPart(text="4"), answer="4"))
+    r = req("What is 2+2?", {"op": "verify", "candidate": "4"})
+    exchange(
+        "verify",
+        "verify",
+        "verify: meta.accepted is the verdict (a boolean), with confidence.",
+        r,
+        rep(r, accepted=True, confidence=0.9, cost=cost),
+    )
+    r = req("", {"op": "join_group", "group": "g-1f2e"})
+    exchange(
+        "join_group",
+        "join_group",
+        "join_group (node-level): the node subscribes the agent to the group inbox and confirms.",
+        r,
+        rep(r, group="g-1f2e", joined=True),
+    )
+    r = req("What is 2+2?", {"op": "translate"})
+    err = r.error_reply("unsupported_op", "unknown op 'translate'", sender="agent-a")
+    exchange(
+        "unsupported_op",
+        "translate",
+        "An op the agent does not implement: an error reply with code unsupported_op.",
+        r,
+        err.model_copy(update={"id": _id(n + 1), "created_at": CREATED_AT + 1}),
+    )
+    # a cascade the nodes run by themselves: dev answers below its threshold, its node forwards
+    policy = ops.AcceptancePolicy(per_stage={"dev": 0.8, "cloud": 0.0}).to_meta()
+    r = req("What is 17*23?", policy, recipient="dev", route=["cloud"])
+    hop = {
+        "agent": "dev",
+        "node": "node-1",
+        "answer": "381",
+        "confidence": 0.5,
+        "error": None,
+        "error_message": None,
+        "cost": cost,
+        "start": CREATED_AT + 0.5,
+        "end": CREATED_AT + 0.75,
+        "forwarded_to": "cloud",
+        "bytes": 0,
+    }
+    event = Envelope(
+        id=_id(n + 2),
+        kind=Kind.EVENT,
+        sender="dev",
+        recipient="cli-1",
+        correlation_id=r.id,
+        trace_id=r.trace_id,
+        parent_id=r.id,
+        created_at=CREATED_AT + 1,
+        meta={"hop": hop},
+    )
+    fwd = r.model_copy(
+        update={
+            "id": _id(n + 3),
+            "recipient": "cloud",
+            "correlation_id": r.id,
+            "parent_id": r.id,
+            "route": [],
+            "meta": {**r.meta, "hops": [hop]},
+        }
+    )
+    out["cascade_request"] = (
+        "A cascade request to dev with route [cloud] and meta.acceptance (OPS.md §4).",
+        "generate",
+        "request",
+        r,
+    )
+    out["cascade_event"] = (
+        "dev's node found the reply below dev's threshold: a progress event to reply_to, meta.hop.",
+        "generate",
+        "event",
+        event,
+    )
+    out["cascade_forward"] = (
+        "What dev's node sends to cloud's inbox: the request, correlation_id kept, route shortened, "
+        "meta.hops extended (and any tensor parts dev's reply carried appended).",
+        "generate",
+        "request",
+        fwd,
+    )
+    final = fwd.reply(TextPart(text="391"), sender="cloud", meta={"answer": "391", "confidence": 0.99, "cost": cost})
+    final = final.model_copy(
+        update={"id": _id(n + 4), "created_at": CREATED_AT + 2, "meta": {**final.meta, "hops": [hop]}}
+    )
+    out["cascade_reply"] = (
+        "cloud's reply, at the original reply_to with the original correlation_id; meta.hops lists the stages passed.",
+        "generate",
+        "reply",
+        final,
+    )
+    return out
+
+
+def build_ops() -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """The vectors of ``ops/``: name -> (frame, expectation with ``op`` and ``message``)."""
+    vectors: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    for name, (description, op, message, env) in ops_exchanges().items():
+        frame = bytes(encode(env))
+        decode(frame)
+        expected = expected_of(description, env, frame)
+        vectors[name] = (frame, {"op": op, "message": message, **expected})
+    return vectors
+
+
 def _json_text(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
@@ -857,11 +1046,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
     ap.add_argument("--out", type=Path, default=HERE, help="where to write (default: next to this script)")
     args = ap.parse_args(argv)
-    sets = {args.out: build(), args.out / SIGNED_DIR: build_signed()}
+    sets = {args.out: build(), args.out / SIGNED_DIR: build_signed(), args.out / OPS_DIR: build_ops()}
     stale: list[str] = []
     extra: list[str] = []
     for folder, vectors in sets.items():
-        prefix = "" if folder == args.out else f"{SIGNED_DIR}/"
+        prefix = "" if folder == args.out else f"{folder.name}/"
         if not args.check:
             folder.mkdir(exist_ok=True)
         for name, (frame, expected) in vectors.items():
