@@ -3,10 +3,9 @@ messages; the reference agents' replies match them too; the cascade vectors foll
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,21 +25,8 @@ def _load(name: str) -> tuple[Envelope, dict[str, Any], bytes]:
     return decode(frame), json.loads((OPS / f"{name}.json").read_text("utf-8")), frame
 
 
-def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_vector_generate", ROOT / "protocols" / "vectors" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_ops_vectors_are_current_and_cover_every_op() -> None:
-    gen = _generator()
-    built = gen.build_ops()
-    assert sorted(built) == NAMES
-    for name, (frame, expected) in built.items():
-        assert (OPS / f"{name}.bin").read_bytes() == frame, name
-        assert (OPS / f"{name}.json").read_text("utf-8") == gen._json_text(expected), name
+def test_ops_vectors_cover_every_op() -> None:
+    """(That the files are current is checked with the other vectors, test_protocol_vectors.py.)"""
     assert {json.loads((OPS / f"{n}.json").read_text())["op"] for n in NAMES} >= {o.value for o in ops.Op}
 
 

@@ -251,6 +251,12 @@ def test_files_on_disk_match_a_fresh_generation() -> None:
     for name, (frame, expected) in built.items():
         assert (VECTORS / f"{name}.bin").read_bytes() == frame, name
         assert (VECTORS / f"{name}.json").read_text("utf-8") == gen._json_text(expected), name
+    ops_dir = VECTORS / gen.OPS_DIR  # the op exchanges of protocols/OPS.md
+    built_ops = gen.build_ops()
+    assert sorted(built_ops) == sorted(p.stem for p in ops_dir.glob("*.bin"))
+    for name, (frame, expected) in built_ops.items():
+        assert (ops_dir / f"{name}.bin").read_bytes() == frame, name
+        assert (ops_dir / f"{name}.json").read_text("utf-8") == gen._json_text(expected), name
 
 
 def test_spec_hex_dump_is_the_example_vector() -> None:
