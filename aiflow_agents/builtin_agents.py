@@ -96,7 +96,7 @@ class ScriptedAgent(Agent):
         if op == ops.Op.VERIFY:
             accepted = [str(a) for a in cfg.get("accept_answers", [own])]
             ok = str(request.meta.get(ops.CANDIDATE)) in accepted
-            return request.reply(sender=self.agent_id, meta={**base, ops.ACCEPT: ok, ops.CONFIDENCE: confidence})
+            return request.reply(sender=self.agent_id, meta={**base, ops.ACCEPTED: ok, ops.CONFIDENCE: confidence})
         if op == ops.Op.NEXT:
             return self._next(request, base)
         meta = {**base, ops.CONFIDENCE: confidence, ops.ANSWER: own}

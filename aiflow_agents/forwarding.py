@@ -3,7 +3,7 @@
 A cascade is a topology behaviour, so the runtime does not hard-wire it: :class:`~aiflow_agents.Node`
 asks its :class:`Forwarding` what to do with each reply and keeps only the I/O (encoding,
 publishing, error replies). :class:`RouteForwarding` is the default: a request that carries a
-``route`` and whose reply the acceptance policy in ``meta.accept`` does not accept goes straight
+``route`` and whose reply the acceptance policy in ``meta.acceptance`` does not accept goes straight
 to the next agent on the route (one hop, not a round trip through the requester), with the hops
 so far in ``meta.hops``. ``Node(..., forwarding=None)`` answers every request itself; a topology
 that escalates differently passes its own implementation.
@@ -17,22 +17,16 @@ from typing import Any, Protocol, runtime_checkable
 from protocols import Envelope, Kind, ops
 
 HOPS = "hops"
-ACCEPT_POLICY = "accept"
 
 
 def accepted(request: Envelope, reply: Envelope) -> bool:
-    """The cascade acceptance policy carried in ``meta.accept``: ``{"min_confidence": x}``, or per
-    stage ``{"min_confidence": {agent_id: x, ...}}`` (a stage missing from the map always escalates)."""
-    if reply.kind != Kind.REPLY:
-        return False
-    policy = request.meta.get(ACCEPT_POLICY) or {}
-    threshold = policy.get("min_confidence")
-    if isinstance(threshold, dict):
-        threshold = threshold.get(request.recipient or "", float("inf"))
-    if threshold is None:
-        return True
-    confidence = reply.meta.get(ops.CONFIDENCE)
-    return isinstance(confidence, (int, float)) and confidence >= float(threshold)
+    """Whether ``reply`` stands under the request's ``meta.acceptance`` (:class:`ops.AcceptancePolicy`,
+    OPS.md §4); without a policy, or with a malformed one, a reply stands and an error escalates."""
+    try:
+        policy = ops.AcceptancePolicy.from_meta(request.meta) or ops.AcceptancePolicy()
+    except ValueError:
+        policy = ops.AcceptancePolicy()
+    return policy.accepts(reply, request.recipient)
 
 
 @runtime_checkable
@@ -101,4 +95,4 @@ class RouteForwarding:
         return reply
 
 
-__all__ = ["ACCEPT_POLICY", "HOPS", "Forwarding", "RouteForwarding", "accepted"]
+__all__ = ["HOPS", "Forwarding", "RouteForwarding", "accepted"]

@@ -92,6 +92,23 @@ def _usable(value: Any, max_len: int, *, topic: bool = False) -> str | None:
     return value if (portable_topic_problem if topic else mqtt_string_problem)(value) is None else None
 
 
+def _error_address(header: dict[str, Any], props: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Where to answer a frame that failed to decode, and with which correlation id (SPEC §12
+    item 6): the header's ``reply_to`` and ``correlation_id`` (or ``id``) when the header has them,
+    else the MQTT 5 ResponseTopic and CorrelationData. A header address that is not a publishable
+    topic (§6.1) is never replaced by the properties: (None, ...) sends the report to errors/<agent>."""
+    if header.get("reply_to") is not None:
+        reply_to = _usable(header["reply_to"], 1024, topic=True)
+    else:
+        reply_to = _usable(props.get("ResponseTopic"), 1024, topic=True)
+    # an empty correlation_id counts as absent (SPEC §12 item 3), as in Envelope.reply
+    corr = _usable(header.get("correlation_id"), 128) or _usable(header.get("id"), 128)
+    if corr is None:
+        raw = props.get("CorrelationData")
+        corr = _usable(raw.decode("utf-8", "replace"), 128) if isinstance(raw, (bytes, bytearray)) else None
+    return reply_to, corr
+
+
 class _Slot:
     """One agent's share of the node: its own concurrency and queue bound."""
 
@@ -760,10 +777,6 @@ class Node:
     async def _reject_frame(self, agent: Agent, message: Message, error: ProtocolError) -> None:
         """Answer a frame we could not decode, if we can tell where the answer should go."""
         payload: bytes = message.payload  # type: ignore[assignment]
-        props = message.properties
-        reply_to = _usable(props.get("ResponseTopic"), 1024, topic=True)
-        corr_raw = props.get("CorrelationData")
-        corr = corr_raw.decode("utf-8", "replace") if isinstance(corr_raw, (bytes, bytearray)) else None
         header = error.header or {}
         unsigned = isinstance(error, (SignatureError, UnsignedFrameError))
         if not header and (unsigned or error.code in ("frame_too_large", "header_too_large")):
@@ -787,15 +800,7 @@ class Node:
             )
             await self._publish_report(agent, error.code, error.message, {"claimed": claimed})
             return
-        if error.field == "reply_to":
-            # Not a topic one can publish to (SPEC §6.1): answering there would get this node
-            # disconnected by the broker. Reported on the errors topic below instead.
-            reply_to = None
-        elif not reply_to:
-            reply_to = _usable(header.get("reply_to"), 1024, topic=True)
-        if corr is None:
-            corr = _usable(header.get("correlation_id"), 128) or _usable(header.get("id"), 128)
-        corr = _usable(corr, 128)
+        reply_to, corr = _error_address(header, message.properties)
         sender = _usable(header.get("sender"), 256) or "unknown"
         self.log.warning(
             "bad frame",

@@ -9,6 +9,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import struct
 import sys
 import warnings
@@ -65,6 +66,10 @@ PREAMBLE = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, header l
 PREAMBLE_SIZE = PREAMBLE.size  # 12
 CONTENT_TYPE = "application/vnd.aiflow.v1"
 MAX_MQTT_PAYLOAD = 268_435_455  # 256 MiB - 1, the MQTT maximum
+#: Deepest nesting of arrays and objects in a header (SPEC §3.1): the header object is level 1,
+#: each array or object inside a container one level more. Deeper: ``header_decode`` (check 9).
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _MAX_ELEMENTS = (1 << 63) - 1
 
 
@@ -221,6 +226,8 @@ def encode(envelope: Envelope, limits: Limits = DEFAULT_LIMITS, *, signing_key: 
     if error is not None:
         free.append(error.detail)
     dumped = _dump(header, free)
+    if (depth := _too_deep(dumped)) is not None:
+        raise EncodeError(f"header nests {depth} levels deep, the limit is {MAX_JSON_DEPTH} (SPEC §3.1)")
     if tensors:
         header_pieces, offsets = _lay_out(dumped, sizes, header, wire_parts)
         header_len = sum(map(len, header_pieces))
@@ -431,8 +438,34 @@ def _read_frame(view: memoryview, limits: Limits, keyring: Keyring | None) -> tu
     return text, header_len, view
 
 
+def json_depth(text: str | bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text (``{}`` and ``[]`` are 1, a scalar 0),
+    counted alike for both (SPEC §3.1)."""
+    raw = text.encode() if isinstance(text, str) else text
+    b = numpy.frombuffer(_JSON_STRING.sub(b"", raw), numpy.uint8)
+    step = (b == 0x5B).astype(numpy.int64) + (b == 0x7B) - (b == 0x5D) - (b == 0x7D)
+    return int(step.cumsum().max()) if b.size else 0
+
+
+def _too_deep(text: str | bytes) -> int | None:
+    """The nesting depth when it exceeds ``MAX_JSON_DEPTH``; a text with no more brackets than
+    the limit cannot, and is not scanned (the common case costs two ``count`` calls)."""
+    brackets = text.count("[") + text.count("{") if isinstance(text, str) else text.count(b"[") + text.count(b"{")
+    if brackets <= MAX_JSON_DEPTH:
+        return None
+    depth = json_depth(text)
+    return depth if depth > MAX_JSON_DEPTH else None
+
+
+def _check_depth(text: str) -> None:
+    """Check 9's nesting rule, before any recursive parser sees the text."""
+    if (depth := _too_deep(text)) is not None:
+        raise HeaderDecodeError(f"header is not valid JSON: nested {depth} levels deep, the limit is {MAX_JSON_DEPTH}")
+
+
 def _parse_header(text: str) -> dict[str, Any]:
     """The header as a JSON object, with the JSON rules of SPEC §6 (no NaN/Infinity, finite numbers)."""
+    _check_depth(text)
     try:
         obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:
@@ -455,6 +488,7 @@ def _decode(payload: bytes | bytearray | memoryview, limits: Limits, keyring: Ke
     # value). The stdlib parser runs only to classify a failure, to vet a header that may hold a
     # non-finite number (NaN, Infinity, 1e400: pydantic lets those through into meta), and to
     # give an error its header object.
+    _check_depth(text)
     try:
         h = _WireHeader.model_validate_json(text, strict=True)
     except ValidationError as e:

@@ -25,12 +25,16 @@ Optional operations (agents that do not implement them answer ``unsupported_op``
 ``judge``
     request text = the task, ``meta.candidates`` = proposals. Reply ``meta.answer`` = the chosen one.
 ``verify``
-    request text = the task, ``meta.candidate`` = one proposal. Reply ``meta.accept`` (bool) and
-    ``meta.confidence``.
+    request text = the task, ``meta.candidate`` = one proposal. Reply ``meta.accepted`` (bool: the
+    verdict) and ``meta.confidence``.
 
 Collaboration context: a request may carry ``meta.peers`` = ``[{"agent", "answer", "confidence"}]``
 (what other agents said in the previous debate round or mixture-of-agents layer). Agents decide how
 to use it; the task text itself is left untouched so that narrow models still parse it.
+
+Cascade acceptance: a request may carry ``meta.acceptance`` (an :class:`AcceptancePolicy`), the
+policy under which a node escalates a stage's reply along ``route`` by itself. ``protocols/OPS.md``
+specifies all of this for implementations in other languages.
 
 Node-level control (handled by the node, not the agent): ``join_group`` with ``meta.group`` makes
 the agent's node subscribe it to that group topic, so patterns can fan out with one publish.
@@ -39,9 +43,11 @@ the agent's node subscribe it to that group topic, so patterns can fan out with 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .envelope import Envelope, Kind
 
 
 class Op(StrEnum):
@@ -65,7 +71,8 @@ RETURN = "return"
 TOKENS = "tokens"
 EOS_ID = "eos_id"
 CANDIDATE = "candidate"
-ACCEPT = "accept"
+ACCEPTED = "accepted"  # verify's verdict (reply)
+ACCEPTANCE = "acceptance"  # cascade acceptance policy (request)
 PEERS = "peers"
 GROUP = "group"
 LAST_STEP = "last_step"
@@ -91,3 +98,159 @@ class Cost(BaseModel):
 
 def op_of(meta: dict[str, Any]) -> Op:
     return Op(meta.get(OP, Op.GENERATE))
+
+
+Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class AcceptancePolicy(BaseModel):
+    """When a cascade stage's reply stands: its ``meta.confidence`` reaches the stage's threshold.
+
+    The threshold of stage ``agent`` is ``per_stage[agent]`` if present, else ``min_confidence``;
+    when neither is set the policy asks nothing of that stage and its reply stands (the one default,
+    for nodes and agents alike). Carried in request ``meta.acceptance`` (:meth:`to_meta`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    min_confidence: Threshold | None = None
+    per_stage: dict[str, Threshold] = Field(default_factory=dict)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> AcceptancePolicy | None:
+        """The policy in ``meta.acceptance``; None when absent. Raises ``ValueError`` if malformed."""
+        raw = meta.get(ACCEPTANCE)
+        if raw is None:
+            return None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ValueError(f"meta.{ACCEPTANCE}: {e.errors()[0]['msg']}") from None
+
+    def to_meta(self) -> dict[str, Any]:
+        """``{"acceptance": {...}}`` to merge into a request's meta."""
+        return {ACCEPTANCE: self.model_dump(mode="json")}
+
+    def threshold(self, agent_id: str | None) -> float | None:
+        return self.per_stage.get(agent_id or "", self.min_confidence)
+
+    def accepts_confidence(self, confidence: Any, agent_id: str | None = None) -> bool:
+        """Whether a reply of this ``confidence`` from stage ``agent_id`` stands."""
+        t = self.threshold(agent_id)
+        if t is None:
+            return True
+        ok_type = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
+        return ok_type and confidence >= t
+
+    def accepts(self, reply: Envelope, agent_id: str | None = None) -> bool:
+        """Whether ``reply`` from stage ``agent_id`` stands (an error never does)."""
+        return reply.kind == Kind.REPLY and self.accepts_confidence(reply.meta.get(CONFIDENCE), agent_id)
+
+
+# -- the op messages (OPS.md §3): what a request's and a reply's meta must hold ---------------------
+class _Meta(BaseModel):
+    """Keys an op defines are checked; any other key is free (agents add their own)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+Confidence = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class Peer(_Meta):
+    """What another agent said in the previous round (``meta.peers`` entries)."""
+
+    agent: str
+    answer: str | None = None
+    confidence: Confidence | None = None
+
+
+class GenerateRequest(_Meta):
+    op: str = Op.GENERATE.value
+    return_: str | list[str] = Field(default_factory=list, alias="return")
+    peers: list[Peer] = Field(default_factory=list)
+    acceptance: AcceptancePolicy | None = None
+
+
+class Answer(_Meta):
+    """Every reply to generate, score, judge and next may say these; a vote compares ``answer``."""
+
+    answer: str | None = None
+    confidence: Confidence | None = None
+    cost: Cost | None = None
+
+
+class ScoreRequest(_Meta):
+    op: str = Op.SCORE.value
+    candidates: list[str] = Field(min_length=1)
+
+
+class ScoreReply(Answer):
+    scores: list[Annotated[float, Field(allow_inf_nan=False)]]
+    token_counts: list[int] | None = None
+
+
+class NextRequest(_Meta):
+    op: str = Op.NEXT.value
+    prefix: str = ""
+
+
+class NextReply(Answer):
+    tokens: dict[str, str] = Field(default_factory=dict)
+    eos_id: int | None = None
+    last_step: bool = False
+    answer_order: str = "normal"
+
+
+class JudgeRequest(_Meta):
+    op: str = Op.JUDGE.value
+    candidates: list[str] = Field(min_length=1)
+
+
+class VerifyRequest(_Meta):
+    op: str = Op.VERIFY.value
+    candidate: str
+
+
+class VerifyReply(Answer):
+    accepted: bool
+
+
+class JoinGroupRequest(_Meta):
+    op: str = Op.JOIN_GROUP.value
+    group: str = Field(min_length=1)
+
+
+class JoinGroupReply(_Meta):
+    group: str
+    joined: bool
+
+
+#: op -> (request meta model, reply meta model)
+MESSAGES: dict[Op, tuple[type[_Meta], type[_Meta]]] = {
+    Op.GENERATE: (GenerateRequest, Answer),
+    Op.SCORE: (ScoreRequest, ScoreReply),
+    Op.NEXT: (NextRequest, NextReply),
+    Op.JUDGE: (JudgeRequest, Answer),
+    Op.VERIFY: (VerifyRequest, VerifyReply),
+    Op.JOIN_GROUP: (JoinGroupRequest, JoinGroupReply),
+}
+
+
+def check_request(meta: dict[str, Any]) -> _Meta:
+    """The request's op message, validated; ``ValueError`` (unknown op or bad meta) otherwise."""
+    try:
+        op = op_of(meta)
+    except ValueError:
+        raise ValueError(f"unknown op {meta.get(OP)!r}") from None
+    try:
+        return MESSAGES[op][0].model_validate(meta)
+    except ValidationError as e:
+        raise ValueError(f"{op} request: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+
+
+def check_reply(op: Op | str, meta: dict[str, Any]) -> _Meta:
+    """A reply's meta for ``op``, validated; ``ValueError`` otherwise."""
+    try:
+        return MESSAGES[Op(op)][1].model_validate(meta)
+    except ValidationError as e:
+        raise ValueError(f"{op} reply: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None

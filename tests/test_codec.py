@@ -512,7 +512,6 @@ def test_rule_too_many_parts_is_checked_before_the_schema() -> None:
         (lambda h: h.update(error={"code": "c", "message": "m", "detail": None}), "error.detail"),
         (lambda h: h.update(created_at=int("1" + "0" * 400)), "created_at: Input should be a finite number"),
         (lambda h: h.update(id="\ud800"), "Invalid JSON"),
-        (lambda h: h.update(meta={"a": json.loads("[" * 300 + "]" * 300)}), "recursion limit"),
     ],
 )
 def test_rule_header_schema(mutate: Any, fragment: str) -> None:

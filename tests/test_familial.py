@@ -15,13 +15,9 @@ from aiflow_agents.models import tasks as T
 from aiflow_agents.models.familial import (
     FamilialConfig,
     FamilialModel,
-    decode_latent,
-    dequantize_int8_rowwise,
-    encode_latent,
     latent_nbytes,
     load_model,
     load_shipped,
-    quantize_int8_rowwise,
     relay,
     save_model,
 )
@@ -147,20 +143,12 @@ def test_confidence_policy_decides_which_exit_answers(tiny: FamilialModel) -> No
         assert len(out.latent_bytes[i]) == (0 if c >= mid else 2)
 
 
-def test_int8_rowwise_roundtrip_error_is_bounded() -> None:
-    torch.manual_seed(1)
-    x = torch.randn(2, 23, 64) * torch.logspace(-2, 2, 23).view(1, 23, 1)
-    q, scale = quantize_int8_rowwise(x)
-    assert q.dtype == torch.int8 and scale.shape == (2, 23, 1)
-    err = (dequantize_int8_rowwise(q, scale) - x).abs()
-    assert (err <= scale / 2 + 1e-6 * x.abs().amax(-1, keepdim=True)).all()  # half a step per row
-    assert (err.amax(-1) / x.abs().amax(-1) <= 1 / 254 + 1e-6).all()
-    zero = torch.zeros(1, 3, 8)
-    assert torch.equal(decode_latent(encode_latent(zero, "int8-rowwise"), "int8-rowwise"), zero)
+def test_latent_bytes_per_encoding() -> None:
+    x = torch.randn(2, 23, 64)
     assert latent_nbytes(x[:1], "int8-rowwise") == 23 * 64 + 23 * 4
     assert latent_nbytes(x[:1], "float16") == 23 * 64 * 2
-    with pytest.raises(ValueError):
-        encode_latent(x, "int4")
+    with pytest.raises(ValueError, match="unknown encoding"):
+        latent_nbytes(x, "int4")
 
 
 def test_save_load_roundtrip(tiny: FamilialModel, tmp_path: Path) -> None:
@@ -280,8 +268,10 @@ async def test_int8_latent_parts_and_foreign_latents() -> None:
     assert r.meta["bytes_per_hop"] == [model.cfg.seq_len * (model.cfg.d_model + 4)] * 2
     h = model.hidden_at(model.encode_prompts([t.prompt]), model.depth("device"))
     parts = pack_latent(h, agents["dev"].space, "int8-rowwise")
-    assert [p.role for p in parts] == [TensorRole.HIDDEN_STATE, TensorRole.OTHER]
+    # quantised values are never mistakable for a hidden state: the head is role other
+    assert [p.role for p in parts] == [TensorRole.OTHER, TensorRole.OTHER]
     assert parts[0].meta["encoding"] == "int8-rowwise" and parts[1].meta["encoding"] == "int8-rowwise-scales"
+    assert parts[0].meta["role"] == "hidden_state"
     env = decode(encode(Envelope.request(t.prompt, *parts)))
     got = unpack_latent(env, model)
     assert got is not None and got[1] == model.depth("device")

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(300)
 #: How long the poisoned-frame run lasts (issue 11: 60 s over MQTT 5 and 3.1.1; both run at once).
 POISON_SECONDS = float(os.environ.get("AIFLOW_POISON_SECONDS", "60"))
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-ACCEPT_NOTHING = {"accept": {"min_confidence": 0.5}}  # echo reports no confidence: always escalate
+ACCEPT_NOTHING = {"acceptance": {"min_confidence": 0.5}}  # echo reports no confidence: always escalate
 
 
 def raw_frame(**fields: Any) -> bytes:

@@ -32,7 +32,7 @@ from aiflow_agents.agent import AgentContext
 from aiflow_agents.errors import AgentError
 from aiflow_agents.models import catalog
 from aiflow_agents.models.hf import TransformersAgent, tokenizer_id, vocab_signature
-from protocols import Envelope, FeatureSpace, TensorPart, TensorRole
+from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, compression
 from protocols import ops as O
 
 pytestmark = pytest.mark.timeout(180)
@@ -308,7 +308,7 @@ async def test_latent_outputs_are_tagged(llama: TransformersAgent) -> None:
     space = llama.space
     assert space is not None
     dist = reply.tensor(TensorRole.TOKEN_DISTRIBUTION)
-    assert dist is not None and dist.space == space and dist.meta["format"] == "full"
+    assert dist is not None and dist.space == space and dist.meta["encoding"] == "float32"
     steps = reply.meta[O.COST]["new_tokens"]
     assert dist.shape == (steps, llama.vocab_size)
     assert torch.allclose(dist.tensor.sum(-1), torch.ones(steps), atol=1e-4)
@@ -319,11 +319,14 @@ async def test_latent_outputs_are_tagged(llama: TransformersAgent) -> None:
     emb = reply.tensor(TensorRole.EMBEDDING)
     assert emb is not None and emb.space is not None and emb.space.layer == 2 and emb.shape == (64,)
     assert torch.allclose(emb.tensor, hidden[1].tensor.mean(0), atol=1e-5)
-    # top-k: k values per step, their ids in meta, and a receiver rebuilds a normalised distribution
-    top = (await ask(llama, FRANCE, **{O.RETURN: "distribution", "top_k": 3})).tensor(TensorRole.TOKEN_DISTRIBUTION)
-    assert top is not None and top.meta["format"] == "topk" and top.shape == (steps, 3)
-    dense = llama.dense_distribution(top)
-    assert torch.allclose(dense.sum(-1), torch.ones(steps)) and int(dense[0].argmax()) == top.meta["indices"][0][0]
+    # top-k: a topk group (k values per step, their ids as an int32 part), restored by the receiver
+    top_reply = await ask(llama, FRANCE, **{O.RETURN: "distribution", "top_k": 3})
+    values, ids = top_reply.tensors()
+    assert top_reply.tensor(TensorRole.TOKEN_DISTRIBUTION) is None  # the head is role other
+    assert values.meta["encoding"] == "topk" and values.shape == (steps, 3) and ids.meta["encoding"] == "topk-indices"
+    (top,) = compression.expand([values, ids])
+    dense = llama.dense_distribution(top)  # type: ignore[arg-type]
+    assert torch.allclose(dense.sum(-1), torch.ones(steps)) and int(dense[0].argmax()) == int(ids.tensor[0, 0])
     with pytest.raises(AgentError, match="cannot return"):
         await ask(llama, FRANCE, **{O.RETURN: ["kv"]})
 
@@ -386,9 +389,8 @@ async def test_fusion_with_a_compatible_sender_changes_decoding(
     }
     assert mixed.meta[O.CONFIDENCE] != solo.meta[O.CONFIDENCE]
     # top-k latents fuse too
-    top = (await ask(gpt2, FRANCE, **{O.RETURN: "distribution", "top_k": 4})).tensor(TensorRole.TOKEN_DISTRIBUTION)
-    assert top is not None
-    assert (await ask(llama, FRANCE, top, latent_weight=1.0)).text == sent.text
+    top_values, top_ids = (await ask(gpt2, FRANCE, **{O.RETURN: "distribution", "top_k": 4})).tensors()
+    assert (await ask(llama, FRANCE, top_values, top_ids, latent_weight=1.0)).text == sent.text
     # compatibility is the vocabulary (size + hash), not the human-readable name in front of it
     assert dist.space is not None and dist.space.tokenizer is not None
     renamed = dist.model_copy(update={"space": dist.space.model_copy(update={"tokenizer": "x" + dist.space.tokenizer})})
@@ -396,10 +398,13 @@ async def test_fusion_with_a_compatible_sender_changes_decoding(
     # two senders are averaged step by step (two copies of one sender: the same as one)
     twice = await ask(llama, FRANCE, dist, dist, latent_weight=1.0)
     assert twice.text == sent.text and twice.meta["latent"]["senders"] == 2
-    broken = top.model_copy(update={"meta": {**top.meta, "indices": [[1, 2]]}})
-    with pytest.raises(AgentError) as info:
-        await ask(llama, FRANCE, broken)
-    assert info.value.code == "bad_latent"
+    with pytest.raises(AgentError) as info:  # a topk head without its indices part
+        await ask(llama, FRANCE, top_values)
+    assert info.value.code == "bad_encoding"
+    unknown = top_values.model_copy(update={"meta": {**top_values.meta, "encoding": "zstd"}})
+    with pytest.raises(AgentError) as info:  # SPEC §17.4: never used, answered unsupported_encoding
+        await ask(llama, FRANCE, unknown, top_ids)
+    assert info.value.code == "unsupported_encoding"
 
 
 async def test_soft_tokens_enter_the_prompt(llama: TransformersAgent, gpt2: TransformersAgent) -> None:

@@ -26,7 +26,9 @@ from protocols import (
     FeatureSpace,
     ProtocolError,
     TensorPart,
+    TensorRole,
     TextPart,
+    compression,
     decode,
     encode,
     peek_header,
@@ -83,18 +85,28 @@ def _bits(t: torch.Tensor) -> bytes:
 
 
 def test_vector_set_covers_the_brief() -> None:
-    required = {
-        "text_only",
-        "hidden_state_f16",
-        "zero_size",
-        "zero_size_mixed",
-        "scalar",
-        "multi_tensor",
-        "error",
-        "unicode_text",
-        "meta_nested",
-        "route",
-    } | {f"dtype_{d.value}" for d in DType}
+    required = (
+        {
+            "text_only",
+            "hidden_state_f16",
+            "zero_size",
+            "zero_size_mixed",
+            "scalar",
+            "multi_tensor",
+            "error",
+            "unicode_text",
+            "meta_nested",
+            "route",
+            "meta_depth_limit",
+            "layout_least_fixed_point",
+            "encoding_int8_rowwise",
+            "encoding_topk",
+            "encoding_topk_logits",
+            "encoding_unknown",
+        }
+        | {f"dtype_{d.value}" for d in DType}
+        | {f"encoding_{e}" for e in compression.PLAIN}
+    )
     assert required <= set(VALID)
     assert len(INVALID) >= 10
     for name in VALID + INVALID:
@@ -172,6 +184,57 @@ def test_invalid_vector_raises_its_code(name: str) -> None:
         assert type(info.value).__name__ == expected["exception"]
 
 
+ENCODED = [n for n in VALID if n.startswith("encoding_")]
+
+
+@pytest.mark.parametrize("name", ENCODED)
+def test_encoding_vector_restores_its_dense_tensor(name: str) -> None:
+    """SPEC §17: each encoding restores to the values in ``restored``; an unknown one is refused."""
+    frame, expected = _load(name)
+    parts = decode(frame).parts
+    if "restored_error" in expected:
+        with pytest.raises(compression.CompressionError) as info:
+            compression.expand(parts)
+        assert info.value.code == expected["restored_error"] == "unsupported_encoding"
+        return
+    restored = compression.expand(parts)
+    tensors = [(i, p) for i, p in enumerate(restored) if isinstance(p, TensorPart)]
+    assert len(tensors) == len(expected["restored"])
+    for (i, part), spec in zip(tensors, expected["restored"], strict=True):
+        assert (i, part.role.value, part.dtype.value, list(part.shape)) == (
+            spec["part"],
+            spec["role"],
+            spec["dtype"],
+            spec["shape"],
+        )
+        assert part.meta == spec["meta"] and _bits(part.tensor) == _bits(_tensor(spec))
+    # every part of an encoded group names its encoding, and no head passes for the dense role
+    for p in parts:
+        if isinstance(p, TensorPart):
+            assert p.meta["encoding"] in compression.KNOWN
+            if p.meta["encoding"] in (compression.INT8_ROWWISE, compression.TOPK):
+                assert p.role == TensorRole.OTHER
+
+
+def test_layout_vector_is_the_least_fixed_point() -> None:
+    """SPEC §5: the other self-consistent layout (4-digit offsets 1024/1024) decodes to the same
+    envelope, but the canonical one is the least, which the encoder reaches."""
+    frame, expected = _load("layout_least_fixed_point")
+    offsets = [p["offset"] for p in expected["header"]["parts"] if p["type"] == "tensor"]
+    assert 12 + expected["header_length"] == 959 and offsets == [960, 960]
+    header = frame[12 : 12 + expected["header_length"]].replace(b'"offset":960', b'"offset":1024')
+    assert _align64(12 + len(header)) == 1024  # consistent: data_start is the offsets written
+    other = struct.pack("<4sBBHI", b"AIFL", 1, 0, 0, len(header)) + header
+    other += bytes(1024 - len(other)) + frame[960:]
+    a, b = decode(frame), decode(other)
+    assert [_bits(p.tensor) for p in a.tensors()] == [_bits(p.tensor) for p in b.tensors()]
+    assert bytes(encode(b)) == frame
+
+
+def _align64(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
 def _generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("_vector_generate", VECTORS / "generate.py")
     assert spec is not None and spec.loader is not None
@@ -188,6 +251,12 @@ def test_files_on_disk_match_a_fresh_generation() -> None:
     for name, (frame, expected) in built.items():
         assert (VECTORS / f"{name}.bin").read_bytes() == frame, name
         assert (VECTORS / f"{name}.json").read_text("utf-8") == gen._json_text(expected), name
+    ops_dir = VECTORS / gen.OPS_DIR  # the op exchanges of protocols/OPS.md
+    built_ops = gen.build_ops()
+    assert sorted(built_ops) == sorted(p.stem for p in ops_dir.glob("*.bin"))
+    for name, (frame, expected) in built_ops.items():
+        assert (ops_dir / f"{name}.bin").read_bytes() == frame, name
+        assert (ops_dir / f"{name}.json").read_text("utf-8") == gen._json_text(expected), name
 
 
 def test_spec_hex_dump_is_the_example_vector() -> None:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from aiflow_agents import BrokerURL, Client, RemoteAgentError
 from aiflow_agents.models import catalog
 from aiflow_agents.models.hf import TransformersAgent, vocab_signature
-from protocols import Envelope, TensorRole
+from protocols import Envelope, TensorRole, compression
 from protocols import ops as O
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -67,12 +67,13 @@ async def test_real_models_over_the_bus(embedded: BrokerURL, namespace: str, spa
         smol = await c.request("smol", ask, timeout=120)
         assert "Paris" in smol.text, smol.text
         assert 0.0 < smol.meta[O.CONFIDENCE] <= 1.0 and smol.meta[O.COST]["layers"] == 30 * smol.meta[O.COST]["tokens"]
-        s_dist = smol.tensor(TensorRole.TOKEN_DISTRIBUTION)
+        s_top = [p for p in smol.tensors() if str(p.meta.get("encoding", "")).startswith("topk")]  # SPEC §17
+        s_dist = next(p for p in compression.expand(s_top) if p.role == TensorRole.TOKEN_DISTRIBUTION)  # type: ignore[union-attr]
         s_emb = smol.tensor(TensorRole.EMBEDDING)
         assert s_dist is not None and s_dist.space is not None and s_emb is not None and s_emb.space is not None
         assert s_dist.space.family == "smollm2" and s_dist.space.model == SMOL and s_dist.space.hidden_size == 576
         assert s_dist.space.tokenizer is not None and s_dist.space.tokenizer.startswith("smollm2-49152-")
-        assert s_dist.meta["format"] == "topk" and s_dist.shape[1] == 20
+        assert s_top[0].meta["encoding"] == "topk" and s_top[0].shape[1] == 20 and s_top[1].shape[1] == 20
         assert s_emb.shape == (576,) and s_emb.space.layer == 30 and bool(torch.isfinite(s_emb.tensor).all())
 
         # Gemma-3 (base model) continues a prompt, the same way every time
@@ -82,7 +83,8 @@ async def test_real_models_over_the_bus(embedded: BrokerURL, namespace: str, spa
         g1 = await c.request("gemma", prompt(), timeout=120)
         g2 = await c.request("gemma", prompt(), timeout=120)
         assert g1.text and g1.text == g2.text and g1.meta[O.CONFIDENCE] == g2.meta[O.CONFIDENCE]
-        g_dist = g1.tensor(TensorRole.TOKEN_DISTRIBUTION)
+        g_top = [p for p in g1.tensors() if str(p.meta.get("encoding", "")).startswith("topk")]
+        g_dist = next(p for p in compression.expand(g_top) if p.role == TensorRole.TOKEN_DISTRIBUTION)  # type: ignore[union-attr]
         assert g_dist is not None and g_dist.space is not None and g_dist.space.family == "gemma3"
         assert g_dist.space.hidden_size == 640 and str(g_dist.space.tokenizer).startswith("gemma3-262144-")
 
@@ -96,13 +98,13 @@ async def test_real_models_over_the_bus(embedded: BrokerURL, namespace: str, spa
             assert scored.meta[O.SCORES][0] > scored.meta[O.SCORES][1], (agent, scored.meta)
 
         # different tokenizers: a cross-model latent is refused (fallback by default, error when strict)
-        crossed = await c.request("gemma", Envelope.request("The capital of France is", s_dist), timeout=120)
+        crossed = await c.request("gemma", Envelope.request("The capital of France is", *s_top), timeout=120)
         assert crossed.meta["latent"]["status"] == "fallback" and crossed.text == g1.text
         with pytest.raises(RemoteAgentError) as info:
-            await c.request("smol-strict", Envelope.request("What is the capital of France?", g_dist), timeout=120)
+            await c.request("smol-strict", Envelope.request("What is the capital of France?", *g_top), timeout=120)
         assert info.value.code == "incompatible_latent"
         # the same tokenizer: fused
-        same = await c.request("smol-strict", Envelope.request("What is the capital of France?", s_dist), timeout=120)
+        same = await c.request("smol-strict", Envelope.request("What is the capital of France?", *s_top), timeout=120)
         assert same.meta["latent"]["status"] == "fused" and "Paris" in same.text
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from protocols import Envelope, TensorRole, ops
+from protocols import Envelope, TensorPart, TensorRole, compression, ops
 
 from .graph import GraphError
 from .pattern import Outcome, Runtime
@@ -114,7 +114,7 @@ async def latent_average(
         eos: int | None = None
         for o in outs:
             cost = cost.add(o.cost)
-            part = o.reply.tensor(TensorRole.TOKEN_DISTRIBUTION) if (o.reply is not None and not o.error) else None
+            part = _distribution(o.reply) if (o.reply is not None and not o.error) else None
             if part is None:
                 failed.add(o.source)
                 continue
@@ -147,3 +147,13 @@ async def latent_average(
     answer = prefix[::-1] if reverse else prefix
     details = {"steps": steps, "failed": sorted(failed), "space": str(space) if space else None, "cost": cost}
     return answer.strip(), details
+
+
+def _distribution(reply: Envelope) -> TensorPart | None:
+    """The reply's token distribution, restored when it came top-k or int8 encoded (SPEC §17);
+    None when it has none or only in an encoding this pattern does not know."""
+    try:
+        parts = compression.expand(reply.tensors())
+    except compression.CompressionError:
+        return None
+    return next((p for p in parts if isinstance(p, TensorPart) and p.role == TensorRole.TOKEN_DISTRIBUTION), None)

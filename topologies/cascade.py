@@ -148,7 +148,7 @@ class Cascade(Pattern):
             ok = self.policy.accepts(res.confidence)
         else:
             verdict = await rt.verify(self.policy.verifier, task, res.answer or "", label=f"{self.name} verify")
-            ok = bool(verdict.details.get("accept"))
+            ok = bool(verdict.details.get("accepted"))
             entry["verified"] = ok
         entry["accepted"] = ok
         return ok
@@ -161,11 +161,11 @@ class Cascade(Pattern):
         n_total = len(self.stages)
         results: list[tuple[int, Outcome]] = []
         if isinstance(self.policy, PerStageConfidence):
-            wire = {"min_confidence": {a: self.policy.at(first + k).threshold for k, a in enumerate(ids)}}
+            wire = ops.AcceptancePolicy(per_stage={a: self.policy.at(first + k).threshold for k, a in enumerate(ids)})
         else:
             assert isinstance(self.policy, ConfidenceAtLeast)
             wire = self.policy.wire()
-        env = rt.derive(task, meta={"accept": wire}, extra_parts=carried)
+        env = rt.derive(task, meta=wire.to_meta(), extra_parts=carried)
         current = 0
         loop = asyncio.get_running_loop()
         client = rt.client

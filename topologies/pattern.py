@@ -436,10 +436,10 @@ class Runtime:
         return await self.ask(judge, task, label=label, meta={ops.OP: ops.Op.JUDGE, ops.CANDIDATES: candidates})
 
     async def verify(self, verifier: Any, task: Envelope, candidate: str, *, label: str = "verify") -> Outcome:
-        """The verifier's outcome; ``details['accept']`` says whether it accepted ``candidate``."""
+        """The verifier's outcome; ``details['accepted']`` says whether it accepted ``candidate``."""
         out = await self.ask(verifier, task, label=label, meta={ops.OP: ops.Op.VERIFY, ops.CANDIDATE: candidate})
-        accept = out.reply.meta.get(ops.ACCEPT) if (out.reply is not None and out.error is None) else None
-        out.details["accept"] = bool(accept) if accept is not None else None
+        verdict = out.reply.meta.get(ops.ACCEPTED) if (out.reply is not None and out.error is None) else None
+        out.details["accepted"] = bool(verdict) if verdict is not None else None
         return out
 
     async def next_distributions(

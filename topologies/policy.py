@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+
+from protocols import ops
 
 from .graph import AgentRef, GraphError, agent
 
@@ -21,10 +22,11 @@ class ConfidenceAtLeast:
             raise GraphError(f"confidence threshold must be in [0, 1], got {self.threshold}")
 
     def accepts(self, confidence: float | None) -> bool:
-        return confidence is not None and confidence >= self.threshold
+        return self.wire().accepts_confidence(confidence)
 
-    def wire(self) -> dict[str, Any]:
-        return {"min_confidence": self.threshold}
+    def wire(self) -> ops.AcceptancePolicy:
+        """The policy as nodes apply it (request ``meta.acceptance``)."""
+        return ops.AcceptancePolicy(min_confidence=self.threshold)
 
     def __str__(self) -> str:
         return f"confidence>={self.threshold:g}"

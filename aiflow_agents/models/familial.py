@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protocols import compression as C
+
 from .tasks import ANSWER_WIDTH, PROMPT_WIDTH, answer_from_target, model_input, model_target
 
 #: Tokenizer id carried in every feature space: members with the same id share token ids.
@@ -403,50 +405,10 @@ def _fits(candidate: str, width: int) -> bool:
     return c.isdigit() and int(c) < 10**width
 
 
-# -- wire encodings -------------------------------------------------------------------------
-def quantize_int8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 values and one float32 scale per row (last dim): ``x ~= q * scale``. Worst-case
-    error per element is ``scale / 2 = max|row| / 254``."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
-    q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_int8_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()
-
-
-#: Wire encodings of hidden states; "int8-rowwise" ships int8 values plus one float32 scale per row.
-ENCODINGS = ("float32", "float16", "bfloat16", "int8-rowwise")
-_FLOAT_ENCODINGS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def encode_latent(hidden: torch.Tensor, encoding: str = "float16") -> list[torch.Tensor]:
-    """Tensors to put on the wire for ``hidden``: one (float encodings) or two (int8 values,
-    then float32 scales of shape ``(..., 1)``)."""
-    if encoding in _FLOAT_ENCODINGS:
-        return [hidden.detach().to(_FLOAT_ENCODINGS[encoding]).contiguous()]
-    if encoding in ("int8", "int8-rowwise"):
-        q, scale = quantize_int8_rowwise(hidden.detach())
-        return [q.contiguous(), scale.contiguous()]
-    raise ValueError(f"unknown latent encoding {encoding!r}; choose from {ENCODINGS}")
-
-
-def decode_latent(tensors: list[torch.Tensor], encoding: str = "float16") -> torch.Tensor:
-    """Inverse of :func:`encode_latent`, as float32."""
-    if encoding in _FLOAT_ENCODINGS:
-        return tensors[0].float()
-    if encoding in ("int8", "int8-rowwise"):
-        if len(tensors) != 2:
-            raise ValueError("int8-rowwise needs the int8 values and the float scales")
-        return dequantize_int8_rowwise(tensors[0], tensors[1])
-    raise ValueError(f"unknown latent encoding {encoding!r}; choose from {ENCODINGS}")
-
-
+# -- wire encodings (protocols.compress, SPEC §17) -------------------------------------------
 def latent_nbytes(hidden: torch.Tensor, encoding: str) -> int:
     """Bytes of tensor data one hop carries for ``hidden`` in ``encoding``."""
-    return sum(t.numel() * t.element_size() for t in encode_latent(hidden, encoding))
+    return C.wire_bytes(C.pack(hidden, encoding))
 
 
 @dataclass
@@ -506,7 +468,7 @@ def relay(
             for i in fwd:
                 sent[i].append(per_item)
             h_next = torch.zeros(n, *wire.shape[1:])
-            h_next[fwd] = decode_latent(encode_latent(wire, encoding), encoding)
+            h_next[fwd] = C.decompress(C.pack(wire, encoding)).tensor.float()
             h = h_next
         pending, layer = fwd, model.depth(ex)
     return RelayOutcome(

@@ -7,13 +7,10 @@ recomputing the trunk. Because one forward pass over prompt + answer slots yield
 answer, those hidden states are all the next exit needs: the relayed answer equals the deep exit
 run on one machine (exactly with ``encoding=float32``; float16/bfloat16/int8 add rounding).
 
-Wire format of the latent (one or two tensor parts, in this order):
-
-- ``TensorPart(role=hidden_state, space=FeatureSpace(family, model, layer=k, hidden_size,
-  tokenizer), meta={"encoding": "float16" | "bfloat16" | "float32" | "int8-rowwise", ...})``
-  holding the ``(1, T, D)`` state (int8 values for ``int8-rowwise``);
-- for ``int8-rowwise`` only, a second part ``TensorPart(role=other, same space, meta={"encoding":
-  "int8-rowwise-scales", "scales_for": 1})``: float32 scales ``(1, T, 1)``, value = int8 * scale.
+Wire format of the latent: the ``(1, T, D)`` state as a tensor of role
+``hidden_state`` in ``FeatureSpace(family, model, layer=k, hidden_size, tokenizer)``, encoded by
+:mod:`protocols.compress` (SPEC §17) in ``float16`` | ``bfloat16`` | ``float32`` (one part) or
+``int8-rowwise`` (an int8 head part of role ``other`` and its float32 scales part).
 
 The request text still carries the prompt, so a receiver that cannot use the latent can answer
 from text. Replies carry ``meta.answer``, ``meta.confidence``, ``meta.cost``, and for relays
@@ -36,16 +33,14 @@ from typing import Any, ClassVar
 import torch
 
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart, encode
+from protocols import compression as C
 from protocols import ops as O
 
 from ..agent import Accepts, Agent, AgentContext, Reply
 from ..errors import AgentError, RemoteAgentError
 from .familial import (
     ALPHABET,
-    ENCODINGS,
     FamilialModel,
-    decode_latent,
-    encode_latent,
     load_model,
     load_shipped,
     shipped_thresholds,
@@ -78,8 +73,8 @@ class FamilialAgent(Agent):
         default_threshold = tuned.get(self.exit_name, FALLBACK_THRESHOLD) if self.next else 0.0
         self.threshold = float(cfg.get("threshold", default_threshold))
         self.encoding = str(cfg.get("encoding", "float16"))
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}")
+        if self.encoding not in C.ENCODINGS or self.encoding == C.TOPK:
+            raise ValueError(f"encoding must be one of {C.PLAIN} or {C.INT8_ROWWISE}")
         self.timeout = float(cfg.get("timeout", 30.0))
         torch.set_num_threads(int(cfg.get("threads", 1)))
         self.space = FeatureSpace(
@@ -195,7 +190,7 @@ class FamilialAgent(Agent):
             meta = self._answer_meta(answer, conf, self._cost(ran), [here], request)
             parts: list[TextPart | TensorPart] = [TextPart(text=answer)]
             parts += self._returns(request, dec.probs[0], h)
-            if self.next is None and conf < _cascade_threshold(request, self.agent_id):
+            if self.next is None and not _cascade_accepts(request, conf):
                 # A topology cascade will escalate this answer: hand the next stage our trunk state
                 # so it continues from here instead of recomputing (the node forwards these parts).
                 parts += pack_latent(h, self.space, str(request.meta.get("encoding", self.encoding)))
@@ -280,41 +275,32 @@ class FamilialAgent(Agent):
         return out
 
 
-def _cascade_threshold(request: Envelope, agent_id: str) -> float:
-    """The confidence a topology cascade (``meta.accept``) asks of this stage; 0 outside a cascade."""
-    policy = request.meta.get("accept") or {}
-    t = policy.get("min_confidence") if isinstance(policy, dict) else None
-    if isinstance(t, dict):
-        t = t.get(agent_id)
-    return float(t) if isinstance(t, (int, float)) else 0.0
+def _cascade_accepts(request: Envelope, confidence: float) -> bool:
+    """Whether a topology cascade's ``meta.acceptance`` lets this stage's answer stand (the node
+    decides the same way); True outside a cascade."""
+    try:
+        policy = O.AcceptancePolicy.from_meta(request.meta)
+    except ValueError as e:
+        raise AgentError(str(e), code="bad_request") from None
+    return policy is None or policy.accepts_confidence(confidence, request.recipient)
 
 
 def pack_latent(hidden: torch.Tensor, space: FeatureSpace, encoding: str = "float16") -> list[TensorPart]:
     """The tensor parts that carry ``hidden`` (see the module docstring for the format)."""
-    tensors = encode_latent(hidden, encoding)
-    meta = {"encoding": encoding, "positions": "all", "layout": "prompt,=,answer-slots"}
-    if len(tensors) == 1:
-        return [TensorPart(tensor=tensors[0], role=TensorRole.HIDDEN_STATE, space=space, meta=meta)]
-    q, scale = tensors
-    return [
-        TensorPart(tensor=q, role=TensorRole.HIDDEN_STATE, space=space, meta={**meta, "scales_part": 1}),
-        TensorPart(
-            tensor=scale, role=TensorRole.OTHER, space=space, meta={"encoding": "int8-rowwise-scales", "scales_for": 0}
-        ),
-    ]
+    meta = {"positions": "all", "layout": "prompt,=,answer-slots"}
+    return C.pack(hidden, encoding, role=TensorRole.HIDDEN_STATE, space=space, meta=meta)
 
 
 def unpack_latent(envelope: Envelope, model: FamilialModel) -> tuple[torch.Tensor, int] | None:
     """``(float32 hidden states, layer)`` from the first hidden-state part of ``model``'s space,
     or None when the envelope carries none."""
-    parts = envelope.tensors()
+    try:
+        parts = [p for p in C.expand(envelope.tensors()) if isinstance(p, TensorPart)]
+    except C.CompressionError as e:
+        raise AgentError(str(e), code=e.code) from None
     # A cascade may carry several relayed states (one per stage passed): continue from the deepest.
-    order = sorted(
-        range(len(parts)),
-        key=lambda j: -(parts[j].space.layer or 0) if parts[j].space is not None else 0,  # type: ignore[union-attr]
-    )
-    for i in order:
-        part = parts[i]
+    parts.sort(key=lambda p: -(p.space.layer or 0) if p.space is not None else 0)
+    for part in parts:
         if part.role != TensorRole.HIDDEN_STATE or part.space is None:
             continue
         sp, mc = part.space, model.cfg
@@ -327,21 +313,11 @@ def unpack_latent(envelope: Envelope, model: FamilialModel) -> tuple[torch.Tenso
             )
         if sp.layer is None:
             raise AgentError("hidden_state part without a layer in its feature space", code="unsupported_input")
-        encoding = str(part.meta.get("encoding", part.dtype.value))
-        tensors = [part.tensor]
-        if encoding in ("int8", "int8-rowwise"):
-            scales = [p for p in parts[i + 1 :] if p.meta.get("encoding") == "int8-rowwise-scales"]
-            if not scales:
-                raise AgentError("int8-rowwise latent without its scales part", code="unsupported_input")
-            tensors.append(scales[0].tensor)
         if tuple(part.shape[1:]) != (mc.seq_len, mc.d_model):
             raise AgentError(
                 f"latent shape {part.shape} does not match (1, {mc.seq_len}, {mc.d_model})", code="unsupported_input"
             )
-        try:
-            return decode_latent(tensors, encoding), int(sp.layer)
-        except ValueError as e:
-            raise AgentError(str(e), code="unsupported_input") from None
+        return part.tensor.float(), int(sp.layer)
     return None
 
 

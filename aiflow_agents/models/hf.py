@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart
+from protocols import compression as C
 from protocols import ops as O
 
 from ..agent import Accepts, Agent, AgentContext, Reply
@@ -467,22 +468,13 @@ class TransformersAgent(Agent):
 
     @torch.inference_mode()
     def dense_distribution(self, part: TensorPart) -> torch.Tensor:
-        """A received distribution as ``[steps, vocab]`` probabilities over our logits (top-k
-        parts are scattered back; rows are renormalised, since top-k drops mass)."""
+        """A received (dense or :func:`protocols.compress.expand`-ed top-k) distribution as
+        ``[steps, vocab]`` probabilities over our logits; rows are renormalised, since top-k drops mass."""
         t = part.tensor.float()
-        if part.meta.get("format") == "topk":
-            idx = torch.tensor(part.meta["indices"], dtype=torch.long)
-            if idx.shape != t.shape:
-                raise ValueError(f"top-k indices {list(idx.shape)} do not match values {list(t.shape)}")
-            t, idx = t.reshape(-1, t.shape[-1]), idx.reshape(-1, idx.shape[-1])
-            dense = torch.zeros(t.shape[0], self.vocab_size)
-            keep = idx < self.vocab_size
-            dense.scatter_(1, idx.clamp_max(self.vocab_size - 1), torch.where(keep, t, torch.zeros_like(t)))
-        else:
-            dense = t.reshape(-1, t.shape[-1])
-            if dense.shape[1] < self.vocab_size:
-                dense = torch.nn.functional.pad(dense, (0, self.vocab_size - dense.shape[1]))
-            dense = dense[:, : self.vocab_size]
+        dense = t.reshape(-1, t.shape[-1])
+        if dense.shape[1] < self.vocab_size:
+            dense = torch.nn.functional.pad(dense, (0, self.vocab_size - dense.shape[1]))
+        dense = dense[:, : self.vocab_size]
         dense = dense.clamp_min(0)
         return dense / dense.sum(-1, keepdim=True).clamp_min(1e-12)
 
@@ -499,7 +491,10 @@ class TransformersAgent(Agent):
     def _plan_latents(self, request: Envelope) -> tuple[torch.Tensor | None, dict[str, Any]]:
         """Pick the latents we can consume and apply ``latent_policy`` to the rest."""
         _, _, space = self._ready()
-        parts = request.tensors()
+        try:  # top-k and int8 groups restored; an unknown encoding is never used (SPEC §17.4)
+            parts = [p for p in C.expand(request.tensors()) if isinstance(p, TensorPart)]
+        except C.CompressionError as e:
+            raise AgentError(str(e), code=e.code) from None
         if not parts:
             return None, {}
         usable: list[TensorPart] = []
@@ -604,7 +599,7 @@ class TransformersAgent(Agent):
         )
         parts: list[TextPart | TensorPart] = [TextPart(text=d.text)]
         if d.distributions is not None:
-            parts.append(self._distribution_part(d.distributions, meta))
+            parts += self._distribution_parts(d.distributions, meta)
         if "hidden" in wanted:
             for layer in sorted(set(self._layers(meta.get("layers"), ["hidden"]))):
                 parts.append(
@@ -656,18 +651,18 @@ class TransformersAgent(Agent):
             layers.add(self.num_layers)
         return tuple(sorted(layers))
 
-    def _distribution_part(self, dists: torch.Tensor, meta: dict[str, Any], *, step: str = "answer") -> TensorPart:
+    def _distribution_parts(
+        self, dists: torch.Tensor, meta: dict[str, Any], *, step: str = "answer"
+    ) -> list[TensorPart]:
+        """The distribution dense (float32), or with ``top_k`` as a ``topk`` group (SPEC §17)."""
         _, _, space = self._ready()
         k = int(meta.get("top_k", self.cfg.top_k) or 0)
         info: dict[str, Any] = {"steps": step, "vocab_size": int(dists.shape[-1])}
+        role = TensorRole.TOKEN_DISTRIBUTION
         if 0 < k < dists.shape[-1]:
-            vals, idx = torch.topk(dists, k, dim=-1)
-            info.update(format="topk", k=k, indices=idx.tolist(), mass=vals.sum(-1).tolist())
-            tensor = vals.contiguous()
-        else:
-            info["format"] = "full"
-            tensor = dists.contiguous()
-        return TensorPart(tensor=tensor, role=TensorRole.TOKEN_DISTRIBUTION, space=space, meta=info)
+            info["mass"] = torch.topk(dists, k, dim=-1).values.sum(-1).tolist()
+            return C.pack(dists, C.TOPK, role=role, space=space, meta=info, k=k, fill=0.0)
+        return C.pack(dists.float(), "float32", role=role, space=space, meta=info)
 
     def _op_score(self, request: Envelope) -> Envelope:
         candidates = request.meta.get(O.CANDIDATES)
@@ -691,14 +686,14 @@ class TransformersAgent(Agent):
         dist, positions = self.next_distribution(request.text, prefix, system=request.meta.get("system"))
         top = torch.topk(dist, min(5, dist.shape[0]))
         top_list = [[tok.decode([int(i)]), int(i), float(v)] for v, i in zip(top.values, top.indices, strict=True)]
-        part = self._distribution_part(dist, request.meta, step="next")
+        parts = self._distribution_parts(dist, request.meta, step="next")
         meta = {
             "top": top_list,
             O.ANSWER: top_list[0][0],
             O.CONFIDENCE: top_list[0][2],
             O.COST: self._cost(positions, 1, prompt_tokens=positions),
         }
-        return request.reply(TextPart(text=top_list[0][0]), part, sender=self.agent_id, meta=meta)
+        return request.reply(TextPart(text=top_list[0][0]), *parts, sender=self.agent_id, meta=meta)
 
 
 __all__ = ["Decoded", "HFConfig", "TransformersAgent", "tokenizer_id"]

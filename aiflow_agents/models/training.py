@@ -475,9 +475,10 @@ def write_model_card(out: Path, metrics: dict[str, Any]) -> Path:
         f"float16 {_pct(forced['float16'])}, int8-rowwise {_pct(forced['int8-rowwise'])}."
         " With the default thresholds the",
         f"int8 relay gives the float16 relay's answer on {_pct(rel['int8_vs_float16_relay_agreement'])} of the items.",
-        "Wire: float16 = one `hidden_state` part (1, T, D); int8-rowwise = int8 values in the `hidden_state` part plus",
-        "one float32 scale per position in a second part (role `other`, meta encoding `int8-rowwise-scales`);",
-        "value = q * scale. Bytes per hop count tensor data; the frame adds a JSON header of about 0.5 KB.",
+        "Wire (SPEC §17): float16 = one `hidden_state` part (1, T, D); int8-rowwise = an int8 head part (role",
+        "`other`, meta naming role `hidden_state`) plus one float32 scale per position in the next part (meta",
+        "encoding `int8-rowwise-scales`); value = q * scale. Bytes per hop count tensor data; the frame adds a",
+        "JSON header of about 0.5 KB.",
         "",
     ]
     path = out / "MODEL_CARD.md"

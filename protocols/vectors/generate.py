@@ -63,7 +63,10 @@ from protocols import (
     UnsupportedVersionError,
     decode,
     encode,
+    ops,
 )
+from protocols import compression as C
+from protocols.codec import MAX_JSON_DEPTH
 from protocols.signing import FLAG_SIGNED, KEY_ID_SIZE, MAC_SIZE, TRAILER_SIZE
 
 HERE = Path(__file__).resolve().parent
@@ -275,7 +278,94 @@ def valid_envelopes() -> dict[str, tuple[str, Envelope]]:
             route=["planner", "drafter@node-a", "critic", "judge"],
         ),
     )
+    deep: dict[str, Any] = {}
+    for _ in range(MAX_JSON_DEPTH - 4):  # header object, meta, the list and the innermost {}: the limit
+        deep = {"d": deep}
+    out["meta_depth_limit"] = (
+        f"A header nested exactly {MAX_JSON_DEPTH} levels deep (SPEC §3.1: arrays and objects count alike).",
+        _env(39, TextPart(text="deep"), meta={"deep": [deep]}),
+    )
+    out["layout_least_fixed_point"] = _least_fixed_point()
+    out.update(encoding_envelopes())
     return out
+
+
+def _least_fixed_point() -> tuple[str, Envelope]:
+    """A zero-size and a 4-element tensor, the header ending at byte 959: offsets 960/960 are
+    consistent, and so are 1024/1024 (one more digit each pushes the header end past 960)."""
+    parts = [torch.zeros(0, dtype=torch.float32), torch.arange(4, dtype=torch.float32)]
+    for pad in range(1000):
+        env = _env(41, TextPart(text="x" * pad), *[TensorPart(tensor=t) for t in parts])
+        frame = encode(env)
+        header_len = struct.unpack_from("<I", frame, 8)[0]
+        if PREAMBLE_SIZE + header_len == 959:
+            description = (
+                "A zero-size and a 4-element tensor whose header ends at byte 959: both canonical offsets "
+                "are 960. Writing 1024 for both would also be self-consistent (two more digits push the "
+                "header end to 961, so data_start is 1024), but the canonical layout is the least fixed "
+                "point, reached by iterating from one-digit offsets (SPEC §5)."
+            )
+            return description, env
+    raise AssertionError("no padding puts the header end at 959")  # pragma: no cover
+
+
+def encoding_envelopes() -> dict[str, tuple[str, Envelope]]:
+    """The latent encodings of SPEC §17, one vector each (their JSON adds ``restored``)."""
+    space = FeatureSpace(family="demo", model="demo-1", layer=2, hidden_size=4, tokenizer="demo")
+    hidden = torch.tensor([[1.0, -2.0, 0.5, 0.25], [0.0, 0.0, 0.0, 0.0], [127.0, 63.5, -254.0, 1.0]])
+    probs = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15, 0.0], [0.25, 0.25, 0.25, 0.25, 0.0, 0.0]])
+    logits = torch.tensor([[2.0, -1.0, 3.5, 0.0, 3.5]], dtype=torch.float16)
+    hs = TensorRole.HIDDEN_STATE
+    out: dict[str, tuple[str, Envelope]] = {}
+    for name in C.PLAIN:
+        out[f"encoding_{name}"] = (
+            f"A hidden state in the plain encoding {name}: one part of that dtype, meta.encoding = {name!r}.",
+            _env(50, TextPart(text="p"), *C.pack(hidden, name, role=hs, space=space)),
+        )
+    out["encoding_int8_rowwise"] = (
+        "A (3, 4) float32 hidden state as int8-rowwise: the int8 head (role other, meta names role and "
+        "dtype) and its float32 scales (3, 1); one row is all zeros (scale 0).",
+        _env(51, TextPart(text="p"), *C.pack(hidden, C.INT8_ROWWISE, role=hs, space=space, meta={"layer": 2})),
+    )
+    out["encoding_topk"] = (
+        "Two probability rows over 6 tokens as topk k=3 (fill 0): values descending, ties to the lower "
+        "index, then the int32 indices part.",
+        _env(52, *C.pack(probs, C.TOPK, role=TensorRole.TOKEN_DISTRIBUTION, space=space, k=3, fill=0.0)),
+    )
+    out["encoding_topk_logits"] = (
+        'float16 logits as topk k=2 with fill "-inf": a tie at 3.5 keeps index 2 before 4.',
+        _env(53, *C.pack(logits, C.TOPK, role=TensorRole.TOKEN_DISTRIBUTION, k=2)),
+    )
+    unknown = TensorPart(tensor=torch.arange(8, dtype=torch.uint8), role=hs, meta={"encoding": "zstd"})
+    out["encoding_unknown"] = (
+        "A valid frame whose tensor part names an encoding this version does not define: a receiver "
+        "MUST NOT use the part and answers unsupported_encoding if it cannot do without it (SPEC §17.4).",
+        _env(54, TextPart(text="p"), unknown),
+    )
+    return out
+
+
+def restored_of(frame: bytes) -> dict[str, Any]:
+    """What the encodings of a decoded frame restore to (SPEC §17): the parts after expansion, or
+    the error code a receiver answers."""
+    try:
+        parts = C.expand(decode(frame).parts)
+    except C.CompressionError as e:
+        return {"restored_error": e.code}
+    return {
+        "restored": [
+            {
+                "part": i,
+                "role": p.role.value,
+                "dtype": p.dtype.value,
+                "shape": list(p.shape),
+                "meta": p.meta,
+                "values": _values(p.tensor),
+            }
+            for i, p in enumerate(parts)
+            if isinstance(p, TensorPart)
+        ]
+    }
 
 
 def _values(t: torch.Tensor) -> list[Any]:
@@ -420,6 +510,15 @@ def invalid_frames(valid: dict[str, bytes]) -> dict[str, tuple[str, str, str, by
     add("header_utf8", "Header bytes are not UTF-8 (a lone 0xFF).", HeaderDecodeError, _raw_frame(h_ok[:-1] + b"\xff}"))
     add("header_json", "Header is not JSON (unterminated object).", HeaderDecodeError, _raw_frame(h_ok[:-1]))
     add("header_not_object", "Header is a JSON array, not an object.", HeaderDecodeError, _raw_frame(b"[]"))
+    innermost = {"arrays": b"[]", "objects": b"{}"}
+    for kind, (o, c) in {"arrays": (b"[", b"]"), "objects": (b'{"d":', b"}")}.items():
+        n = MAX_JSON_DEPTH - 1  # with the header object: one level over the limit
+        add(
+            f"header_too_deep_{kind}",
+            f"A header nested {MAX_JSON_DEPTH + 1} levels deep (meta holds {kind}): one over the limit (SPEC §3.1).",
+            HeaderDecodeError,
+            _raw_frame(h_ok[:-1] + b',"meta":{"x":' + o * (n - 1) + innermost[kind] + c * (n - 1) + b"}}"),
+        )
     add(
         "header_bom",
         "Header starts with a UTF-8 byte-order mark.",
@@ -662,6 +761,8 @@ def build() -> dict[str, tuple[bytes, dict[str, Any]]]:
         decode(frame)  # the reference decoder must accept every valid vector
         frames[name] = frame
         vectors[name] = (frame, expected_of(description, env, frame))
+        if name.startswith("encoding_"):
+            vectors[name][1].update(restored_of(frame))
     for name, (description, code, exc, frame) in invalid_frames(frames).items():
         try:
             decode(frame)
@@ -772,6 +873,194 @@ def build_signed() -> dict[str, tuple[bytes, dict[str, Any]]]:
     return vectors
 
 
+# -- ops (protocols/OPS.md): one request and its reply per operation ------------------------------
+OPS_DIR = "ops"
+CLIENT_REPLIES = "aiflow/v1/default/clients/cli-1/replies"
+
+
+def ops_exchanges() -> dict[str, tuple[str, str, str, Envelope]]:
+    """name -> (description, op, "request" | "reply" | "event", envelope), deterministic."""
+    space = FeatureSpace(family="demo", model="demo-1", layer=-1, hidden_size=4, tokenizer="demo-vocab")
+    out: dict[str, tuple[str, str, str, Envelope]] = {}
+    n = 0x600
+
+    def exchange(name: str, op: str, description: str, request: Envelope, *reply: Envelope) -> None:
+        nonlocal n
+        out[f"{name}_request"] = (description, op, "request", request)
+        for r in reply:
+            out[f"{name}_reply"] = (description, op, "reply", r)
+        n += 0x10
+
+    def req(text: str, meta: dict[str, Any], **fields: Any) -> Envelope:
+        base: dict[str, Any] = {"recipient": "agent-a", "reply_to": CLIENT_REPLIES, "deadline": DEADLINE}
+        return _env(n, TextPart(text=text), kind=Kind.REQUEST, sender="cli-1", meta=meta, **{**base, **fields})
+
+    def rep(request: Envelope, *parts: TextPart | TensorPart, sender: str = "agent-a", **meta: Any) -> Envelope:
+        r = request.reply(*parts, sender=sender, meta=meta)
+        return r.model_copy(update={"id": _id(n + 1), "created_at": CREATED_AT + 1})
+
+    cost = {"model_calls": 1, "layers": 48, "tokens": 12}
+    r = req("What is 2+2?", {"op": "generate", "return": ["distribution"]})
+    dist = torch.tensor([[0.0625, 0.75, 0.125, 0.0625]])
+    exchange(
+        "generate",
+        "generate",
+        "generate: the answer as text and meta.answer, with confidence and cost; meta.return asked for "
+        "the answer's token distribution (one row per generated token), tagged with the agent's space.",
+        r,
+        rep(
+            r,
+            TextPart(text="4"),
+            TensorPart(tensor=dist, role=TensorRole.TOKEN_DISTRIBUTION, space=space),
+            answer="4",
+            confidence=0.75,
+            cost=cost,
+        ),
+    )
+    peers = [
+        {"agent": "agent-b", "answer": "5", "confidence": 0.4},
+        {"agent": "agent-c", "answer": "4", "confidence": 0.9},
+    ]
+    r = req("What is 2+2?", {"peers": peers})
+    exchange(
+        "generate_peers",
+        "generate",
+        "generate in a debate round: meta.peers says what the others answered last round (no op: generate).",
+        r,
+        rep(r, TextPart(text="4"), answer="4", confidence=0.8, cost=cost),
+    )
+    r = req("What is 2+2?", {"op": "score", "candidates": ["4", "5"]})
+    exchange(
+        "score",
+        "score",
+        "score: one log-likelihood per candidate under the agent's own model, with token counts.",
+        r,
+        rep(r, TextPart(text="4"), scores=[-0.125, -3.5], token_counts=[1, 1], answer="4", confidence=0.97, cost=cost),
+    )
+    r = req("What is 2+2?", {"op": "next", "prefix": ""})
+    vocab = torch.tensor([0.0625, 0.75, 0.125, 0.0625])
+    exchange(
+        "next",
+        "next",
+        "next: the probabilities of the next token as one token_distribution part; meta.tokens names ids, "
+        "meta.eos_id ends an answer.",
+        r,
+        rep(
+            r,
+            TensorPart(tensor=vocab, role=TensorRole.TOKEN_DISTRIBUTION, space=space),
+            tokens={"0": "3", "1": "4", "2": "5", "3": "<eos>"},
+            eos_id=3,
+            last_step=False,
+            cost=cost,
+        ),
+    )
+    r = req("What is 2+2?", {"op": "judge", "candidates": ["5", "4", "4"]})
+    exchange("judge", "judge", "judge: meta.answer is the chosen candidate.", r, rep(r, TextPart(text="4"), answer="4"))
+    r = req("What is 2+2?", {"op": "verify", "candidate": "4"})
+    exchange(
+        "verify",
+        "verify",
+        "verify: meta.accepted is the verdict (a boolean), with confidence.",
+        r,
+        rep(r, accepted=True, confidence=0.9, cost=cost),
+    )
+    r = req("", {"op": "join_group", "group": "g-1f2e"})
+    exchange(
+        "join_group",
+        "join_group",
+        "join_group (node-level): the node subscribes the agent to the group inbox and confirms.",
+        r,
+        rep(r, group="g-1f2e", joined=True),
+    )
+    r = req("What is 2+2?", {"op": "translate"})
+    err = r.error_reply("unsupported_op", "unknown op 'translate'", sender="agent-a")
+    exchange(
+        "unsupported_op",
+        "translate",
+        "An op the agent does not implement: an error reply with code unsupported_op.",
+        r,
+        err.model_copy(update={"id": _id(n + 1), "created_at": CREATED_AT + 1}),
+    )
+    # a cascade the nodes run by themselves: dev answers below its threshold, its node forwards
+    policy = ops.AcceptancePolicy(per_stage={"dev": 0.8, "cloud": 0.0}).to_meta()
+    r = req("What is 17*23?", policy, recipient="dev", route=["cloud"])
+    hop = {
+        "agent": "dev",
+        "node": "node-1",
+        "answer": "381",
+        "confidence": 0.5,
+        "error": None,
+        "error_message": None,
+        "cost": cost,
+        "start": CREATED_AT + 0.5,
+        "end": CREATED_AT + 0.75,
+        "forwarded_to": "cloud",
+        "bytes": 0,
+    }
+    event = Envelope(
+        id=_id(n + 2),
+        kind=Kind.EVENT,
+        sender="dev",
+        recipient="cli-1",
+        correlation_id=r.id,
+        trace_id=r.trace_id,
+        parent_id=r.id,
+        created_at=CREATED_AT + 1,
+        meta={"hop": hop},
+    )
+    fwd = r.model_copy(
+        update={
+            "id": _id(n + 3),
+            "recipient": "cloud",
+            "correlation_id": r.id,
+            "parent_id": r.id,
+            "route": [],
+            "meta": {**r.meta, "hops": [hop]},
+        }
+    )
+    out["cascade_request"] = (
+        "A cascade request to dev with route [cloud] and meta.acceptance (OPS.md §4).",
+        "generate",
+        "request",
+        r,
+    )
+    out["cascade_event"] = (
+        "dev's node found the reply below dev's threshold: a progress event to reply_to, meta.hop.",
+        "generate",
+        "event",
+        event,
+    )
+    out["cascade_forward"] = (
+        "What dev's node sends to cloud's inbox: the request, correlation_id kept, route shortened, "
+        "meta.hops extended (and any tensor parts dev's reply carried appended).",
+        "generate",
+        "request",
+        fwd,
+    )
+    final = fwd.reply(TextPart(text="391"), sender="cloud", meta={"answer": "391", "confidence": 0.99, "cost": cost})
+    final = final.model_copy(
+        update={"id": _id(n + 4), "created_at": CREATED_AT + 2, "meta": {**final.meta, "hops": [hop]}}
+    )
+    out["cascade_reply"] = (
+        "cloud's reply, at the original reply_to with the original correlation_id; meta.hops lists the stages passed.",
+        "generate",
+        "reply",
+        final,
+    )
+    return out
+
+
+def build_ops() -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """The vectors of ``ops/``: name -> (frame, expectation with ``op`` and ``message``)."""
+    vectors: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    for name, (description, op, message, env) in ops_exchanges().items():
+        frame = bytes(encode(env))
+        decode(frame)
+        expected = expected_of(description, env, frame)
+        vectors[name] = (frame, {"op": op, "message": message, **expected})
+    return vectors
+
+
 def _json_text(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
@@ -781,11 +1070,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
     ap.add_argument("--out", type=Path, default=HERE, help="where to write (default: next to this script)")
     args = ap.parse_args(argv)
-    sets = {args.out: build(), args.out / SIGNED_DIR: build_signed()}
+    sets = {args.out: build(), args.out / SIGNED_DIR: build_signed(), args.out / OPS_DIR: build_ops()}
     stale: list[str] = []
     extra: list[str] = []
     for folder, vectors in sets.items():
-        prefix = "" if folder == args.out else f"{SIGNED_DIR}/"
+        prefix = "" if folder == args.out else f"{folder.name}/"
         if not args.check:
             folder.mkdir(exist_ok=True)
         for name, (frame, expected) in vectors.items():
