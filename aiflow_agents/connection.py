@@ -4,12 +4,19 @@ reconnect with backoff and failover across the members of a broker URL list.
 Reconnection story: the connection runs in a background task. Each attempt connects to the next member of
 the URL list (``mqtt://a:1883,mqtt://b:1883`` rotates a → b → a ...), with ``protocol=auto`` first as MQTT 5
 and, when that member refuses it (CONNACK 0x84 / 3.1.1 return code 1) or closes the connection without a
-CONNACK (RabbitMQ 3.10 does), again at once as 3.1.1 (remembered per member). When the broker goes away every
-``on_disconnect`` hook runs (clients fail their in-flight requests with :class:`ConnectionLostError`), then the
-task retries with exponential backoff and jitter; the backoff restarts only after a connection that stayed up
-for a while, so a broker that accepts and then drops us is not hammered. After a reconnect it restores every
-subscription and runs the ``on_connect`` hooks (nodes republish presence). Publishes made while disconnected
-wait for the next connection up to their timeout.
+CONNACK (RabbitMQ 3.10 does), again at once as 3.1.1. A refusal is remembered per member for good; a close
+only when 3.1.1 then succeeds, and MQTT 5 is tried again on the reconnect after a stable connection (a
+restarting or full broker closes unanswered too, and $share and reason codes must not be lost silently).
+When the broker goes away the session's close callback marks the connection down at once and wakes the
+task; every ``on_disconnect`` hook runs once (clients fail their in-flight requests with
+:class:`ConnectionLostError`; these hooks must not publish), then the task retries with exponential backoff
+and jitter; the backoff restarts only after a connection that stayed up for a while, so a broker that accepts
+and then drops us is not hammered. After a reconnect it restores every subscription (one the broker now
+refuses, e.g. after an ACL change, is dropped, logged and counted in ``refused_subscriptions``; only when all
+are refused is the attempt failed: connected but deaf) and runs the ``on_connect`` hooks in a task of their
+own (nodes republish presence), cancelled if that connection is lost first. Publishes made while
+disconnected wait for the next connection up to their timeout. The reconnect task never awaits a message
+handler or a hook that may publish, so a handler blocked on a publish cannot keep the connection down.
 
 A refusal that retrying cannot fix (wrong user name or password, not authorised, a TLS certificate that does
 not verify, a missing CA file) makes :meth:`Connection.start` fail at once with a clear
@@ -17,9 +24,11 @@ not verify, a missing CA file) makes :meth:`Connection.start` fail at once with 
 
 Publishes that must never be retried: a topic or string property the broker would refuse (U+0000, control
 characters, wildcards, ...) raises :class:`InvalidTopicError` at once and is never sent. A QoS 1 publish that
-was in flight when the broker dropped the connection right after it was sent is retried once after the
-reconnect; if the connection drops right after it again, it is taken as the cause (a publish the broker
-refuses by rules beyond ours), dropped, logged and counted in ``poisoned_publishes``, never retried again.
+was the last packet written when the broker dropped the connection right after it is retried once after the
+reconnect; if that happens again, it is taken as the cause (a publish the broker refuses by rules beyond
+ours), dropped, logged, counted in ``poisoned_publishes`` and raises :class:`PublishRejectedError`, never
+retried again. Other publishes in flight are innocent and retried normally; nothing is blamed while a
+client-id takeover streak explains the closes.
 
 Client id clashes: when the broker says another connection took our session over (MQTT 5 DISCONNECT 0x8E),
 or on 3.1.1 closes the connection soon after each successful connect several times in a row, a warning
@@ -27,11 +36,13 @@ names the client id, ``takeovers`` counts it, and the connection backs off (grow
 of kicking the other client off in turn.
 
 Incoming queue policy (backpressure): messages are read in the socket's callback and appended to a bounded
-queue that one dispatcher task drains, awaiting each handler in turn (no task per message). When the queue
-holds ``max_queued_incoming`` messages, reading from the socket pauses until it has drained to half, so a
-flood waits in TCP buffers and in the broker's per-client queue, not in this process; messages that arrive
-in the same read beyond the bound are discarded, counted in ``dropped_incoming`` and logged (a dropped
-request's sender sees a timeout).
+queue that one long-lived dispatcher task drains across connections, awaiting each handler in turn (no task
+per message). When the queue holds ``max_queued_incoming`` messages or ``max_queued_incoming_bytes`` of
+payload, reading from the socket pauses until it has drained to half, so a flood waits in TCP buffers and in
+the broker's per-client queue, not in this process (the byte bound is exceeded by one read at most); messages
+that arrive in the same read beyond the count bound are discarded, counted in ``dropped_incoming`` and logged
+(a dropped request's sender sees a timeout). On MQTT 5, ``max_packet_size`` is announced in CONNECT
+(MaximumPacketSize), so the broker drops larger messages for us instead of sending them.
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ from .mqtt import (
     Will,
     check_publish,
     reason_name,
+    topic_filter_problem,
 )
 
 MessageHandler = Callable[[Message], Awaitable[None]]
@@ -74,6 +86,24 @@ _SHORT_LIVED = 2.0  # a connection the broker closed within this after CONNACK c
 _CLASH_STREAK = 3  # ... this many times in a row (MQTT 3.1.1 has no reason code to say so)
 _SUSPECT_WINDOW = 1.0  # a drop within this many seconds of sending a publish makes that publish a suspect
 _CONNECT_TIMEOUT = 10.0
+MAX_PACKET = 268_435_460  # the protocol's largest packet (remaining length 268,435,455 + 5 header bytes)
+_HEADER_ROOM = 64 * 1024  # MaximumPacketSize we announce = the largest frame we accept + room for topic/properties
+
+
+def incoming_limits(max_frame_bytes: int, max_queued_bytes: int | None) -> dict[str, int]:
+    """Connection arguments for a node: the MQTT 5 MaximumPacketSize we announce (the largest frame we accept
+    plus room for topic and properties) and the incoming queue's byte bound (the node's ``max_queued_bytes``)."""
+    return {
+        "max_packet_size": min(MAX_PACKET, max_frame_bytes + _HEADER_ROOM),
+        "max_queued_incoming_bytes": max_queued_bytes or 64 << 20,
+    }
+
+
+class PublishRejectedError(BrokerUnavailableError):
+    """The broker closed the connection right after this publish twice (it refuses it by rules beyond ours,
+    e.g. a size limit MQTT 3.1.1 cannot announce): dropped, never retried again."""
+
+    code = "publish_rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +204,8 @@ class Connection:
         keepalive: int = 30,
         backoff: Backoff = Backoff(),
         max_queued_incoming: int = 10_000,
+        max_queued_incoming_bytes: int = 64 << 20,
+        max_packet_size: int | None = None,
         op_timeout: float = 30.0,
     ) -> None:
         self.url = url
@@ -182,10 +214,14 @@ class Connection:
         self._keepalive = keepalive
         self._backoff = backoff
         self._max_queued = max(1, max_queued_incoming)
+        self._max_queued_bytes = max(1, max_queued_incoming_bytes)
+        self._max_packet_size = max_packet_size
+        self._inbox_bytes = 0
         self._op_timeout = op_timeout
         self._members = url.members()
         self._member = 0  # index into _members of the current (or next) attempt
         self._versions: dict[int, int] = {}  # member index -> protocol that member speaks (auto: learnt)
+        self._retry_v5: set[int] = set()  # members learnt as 3.1.1 only from a close: try MQTT 5 again later
         self._version = MQTT_311 if url.protocol == "3.1.1" else MQTT_5
         self._subs: dict[str, int] = {}
         self._routes: list[tuple[str, MessageHandler]] = []
@@ -197,6 +233,8 @@ class Connection:
         self._wakeup: asyncio.Future[None] | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._short_lived = 0  # connections in a row the broker closed right after CONNACK
         self._stopping = False
         self._last_error: BaseException | None = None
         self._fatal: str | None = None
@@ -204,6 +242,7 @@ class Connection:
         self.dropped_incoming = 0
         self.poisoned_publishes = 0
         self.takeovers = 0
+        self.refused_subscriptions = 0
         self.log = structlog.get_logger("aiflow.connection").bind(client=client_id)
 
     # -- configuration ------------------------------------------------------------------------
@@ -245,7 +284,9 @@ class Connection:
             self._stopping = False
             self._fatal = None
             self._inbox.clear()
+            self._inbox_bytes = 0
             self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
+            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name=f"mqtt-dispatch-{self.client_id}")
         if wait:
             try:
                 await self.wait_connected(timeout)
@@ -274,11 +315,12 @@ class Connection:
         if session is not None and not session.is_closed:
             with contextlib.suppress(Exception):
                 await session.disconnect(timeout=2.0)
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._task, self._dispatcher):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._dispatcher = None
         self._connected.clear()
         self._session = None
 
@@ -296,16 +338,27 @@ class Connection:
             self._dropped()
             return
         inbox.append(message)
-        if len(inbox) >= self._max_queued and self._session is not None:
-            self._session.pause_reading()
+        self._inbox_bytes += len(message.payload)
+        if len(inbox) >= self._max_queued or self._inbox_bytes >= self._max_queued_bytes:
+            session = self._session
+            if session is not None:
+                session.pause_reading()  # the rest of this read still arrives: at most one read beyond the bound
         w = self._wakeup
         if w is not None and not w.done():
             w.set_result(None)
 
     def _closed(self, error: ConnectionClosedError) -> None:
-        w = self._wakeup
-        if w is not None and not w.done():
-            w.set_result(None)
+        """The session's close callback: mark the connection down at once (publishes then wait for the next
+        one instead of retrying the dead session) and wake the reconnect loop, whatever handlers are doing."""
+        session = self._session
+        if session is None or not session.closed.done() or session.closed.result() is not error:
+            return  # a session that never became ours (closed before CONNACK) or an old one
+        self._connected.clear()
+        self._session = None
+        if session.connected_at:
+            lived = asyncio.get_running_loop().time() - session.connected_at
+            by_broker = error.reason_code is not None or error.by_broker
+            self._short_lived = self._short_lived + 1 if (by_broker and lived < _SHORT_LIVED) else 0
 
     def _dropped(self) -> None:
         self.dropped_incoming += 1
@@ -324,7 +377,11 @@ class Connection:
         except OSError as e:  # e.g. a CA/cert file that is missing or not PEM (ssl.SSLError)
             self._fatal = f"bad TLS settings: {e}"
             raise
+        fell_back = False
         while True:
+            props: dict[str, Any] = {}
+            if version == MQTT_5 and self._max_packet_size is not None:
+                props["MaximumPacketSize"] = self._max_packet_size  # the broker drops larger messages for us
             try:
                 session = await Session.connect(
                     url.host,
@@ -340,61 +397,68 @@ class Connection:
                     will=self._will,
                     on_message=self._incoming,
                     on_close=self._closed,
+                    connect_properties=props,
                 )
             except ConnectRefusedError as e:
                 if auto and version == MQTT_5 and e.reason_code in (0x84, 1):
                     self.log.info("broker refused MQTT 5, falling back to 3.1.1", broker=str(url))
-                    version = self._versions[index] = MQTT_311
+                    version = self._versions[index] = MQTT_311  # an explicit refusal: remembered for good
+                    self._retry_v5.discard(index)
                     continue
                 raise
             except ConnectionClosedError as e:
                 if auto and version == MQTT_5 and e.before_connack:
+                    # A restarting broker or a full one closes unanswered too: remembered only if 3.1.1 works.
                     self.log.info("broker closed an MQTT 5 CONNECT unanswered, trying 3.1.1", broker=str(url))
-                    version = self._versions[index] = MQTT_311
+                    version = MQTT_311
+                    fell_back = True
                     continue
-                if auto and e.before_connack and index in self._versions:
+                if auto and e.before_connack and index in self._versions and index in self._retry_v5:
                     del self._versions[index]  # 3.1.1 did no better: try MQTT 5 again next time
+                    self._retry_v5.discard(index)
                 raise
+            if fell_back:
+                self._versions[index] = MQTT_311
+                self._retry_v5.add(index)  # retried as MQTT 5 after a stable connection (see _run)
             self._version = version
             return session
 
     async def _run(self) -> None:
+        """Connect, restore subscriptions, run the hooks, wait for the loss, back off, again. Never awaits a
+        message handler (the dispatcher task does), so a handler blocked on a publish cannot stall a reconnect."""
         loop = asyncio.get_running_loop()
         delays = self._backoff.delays()
         takeover_delay = self._backoff.maximum
-        short_lived = 0
         while not self._stopping:
             index = self._member % len(self._members)
             url = self._members[index]
             wait: float | None = None
             session: Session | None = None
+            up = False
+            hooks: asyncio.Task[None] | None = None
             try:
                 session = await self._connect(index)
                 self._session = session
-                if self._subs:
-                    subs = list(self._subs.items())
-                    try:
-                        await session.subscribe(subs, timeout=self._op_timeout)
-                    except AckError as e:
-                        # Connected but deaf (a NATS member whose JetStream is not back yet refuses every
-                        # SUBSCRIBE with 0x80): a failed attempt, so we back off and retry or fail over.
-                        raise ConnectionClosedError(f"broker refused our subscriptions on connect: {e}") from e
+                await self._restore(session)
+                if session.closed.done():
+                    raise session.closed.result()
                 self.connects += 1
                 self._last_error = None
                 self._fatal = None
                 self._connected.set()
+                up = True
                 if self.connects > 1:
                     self.log.info("reconnected", broker=str(url), attempt=self.connects)
-                for hook in list(self._on_connect):
-                    await self._safe(hook, "on_connect")
-                await self._receive(session)
+                if self._inbox and self._wakeup is not None and not self._wakeup.done():
+                    self._wakeup.set_result(None)
+                # on_connect hooks may publish: a task of their own, cancelled if this connection is lost first
+                hooks = asyncio.create_task(self._run_hooks(self._on_connect, "on_connect"))
+                raise await asyncio.shield(session.closed)
             except ConnectionClosedError as e:
                 self._last_error = e
                 self._fatal = _definitive(e)
                 if not self._stopping:
-                    self.log.warning(
-                        "connection lost" if session is not None else "connect failed", broker=str(url), error=str(e)
-                    )
+                    self.log.warning("connection lost" if up else "connect failed", broker=str(url), error=str(e))
             except ConnectRefusedError as e:
                 self._last_error = e
                 self._fatal = _definitive(e)
@@ -407,25 +471,24 @@ class Connection:
                 self._last_error = e
                 self.log.exception("connection loop error", broker=str(url))
             finally:
-                was_connected = self._connected.is_set()
-                self._connected.clear()
-                self._session = None
+                if self._session is session:
+                    self._connected.clear()
+                    self._session = None
                 if session is not None and not session.is_closed:
                     session.abort()
-                if was_connected:
-                    for hook in list(self._on_disconnect):
-                        await self._safe(hook, "on_disconnect")
+                if hooks is not None and not hooks.done():
+                    hooks.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await hooks
+                if up:  # once per lost connection; these hooks must not publish (nothing would carry it)
+                    await self._run_hooks(self._on_disconnect, "on_disconnect")
             if self._stopping:
                 break
             # -- how long to wait before the next attempt (and on which member) ---------------------
-            if session is not None and session.closed.done():
+            if up and session is not None and session.closed.done():
                 error = session.closed.result()
                 lived = loop.time() - session.connected_at
-                taken_over = error.reason_code == TAKEOVER
-                by_broker = error.reason_code is not None or error.by_broker
-                short_lived = short_lived + 1 if (by_broker and lived < _SHORT_LIVED) else 0
-                if not taken_over and short_lived >= _CLASH_STREAK:
-                    taken_over = True
+                taken_over = error.reason_code == TAKEOVER or self._short_lived >= _CLASH_STREAK
                 if taken_over:
                     self.takeovers += 1
                     self.log.warning(
@@ -443,25 +506,61 @@ class Connection:
                 elif lived >= _STABLE_AFTER:
                     delays = self._backoff.delays()
                     takeover_delay = self._backoff.maximum
-                    short_lived = 0
+                    self._short_lived = 0
+                    if index in self._retry_v5:  # learnt 3.1.1 from a close that may have been transient
+                        self._retry_v5.discard(index)
+                        self._versions.pop(index, None)
             self._member += 1
             if len(self._members) > 1:
                 self.log.info("next broker", broker=str(self.broker))
             await asyncio.sleep(max(next(delays), wait or 0.0))
 
-    async def _receive(self, session: Session) -> None:
-        """Dispatch queued messages, each handler awaited in turn, until the connection drops (see module doc)."""
+    async def _restore(self, session: Session) -> None:
+        """Subscribe again after a reconnect. A filter the broker now refuses (an ACL change) is dropped,
+        logged and counted; only when every one is refused is the connection failed (connected but deaf: a
+        NATS member whose JetStream is not back yet refuses every SUBSCRIBE with 0x80)."""
+        if not self._subs:
+            return
+        subs = list(self._subs.items())
+        try:
+            await session.subscribe(subs, timeout=self._op_timeout)
+            return
+        except AckError as e:
+            codes = e.reason_codes
+            why = str(e)
+            if len(codes) != len(subs):
+                raise ConnectionClosedError(f"broker refused our subscriptions on connect: {e}") from e
+        refused = [f for (f, _), c in zip(subs, codes, strict=True) if c >= 0x80]
+        if len(refused) == len(subs):
+            raise ConnectionClosedError(f"broker refused all our subscriptions on connect: {why}")
+        for f in refused:
+            self._subs.pop(f, None)
+        self.refused_subscriptions += len(refused)
+        self.log.error(
+            "the broker refused subscriptions after a reconnect: dropped",
+            refused=refused,
+            refused_subscriptions=self.refused_subscriptions,
+        )
+
+    async def _run_hooks(self, hooks: list[Hook], what: str) -> None:
+        for hook in list(hooks):
+            await self._safe(hook, what)
+
+    async def _dispatch_loop(self) -> None:
+        """Dispatch queued messages, each handler awaited in turn, across connections (see module doc)."""
         loop = asyncio.get_running_loop()
         inbox = self._inbox
-        resume_at = self._max_queued // 2
+        resume_count = self._max_queued // 2
+        resume_bytes = self._max_queued_bytes // 2
         while True:
             while inbox:
                 message = inbox.popleft()
-                if len(inbox) <= resume_at:
-                    session.resume_reading()
+                self._inbox_bytes -= len(message.payload)
+                if len(inbox) <= resume_count and self._inbox_bytes <= resume_bytes:
+                    session = self._session
+                    if session is not None:
+                        session.resume_reading()
                 await self._dispatch(message)
-            if session.closed.done():
-                raise session.closed.result()
             self._wakeup = loop.create_future()
             await self._wakeup
             self._wakeup = None
@@ -469,8 +568,6 @@ class Connection:
     async def _safe(self, hook: Hook, what: str) -> None:
         try:
             await hook()
-        except ConnectionClosedError:
-            raise
         except Exception:
             self.log.exception(f"{what} hook failed")
 
@@ -494,7 +591,15 @@ class Connection:
 
     # -- operations ---------------------------------------------------------------------------
     async def subscribe(self, subscription: str, qos: int = 1) -> None:
-        """Subscribe now if connected (raising :class:`AckError` if the broker refuses) and after every reconnect."""
+        """Subscribe now if connected (raising :class:`AckError` if the broker refuses) and after every reconnect.
+
+        An invalid filter raises :class:`InvalidTopicError` at once and is never stored (it would make every
+        reconnect fail)."""
+        problem = topic_filter_problem(subscription)
+        if problem is not None:
+            raise InvalidTopicError(f"invalid topic filter {subscription!r}: {problem}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"bad QoS {qos}")
         self._subs[subscription] = qos
         session = self._session
         if session is not None and self._connected.is_set():
@@ -527,8 +632,9 @@ class Connection:
 
         Returns the PUBACK reason code for QoS 1/2 on MQTT 5 (0 success, 16 "no matching subscribers"),
         otherwise None. Raises :class:`InvalidTopicError` at once for a topic or string property the broker
-        would refuse (never sent), :class:`BrokerUnavailableError` when not done within ``timeout``. A publish
-        the broker dropped the connection for twice is dropped (see module doc) and returns None."""
+        would refuse (never sent), :class:`BrokerUnavailableError` when not done within ``timeout``, and
+        :class:`PublishRejectedError` (a :class:`BrokerUnavailableError`) for a publish the broker dropped the
+        connection for twice, right after it was the last packet we wrote (see module doc)."""
         check_publish(topic, properties)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else self._op_timeout)
@@ -548,7 +654,13 @@ class Connection:
                     topic, payload, qos, retain, properties if self.is_v5 else None, timeout=remaining, validate=False
                 )
             except ConnectionClosedError as e:
-                if not e.unsent and qos > 0 and loop.time() - sent <= _SUSPECT_WINDOW:
+                if (
+                    e.last_packet  # the last packet we wrote: other publishes in flight are innocent
+                    and qos > 0
+                    and loop.time() - sent <= _SUSPECT_WINDOW
+                    and e.reason_code != TAKEOVER
+                    and self._short_lived < _CLASH_STREAK  # a client-id clash closes us whatever we send
+                ):
                     suspected += 1
                     if suspected >= 2:
                         self.poisoned_publishes += 1
@@ -559,7 +671,9 @@ class Connection:
                             error=str(e),
                             poisoned=self.poisoned_publishes,
                         )
-                        return None
+                        raise PublishRejectedError(
+                            f"publish to {topic!r} dropped: the broker closed the connection right after it twice"
+                        ) from e
                 await asyncio.sleep(0.01 if e.unsent else 0)
             except TimeoutError as e:
                 raise BrokerUnavailableError(f"publish to {topic!r} failed: no acknowledgement in time") from e

@@ -51,6 +51,7 @@ LEAVE_PACKET_ID = 0xFFFE  # our UNSUBSCRIBE before a DISCONNECT / end of stream
 LEAVE_WAIT_S = 2.0  # amqtt may take long to answer a session stuck on a dead client's PUBACK
 PHASE_TOPIC = b"$aiflow/embedded-gate"
 END_OF_STREAM = b""
+PHASE_TIMEOUT_S = 5.0  # a connect phase held longer (a stalled or SIGSTOPped client) is taken back
 
 
 def _encode_length(n: int) -> bytes:
@@ -104,8 +105,11 @@ class Gate:
     """Connect phases exclude each other and subscribes; subscribes only exclude connect phases.
     A waiting connect phase holds back new subscribes, so a stream of them cannot starve it."""
 
-    def __init__(self) -> None:
+    def __init__(self, phase_timeout: float = PHASE_TIMEOUT_S) -> None:
         self.phase = False
+        self.phase_timeout = phase_timeout
+        self._phase_token = 0  # which phase is open: a late end of an expired phase must not end the next
+        self._phase_timer: asyncio.TimerHandle | None = None
         self.subscribes = 0
         self.phases_waiting = 0
         self._changed = asyncio.Event()
@@ -120,16 +124,35 @@ class Gate:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def begin_phase(self) -> None:
+    async def begin_phase(self) -> int:
+        """Wait for the exclusive connect phase; returns its token for :meth:`end_phase`. A phase not ended
+        within ``phase_timeout`` (a client that stalls amqtt's retained replay) is ended for it, counted in
+        ``stats["phase_timeouts"]`` and logged, so one stalled client cannot block every CONNECT/SUBSCRIBE."""
         self.phases_waiting += 1
         try:
             await self._wait(lambda: not self.phase and self.subscribes == 0)
         finally:
             self.phases_waiting -= 1
         self.phase = True
+        self._phase_token += 1
+        token = self._phase_token
+        self._phase_timer = asyncio.get_running_loop().call_later(self.phase_timeout, self._expire, token)
         self.stats["connect_phases"] += 1
+        return token
 
-    def end_phase(self) -> None:
+    def _expire(self, token: int) -> None:
+        if self.phase and token == self._phase_token:
+            self.stats["phase_timeouts"] += 1
+            log.warning("connect phase held over %.1fs (a stalled client?): released", self.phase_timeout)
+            self._phase_timer = None
+            self.end_phase(token)
+
+    def end_phase(self, token: int | None = None) -> None:
+        if token is not None and token != self._phase_token:
+            return  # that phase expired already; another may be open now
+        if self._phase_timer is not None:
+            self._phase_timer.cancel()
+            self._phase_timer = None
         self.phase = False
         self._notify()
 
@@ -151,6 +174,7 @@ class _Session:
         self.gate = gate
         self.connected = False  # a CONNECT has been read
         self.in_phase = False
+        self.phase_token = 0
         self.subacks: Counter[int] = Counter()  # SUBSCRIBE packet ids whose SUBACK releases a hold
         self.filters: set[bytes] = set()
         self.leaving: asyncio.Future[None] | None = None  # our leave-UNSUBSCRIBE, until its UNSUBACK
@@ -158,17 +182,18 @@ class _Session:
         self.finished = False  # over: a hold that completes after this is given back at once
 
     async def start_phase(self) -> bool:
-        await self.gate.begin_phase()
+        token = await self.gate.begin_phase()
         if self.finished:
-            self.gate.end_phase()
+            self.gate.end_phase(token)
             return False
         self.in_phase = True
+        self.phase_token = token
         return True
 
     def end_phase(self) -> None:
         if self.in_phase:
             self.in_phase = False
-            self.gate.end_phase()
+            self.gate.end_phase(self.phase_token)
 
     async def hold_subscribe(self, packet_id: int) -> bool:
         await self.gate.begin_subscribe()

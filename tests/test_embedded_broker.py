@@ -15,6 +15,7 @@ import struct
 import time
 
 from aiflow_agents import EmbeddedBroker
+from aiflow_agents.embedded_gate import Gate
 
 
 def _str(b: bytes) -> bytes:
@@ -106,3 +107,25 @@ async def test_embedded_broker_survives_a_storm_of_sessions() -> None:
         assert outcomes == {"ok": rounds * concurrent}
         assert broker.stats.get("session_errors", 0) == 0
         assert broker.stats["connect_phases"] >= rounds * concurrent
+
+
+async def test_a_stalled_connect_phase_is_released_after_its_timeout() -> None:
+    """Defect 10: a client that stalls amqtt's retained replay (SIGSTOPped) held the exclusive connect phase
+    for ever, blocking every other CONNECT and SUBSCRIBE. Now the phase is taken back after its timeout,
+    counted and logged; the late end of the expired phase does not end the next one."""
+    gate = Gate(phase_timeout=0.3)
+    stalled = await gate.begin_phase()  # never ended by its holder
+    t0 = time.monotonic()
+    nxt = await asyncio.wait_for(gate.begin_phase(), 10)
+    waited = time.monotonic() - t0
+    print(f"second connect phase got in after {waited:.2f}s (timeout 0.3 s)")
+    assert gate.stats["phase_timeouts"] == 1 and gate.phase
+    gate.end_phase(stalled)  # late: must not end the phase now open
+    assert gate.phase
+    sub = asyncio.create_task(gate.begin_subscribe())
+    await asyncio.sleep(0.05)
+    assert not sub.done()
+    gate.end_phase(nxt)
+    await asyncio.wait_for(sub, 5)
+    assert gate.stats["phase_timeouts"] == 1  # an ended phase does not expire later
+    gate.end_subscribe()

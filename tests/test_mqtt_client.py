@@ -20,11 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiflow_agents import BrokerURL, BrokerURLError, Connection, InvalidTopicError, Message
+from aiflow_agents.connection import PublishRejectedError
+from aiflow_agents.errors import BrokerUnavailableError
 from aiflow_agents.mqtt import (
     MQTT_5,
     MQTT_311,
+    BadPublish,
     Connack,
     Connect,
+    ConnectionClosedError,
     Disconnect,
     MalformedPacketError,
     PacketTooLargeError,
@@ -176,7 +180,6 @@ def test_malformed_input_is_refused() -> None:
         b"\x36\x03\x00\x01a",  # QoS 3
         b"\x32\x05\x00\x01a\x00\x00",  # packet id 0
         b"\x30\x04\x00\x05ab",  # topic runs past the packet
-        b"\x30\x04\x00\x02\xc3\x28",  # topic not UTF-8
         b"\x40\x03\x00\x01\x00",  # PUBACK with a trailing byte on 3.1.1
         b"\x62\x02\x00\x01"[:1] + b"\x02\x00",  # truncated
         b"\x00\x00",  # packet type 0
@@ -189,6 +192,49 @@ def test_malformed_input_is_refused() -> None:
                 raise MalformedPacketError("incomplete")
     with pytest.raises(MalformedPacketError):
         StreamParser(MQTT_5, max_packet_size=100).feed(b"\x30\xe8\x07")  # 1000 bytes announced: too large
+    v5_cases = [
+        b"\x38\x04\x00\x01a\x00",  # DUP=1 on QoS 0
+        b"\x30\x03\x00\x00\x00",  # empty topic without a TopicAlias
+        b"\xd1\x00",  # PINGRESP with flags
+        b"\x21\x03\x00\x00\x00",  # CONNACK with flags
+        b"\x92\x04\x00\x01\x00\x00",  # SUBACK with flags
+        b"\xb1\x03\x00\x01\x00",  # UNSUBACK with flags
+        b"\x90\x03\x00\x01\x00",  # SUBACK without a reason code
+    ]
+    for raw in v5_cases:
+        with pytest.raises(MalformedPacketError):
+            StreamParser(MQTT_5).feed(raw)
+    assert StreamParser(MQTT_5).feed(b"\x30\x06\x00\x00\x03\x23\x00\x01") == [
+        Publish("", b"", properties={"TopicAlias": 1})
+    ]
+
+
+def test_publish_with_invalid_utf8_is_a_bad_publish_not_a_malformed_stream() -> None:
+    """Defect 12: a broker that forwards raw bytes must not let a publisher knock us off: the PUBLISH is well
+    framed, so the parser hands it on as BadPublish (the session acks and drops it) and parses on."""
+    bad_topic = b"\x32\x07\x00\x02\xc3\x28\x00\x07x"  # QoS 1, topic not UTF-8, packet id 7
+    ok = encode(Publish("ok", b"y"), MQTT_311)
+    out = StreamParser(MQTT_311).feed(bad_topic + ok)
+    assert out[0] == BadPublish(1, 7, "PUBLISH topic is not UTF-8") and out[1] == Publish("ok", b"y")
+    # MQTT 5: a ContentType property (0x03) with invalid UTF-8, QoS 2, packet id 9
+    body = b"\x00\x01t\x00\x09" + b"\x05\x03\x00\x02\xff\xfe" + b"pl"
+    out = StreamParser(MQTT_5).feed(bytes((0x34, len(body))) + body + encode(Publish("ok", b"y"), MQTT_5))
+    assert type(out[0]) is BadPublish and out[0].qos == 2 and out[0].packet_id == 9
+    assert out[1] == Publish("ok", b"y")
+
+
+def test_parser_does_not_allocate_the_announced_length_up_front() -> None:
+    """Defect 6: a 5-byte header announcing 256 MiB allocated 256 MiB at once; now the buffer grows with the
+    bytes that arrive."""
+    p = StreamParser(MQTT_311)
+    assert p.feed(b"\x30\xff\xff\xff\x7f") == []
+    assert len(p.get_buffer()) < 2 << 20
+    big = encode(Publish("t", bytes(3 << 20)), MQTT_311)  # a real 3 MiB packet still parses (in chunks)
+    p = StreamParser(MQTT_311)
+    out = []
+    for i in range(0, len(big), 100_000):
+        out += p.feed(big[i : i + 100_000])
+    assert out == [Publish("t", bytes(3 << 20))]
 
 
 def test_mqtt_string_and_topic_rules() -> None:
@@ -355,7 +401,13 @@ async def test_a_publish_the_broker_drops_us_for_is_retried_once_then_dropped(tm
         v3 = BrokerURL(host="127.0.0.1", port=m.port, protocol="3.1.1")
         async with Connection(v3, client_id="poison-v3") as conn:
             t0 = time.monotonic()
-            assert await conn.publish("p/big", b"x" * 5000, qos=1, timeout=30) is None
+            innocent = [asyncio.create_task(conn.publish(f"p/s{i}", b"s", qos=1, timeout=30)) for i in range(3)]
+            await asyncio.sleep(0)  # written before the big one (the last packet written is the one blamed)
+            # a typed error, not None (which on 3.1.1 reads as success: defect 4); innocent ones go through
+            with pytest.raises(PublishRejectedError):
+                await conn.publish("p/big", b"x" * 5000, qos=1, timeout=30)
+            assert await asyncio.gather(*innocent) == [None] * 3
+            assert isinstance(PublishRejectedError("x"), BrokerUnavailableError)
             print(f"poisoned publish given up after {time.monotonic() - t0:.2f}s, connects={conn.connects}")
             assert conn.poisoned_publishes == 1 and conn.connects in (2, 3)
             await conn.wait_connected(15)
@@ -573,4 +625,310 @@ async def test_publishes_beyond_the_receive_maximum_fail_at_their_timeout(tmp_pa
                 m.proc.send_signal(signal.SIGCONT)
             assert await asyncio.gather(*first) == [16] * 20  # thawed: acknowledged (nobody subscribes)
     finally:
+        m.stop()
+
+
+# -- review fixes (issue 11, second round) --------------------------------------------------------
+async def test_a_handler_blocked_on_a_publish_does_not_stall_the_reconnect(tmp_path: Path) -> None:
+    """Defect 1 (review): a handler publishing when the broker dropped us kept the reconnect loop waiting on
+    it while its publish retried the dead session every 10 ms until its deadline (600 s for a node reply):
+    the node stayed offline that long. Now the close marks the connection down at once, the reconnect loop
+    never awaits a handler, and the handler's publish goes out on the new connection."""
+    m = PrivateMosquitto(tmp_path).start()
+    try:
+        async with Connection(m.url, client_id="busy-handler", keepalive=2) as conn:
+            entered, go = asyncio.Event(), asyncio.Event()
+            results: list[object] = []
+
+            async def handler(message: Message) -> None:
+                entered.set()
+                await go.wait()
+                try:
+                    results.append(await conn.publish("busy/out", b"reply", qos=1, timeout=60))
+                except Exception as e:  # recorded: the test asserts on it
+                    results.append(e)
+
+            conn.route("busy/in", handler)
+            out = await _collector(conn, "busy/out")
+            await conn.subscribe("busy/in", qos=1)
+            await conn.publish("busy/in", b"go", qos=1, timeout=10)
+            await asyncio.wait_for(entered.wait(), 10)
+            m.stop()  # the broker drops us while the handler is busy
+            t0 = time.monotonic()
+            go.set()  # ... and the handler publishes into the dead connection
+            await asyncio.sleep(0.3)
+            m.start()
+            async with asyncio.timeout(30):  # generous; the publish deadline is 60 s
+                while conn.connects < 2 or not results:
+                    await asyncio.sleep(0.02)
+            took = time.monotonic() - t0
+            print(f"reconnected and the handler's publish done {took:.2f}s after the drop (publish deadline 60 s)")
+            assert results == [0] and conn.connected  # MQTT 5: PUBACK success
+            assert (await asyncio.wait_for(out.get(), 10)).payload == b"reply"
+    finally:
+        m.stop()
+
+
+async def test_a_timed_out_qos1_publish_keeps_its_packet_id_and_slot_until_acked(tmp_path: Path) -> None:
+    """Defect 5 (review): a QoS 1 publish that timed out freed its packet id and its Receive Maximum slot
+    while the broker still held it (a 21st publish then exceeded the broker's Receive Maximum and ids could
+    be reused). Now both stay taken (a tombstone) until the late PUBACK arrives or the session ends."""
+    m = PrivateMosquitto(tmp_path).start()
+    try:
+        s = await Session.connect("127.0.0.1", m.port, client_id="tomb", version=MQTT_5)
+        assert s.receive_maximum == 20
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGSTOP)
+        try:
+            timed_out = await asyncio.gather(
+                *(s.publish(f"tb/{i}", b"x", 1, timeout=0.3) for i in range(20)), return_exceptions=True
+            )
+            assert all(isinstance(r, TimeoutError) for r in timed_out)
+            with pytest.raises(TimeoutError, match="in-flight slot"):  # not written: no slot is free
+                await s.publish("tb/late", b"x", 1, timeout=0.3)
+            assert len(s._tombstones) == 20  # ids still the broker's
+        finally:
+            m.proc.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(10):
+            while s._tombstones:  # the late PUBACKs free them
+                await asyncio.sleep(0.02)
+        assert await s.publish("tb/after", b"x", 1, timeout=10) == 16
+        await s.disconnect()
+    finally:
+        m.stop()
+
+
+async def test_incoming_queue_is_bounded_by_bytes_and_oversize_messages_are_dropped_by_the_broker(
+    mosquitto: BrokerURL, namespace: str
+) -> None:
+    """Defect 6 (review): the incoming queue was bounded by count only (10,000 x 1 MiB). Now reading pauses
+    above a byte bound (the rest waits in TCP and the broker, nothing is dropped), and on MQTT 5 the
+    MaximumPacketSize we announce makes the broker drop messages larger than we accept."""
+    url = BrokerURL(host=mosquitto.host, port=mosquitto.port, protocol="5")
+    bound = 1 << 20
+    async with Connection(
+        url, client_id=f"{namespace}-bytes", max_queued_incoming_bytes=bound, max_packet_size=300_000
+    ) as conn:
+        release = asyncio.Event()
+        got: list[int] = []
+        peak = 0
+
+        async def slow(message: Message) -> None:
+            nonlocal peak
+            peak = max(peak, conn._inbox_bytes)
+            await release.wait()
+            got.append(len(message.payload))
+
+        conn.route(f"{namespace}/b/#", slow)
+        await conn.subscribe(f"{namespace}/b/#", qos=1)
+        async with Connection(url, client_id=f"{namespace}-bytes-pub") as pub:
+            await pub.publish(f"{namespace}/b/huge", bytes(400_000), qos=1, timeout=10)  # over our maximum
+            for i in range(20):
+                await pub.publish(f"{namespace}/b/{i}", bytes(200_000), qos=1, timeout=10)
+            await asyncio.sleep(1.0)
+            peak = max(peak, conn._inbox_bytes)
+            print(f"queued at most {peak} bytes with a bound of {bound} (20 x 200 kB sent)")
+            assert peak < bound + 600_000  # one read beyond the bound at most, not 4 MB
+            release.set()
+            async with asyncio.timeout(20):
+                while len(got) < 20:
+                    await asyncio.sleep(0.02)
+        assert got == [200_000] * 20 and conn.dropped_incoming == 0  # paused, nothing lost; the huge one never came
+        assert conn.connects == 1
+
+
+async def test_a_transient_close_of_mqtt5_is_not_a_downgrade_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 8 (review): any MQTT 5 CONNECT closed unanswered (a restarting broker, max_connections)
+    downgraded the member to 3.1.1 for good, silently losing $share and reason codes. Now 3.1.1 is used while
+    it works, and MQTT 5 is tried again on the reconnect after a stable connection."""
+    import aiflow_agents.connection as connection_module
+
+    monkeypatch.setattr(connection_module, "_STABLE_AFTER", 0.5)
+    seen: list[int] = []
+    pipes: list[asyncio.StreamWriter] = []
+
+    async def front(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.read(64)
+        level = head[head.index(b"MQTT") + 4]
+        seen.append(level)
+        if len(seen) == 1:  # only the first attempt: a transient close
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", 1883)
+        up_w.write(head)
+        pipes.append(writer)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data)
+            w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    server = await asyncio.start_server(front, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Connection(BrokerURL(port=port), client_id="transient-v5") as conn:
+            assert seen == [5, 4] and not conn.is_v5
+            await asyncio.sleep(0.8)  # a stable connection
+            pipes[-1].transport.abort()  # drop it
+            await asyncio.sleep(0.2)
+            await conn.wait_connected(20)
+            print(f"protocol levels tried: {seen}")
+            assert conn.is_v5 and seen[-1] == 5
+    finally:
+        server.close()
+
+
+async def test_a_subscription_refused_after_a_reconnect_is_dropped_not_fatal(
+    mosquitto: BrokerURL, namespace: str
+) -> None:
+    """Defect 9 (review): one subscription the broker refused after a reconnect (an ACL change) made every
+    reconnect fail for ever. Now it is dropped, logged and counted and the others are restored; an invalid
+    filter is refused by ``subscribe`` at once and never stored. (Mosquitto 2.0.11 grants subscriptions its
+    ACL denies, so a relay in front of it refuses the last filter of each SUBACK after the "ACL change".)"""
+    acl_changed = False
+    pipes: list[asyncio.StreamWriter] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(mosquitto.host, mosquitto.port)
+        pipes.append(writer)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, down: bool) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    if down and acl_changed and data[0] == 0x90:  # a SUBACK: its last filter is now refused
+                        data = data[:-1] + b"\x87"
+                    w.write(data)
+            w.close()
+
+        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Connection(BrokerURL(port=port, protocol="5"), client_id=f"{namespace}-acl") as conn:
+            with pytest.raises(InvalidTopicError):
+                await conn.subscribe("bad/#/x")
+            assert "bad/#/x" not in conn.subscriptions
+            q = await _collector(conn, f"{namespace}/ok/#")
+            await conn.subscribe(f"{namespace}/gone/#", qos=1)
+            acl_changed = True
+            pipes[-1].transport.abort()  # the connection drops; the reconnect finds gone/# refused
+            await asyncio.sleep(0.3)
+            await conn.wait_connected(20)
+            assert conn.connects == 2 and conn.refused_subscriptions == 1
+            assert set(conn.subscriptions) == {f"{namespace}/ok/#"}
+            await conn.publish(f"{namespace}/ok/x", b"still", qos=1, timeout=10)
+            assert (await asyncio.wait_for(q.get(), 10)).payload == b"still"
+    finally:
+        server.close()
+
+
+async def test_a_received_publish_with_invalid_utf8_is_dropped_not_fatal(mosquitto: BrokerURL, namespace: str) -> None:
+    """Defect 12 (review): a PUBLISH whose topic is not UTF-8 (a broker forwarding raw bytes; here a relay
+    in front of Mosquitto rewrites one byte) closed our connection, so any publisher could knock a node off.
+    Now it is acknowledged, dropped and counted, and the connection serves on."""
+    marker = f"{namespace}/bad/Z".encode()
+    corrupt = marker[:-1] + b"\xff"
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(mosquitto.host, mosquitto.port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, rewrite: bool) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data.replace(marker, corrupt) if rewrite else data)
+            w.close()
+
+        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for protocol in ("5", "3.1.1"):
+            url = BrokerURL(host="127.0.0.1", port=port, protocol=protocol)  # type: ignore[arg-type]
+            async with Connection(url, client_id=f"{namespace}-utf-{protocol}") as conn:
+                q = await _collector(conn, f"{namespace}/#")
+                async with Connection(mosquitto, client_id=f"{namespace}-utf-pub") as pub:
+                    await pub.publish(f"{namespace}/bad/Z", b"evil", qos=1, timeout=10)
+                    await pub.publish(f"{namespace}/ok", b"fine", qos=1, timeout=10)
+                msg = await asyncio.wait_for(q.get(), 10)
+                assert msg.payload == b"fine" and q.empty()
+                assert conn._session is not None and conn._session.bad_publishes == 1
+                assert conn.connects == 1 and conn.connected
+    finally:
+        server.close()
+
+
+async def test_connack_with_receive_maximum_0_is_a_protocol_error(mosquitto: BrokerURL, namespace: str) -> None:
+    """MQTT 5 §3.2.2.3.3: ReceiveMaximum 0 is a protocol error (before, it made a Semaphore(0) on which every
+    QoS 1 publish waited out its timeout). A relay rewrites Mosquitto's ReceiveMaximum 20 to 0."""
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(mosquitto.host, mosquitto.port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, down: bool) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data.replace(b"\x21\x00\x14", b"\x21\x00\x00") if down and data[0] == 0x20 else data)
+            w.close()
+
+        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ConnectionClosedError, match="ReceiveMaximum 0"):
+            await Session.connect("127.0.0.1", port, client_id=f"{namespace}-rm0", version=MQTT_5, timeout=10)
+    finally:
+        server.close()
+
+
+async def test_a_node_whose_handler_publishes_when_the_broker_drops_it_is_back_before_the_deadline(
+    tmp_path: Path, namespace: str
+) -> None:
+    """Defect 1 (review), at a node: a handler the node awaits inline (here an agent's ``on_event``; also the
+    node's own error answers) publishes (deadline 60 s) just after the broker dropped the node. Before, the
+    node stayed offline until that deadline; now it reconnects at once and the publish goes out then."""
+    from aiflow_agents import Agent, AgentContext, Node
+    from protocols import Envelope, Kind
+    from protocols import encode as encode_frame
+
+    entered, go = asyncio.Event(), asyncio.Event()
+    published: list[object] = []
+
+    class Slow(Agent):
+        type_name = "slow"
+
+        async def on_event(self, event: Envelope, ctx: AgentContext) -> None:
+            entered.set()
+            await go.wait()
+            try:
+                published.append(await node.connection.publish(f"{namespace}/ev-out", b"x", qos=1, timeout=60))
+            except Exception as e:  # recorded: the test asserts on it
+                published.append(e)
+
+    m = PrivateMosquitto(tmp_path).start()
+    node = Node([Slow("slow")], m.url, namespace=namespace, node_id=f"{namespace}-n", heartbeat=None, keepalive=2)
+    await node.start()
+    try:
+        async with Connection(m.url, client_id=f"{namespace}-ev") as conn:
+            event = Envelope(kind=Kind.EVENT, sender="t", recipient="slow")
+            await conn.publish(Topics(namespace).inbox("slow"), encode_frame(event), qos=1, timeout=10)
+            await asyncio.wait_for(entered.wait(), 20)
+        m.stop()
+        t0 = time.monotonic()
+        go.set()  # the handler publishes into the dropped connection
+        await asyncio.sleep(0.3)
+        m.start()
+        async with asyncio.timeout(30):  # generous; the publish deadline is 60 s
+            while node.connection.connects < 2 or not published:
+                await asyncio.sleep(0.02)
+        took = time.monotonic() - t0
+        print(f"node back and its handler's publish done {took:.2f}s after the drop (deadline 60 s)")
+        assert published == [16] and node.connection.connected  # MQTT 5: acknowledged, nobody subscribes
+    finally:
+        await node.stop()
         m.stop()

@@ -21,6 +21,7 @@ from .message import Message, Will
 from .packets import (
     MQTT_5,
     MQTT_311,
+    BadPublish,
     Connack,
     Connect,
     Disconnect,
@@ -49,6 +50,7 @@ __all__ = [
     "MQTT_5",
     "MQTT_311",
     "AckError",
+    "BadPublish",
     "Connack",
     "Connect",
     "ConnectRefusedError",

@@ -109,8 +109,10 @@ class ConnectionClosedError(MqttError):
         before_connack: bool = False,
         unsent: bool = False,
         by_broker: bool = False,
+        last_packet: bool = False,
     ) -> None:
         super().__init__(message)
+        self.last_packet = last_packet  # (raised by a publish) that publish was the last packet written
         self.by_broker = by_broker  # the broker ended it (DISCONNECT or an orderly close), not us or the network
         self.reason_code = reason_code
         self.before_connack = before_connack

@@ -19,6 +19,7 @@ from .errors import InvalidTopicError, MalformedPacketError
 __all__ = [
     "MQTT_5",
     "MQTT_311",
+    "BadPublish",
     "Connack",
     "Connect",
     "Disconnect",
@@ -98,6 +99,10 @@ def _bin(b: bytes | bytearray | memoryview) -> bytes:
     return _U16.pack(len(b)) + bytes(b)
 
 
+class _BadString(MalformedPacketError):
+    """A well-framed string that is not valid MQTT UTF-8 (the packet's structure is intact)."""
+
+
 class _Reader:
     """Bounds-checked reads over one packet's body."""
 
@@ -149,9 +154,9 @@ class _Reader:
         try:
             s = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise MalformedPacketError(f"invalid UTF-8 in a string: {e}") from None
+            raise _BadString(f"invalid UTF-8 in a string: {e}") from None
         if "\x00" in s:
-            raise MalformedPacketError("U+0000 in a string")
+            raise _BadString("U+0000 in a string")
         return s
 
     def rest(self) -> bytes:
@@ -329,6 +334,16 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
+class BadPublish:
+    """A received PUBLISH, well framed, whose topic or a string property is not valid UTF-8: the session
+    acknowledges and drops it rather than closing the connection (see ``Session._on_bad_publish``)."""
+
+    qos: int
+    packet_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class _IdAck:
     packet_id: int
     reason_code: int = 0
@@ -410,6 +425,7 @@ Packet = (
     | PingReq
     | PingResp
     | Disconnect
+    | BadPublish
 )
 
 
@@ -543,6 +559,8 @@ def decode(first: int, body: bytes | memoryview, version: int = MQTT_5) -> Packe
     r = _Reader(body)
     if kind == PUBLISH:
         return decode_publish(first, body, v5)
+    if kind in (CONNACK, SUBACK, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, CONNECT) and flags:
+        raise MalformedPacketError(f"bad flags 0x{flags:x} on packet type {kind}")
     if kind in (PUBACK, PUBREC, PUBREL, PUBCOMP):
         if flags != (0x02 if kind == PUBREL else 0):
             raise MalformedPacketError(f"bad flags 0x{flags:x} on packet type {kind}")
@@ -565,7 +583,10 @@ def decode(first: int, body: bytes | memoryview, version: int = MQTT_5) -> Packe
     elif kind == SUBACK:
         pid = r.u16()
         props = decode_properties(r) if v5 else {}
-        packet = SubAck(pid, list(r.rest()), props)
+        codes = list(r.rest())
+        if not codes:
+            raise MalformedPacketError("SUBACK without a reason code")
+        packet = SubAck(pid, codes, props)
     elif kind == UNSUBACK:
         pid = r.u16()
         props = decode_properties(r) if v5 and r.left() else {}
@@ -612,11 +633,13 @@ def decode(first: int, body: bytes | memoryview, version: int = MQTT_5) -> Packe
     return packet
 
 
-def decode_publish(first: int, body: bytes | memoryview, v5: bool) -> Publish:
-    """A PUBLISH with one copy of its payload."""
+def decode_publish(first: int, body: bytes | memoryview, v5: bool) -> Publish | BadPublish:
+    """A PUBLISH with one copy of its payload; a :class:`BadPublish` when only its strings are invalid."""
     qos = (first >> 1) & 0x03
     if qos == 3:
         raise MalformedPacketError("PUBLISH with QoS 3")
+    if not qos and first & 0x08:
+        raise MalformedPacketError("PUBLISH with DUP set on QoS 0")
     n = len(body)
     if n < 2:
         raise MalformedPacketError("truncated PUBLISH")
@@ -624,10 +647,14 @@ def decode_publish(first: int, body: bytes | memoryview, v5: bool) -> Publish:
     pos = 2 + tlen
     if pos > n:
         raise MalformedPacketError("PUBLISH topic runs past the packet")
+    bad: str | None = None
     try:
         topic = bytes(body[2:pos]).decode("utf-8")
     except UnicodeDecodeError:
-        raise MalformedPacketError("PUBLISH topic is not UTF-8") from None
+        topic, bad = "", "PUBLISH topic is not UTF-8"
+    else:
+        if "\x00" in topic:
+            topic, bad = "", "U+0000 in a PUBLISH topic"
     pid = 0
     if qos:
         if pos + 2 > n:
@@ -642,10 +669,20 @@ def decode_publish(first: int, body: bytes | memoryview, v5: bool) -> Publish:
             pos += 1
         else:
             r = _Reader(body, pos, n)
-            props = decode_properties(r)
+            try:
+                props = decode_properties(r)
+            except _BadString as e:
+                if bad is None:
+                    bad = f"PUBLISH property: {e}"
+                length, after = _read_vbi(body, pos, n)  # well framed: skip the whole block
+                r.pos = after + length
             pos = r.pos
+        if not tlen and "TopicAlias" not in props and bad is None:
+            raise MalformedPacketError("empty PUBLISH topic without a TopicAlias")
     elif not tlen:
         raise MalformedPacketError("empty PUBLISH topic")
+    if bad is not None:
+        return BadPublish(qos, pid, bad)
     return Publish(topic, bytes(body[pos:]), qos, bool(first & 1), bool(first & 8), pid, props)
 
 
@@ -677,9 +714,9 @@ class StreamParser:
     raises :class:`MalformedPacketError` (the session then closes the connection, as the spec requires).
 
     Two ways in: :meth:`feed` (any bytes), or :meth:`get_buffer` / :meth:`buffer_updated`, the
-    :class:`asyncio.BufferedProtocol` pair: the socket is read straight into this parser's buffer, which is
-    grown to hold a whole large packet once its length is known, so a 1 MiB PUBLISH arrives in a few large
-    reads and is copied once (into its payload)."""
+    :class:`asyncio.BufferedProtocol` pair: the socket is read straight into this parser's buffer, which
+    grows (4x at a time) as a large packet's bytes arrive, never to the announced length up front (a 5-byte
+    header announcing 256 MiB must not allocate 256 MiB), so a 1 MiB PUBLISH arrives in a few large reads."""
 
     __slots__ = ("_buf", "_end", "_need", "_start", "max_packet_size", "version")
 
@@ -698,7 +735,8 @@ class StreamParser:
         """Free space at the end of the buffer, enough for the pending packet (never resizes a buffer in use:
         a larger one is allocated and the pending bytes moved)."""
         pending = self._end - self._start
-        want = max(self._need, pending) + self._CHUNK
+        # room for what has arrived and three times as much again (at least a chunk), up to the whole packet
+        want = min(max(self._need, pending), 4 * pending + self._CHUNK) + self._CHUNK
         if len(self._buf) - self._start < want:
             if len(self._buf) >= want:  # room enough if the pending bytes move to the front
                 self._buf[:pending] = self._buf[self._start : self._end]

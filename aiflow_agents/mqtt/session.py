@@ -34,6 +34,7 @@ from .message import Message, Will
 from .packets import (
     MQTT_5,
     MQTT_311,
+    BadPublish,
     Connack,
     Connect,
     Disconnect,
@@ -114,7 +115,15 @@ class Session(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = StreamParser(version)
+        if self.v5 and "MaximumPacketSize" in self.connect_properties:
+            self._parser.max_packet_size = self.connect_properties["MaximumPacketSize"]  # what we announced
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        # QoS 1/2 publishes we stopped waiting for (timeout, cancel) while the broker still holds them: their
+        # packet id stays taken and their Receive Maximum slot held until the ack (or the session's end)
+        self._tombstones: dict[int, asyncio.Semaphore | None] = {}
+        self._ack_counts: dict[int, int] = {}  # SUBSCRIBE/UNSUBSCRIBE packet id -> number of filters sent
+        self._writes = 0  # packets written so far (which publish was the last one before a close)
+        self.bad_publishes = 0  # received PUBLISHes with invalid UTF-8: acknowledged and dropped
         self._next_id = 0
         self._inflight: asyncio.Semaphore | None = None
         self._qos2_in: set[int] = set()
@@ -210,6 +219,10 @@ class Session(asyncio.BufferedProtocol):
                 fut = self._pending.get(p.packet_id)
                 if fut is not None and not fut.done():
                     fut.set_result(p.reason_code)
+                elif p.packet_id in self._tombstones:
+                    self._bury(p.packet_id)
+            elif type(p) is BadPublish:
+                self._on_bad_publish(p)
             elif type(p) is PingResp:
                 self._ping_outstanding = False
             else:
@@ -232,6 +245,27 @@ class Session(asyncio.BufferedProtocol):
         except Exception:
             _log.exception("message callback failed", client=self.client_id, topic=p.topic)
 
+    def _on_bad_publish(self, p: BadPublish) -> None:
+        """A PUBLISH whose topic or a string property is not valid UTF-8 (a broker that forwards raw bytes):
+        acknowledged so it is not redelivered, dropped, counted and logged; the connection stays up (else any
+        publisher could knock us off)."""
+        pid = p.packet_id
+        if p.qos == 1:
+            self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+        elif p.qos == 2:
+            self._qos2_in.add(pid)
+            self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+        self.bad_publishes += 1
+        n = self.bad_publishes
+        if n == 1 or n % 1000 == 0:
+            _log.warning("dropped a received PUBLISH", client=self.client_id, reason=p.reason, dropped=n)
+
+    def _bury(self, pid: int) -> None:
+        """The late ack of a publish we gave up on: its packet id and in-flight slot are free again."""
+        sem = self._tombstones.pop(pid, None)
+        if sem is not None:
+            sem.release()
+
     def _on_other(self, p: Any) -> None:
         kind = type(p)
         if kind is Connack:
@@ -241,6 +275,8 @@ class Session(asyncio.BufferedProtocol):
             if p.reason_code >= 0x80:
                 if fut is not None and not fut.done():
                     fut.set_result(p.reason_code)
+                elif p.packet_id in self._tombstones:
+                    self._bury(p.packet_id)
             else:
                 self._write(encode(PubRel(p.packet_id), self.version))
         elif kind is PubRel:
@@ -248,6 +284,10 @@ class Session(asyncio.BufferedProtocol):
             self._write(encode(PubComp(p.packet_id), self.version))
         elif kind is SubAck or kind is UnsubAck:
             fut = self._pending.get(p.packet_id)
+            expected = self._ack_counts.pop(p.packet_id, None)
+            if (kind is SubAck or self.v5) and expected is not None and len(p.reason_codes) != expected:
+                self._protocol_error(f"{kind.__name__} with {len(p.reason_codes)} codes for {expected} filters", 0x81)
+                return
             if fut is not None and not fut.done():
                 fut.set_result(p)
         elif kind is Disconnect:
@@ -282,6 +322,11 @@ class Session(asyncio.BufferedProtocol):
         if "MaximumPacketSize" in props:
             self.max_packet_size = props["MaximumPacketSize"]
         if "ReceiveMaximum" in props:
+            if props["ReceiveMaximum"] == 0:  # MQTT 5 §3.2.2.3.3: a protocol error
+                error = ConnectionClosedError("the broker sent ReceiveMaximum 0 in CONNACK (a protocol error)")
+                self._connack_future.set_exception(error)
+                self._protocol_error("ReceiveMaximum 0 in CONNACK", 0x82)
+                return
             self.receive_maximum = props["ReceiveMaximum"]
         if "ServerKeepAlive" in props:
             self.keepalive = props["ServerKeepAlive"]
@@ -321,6 +366,7 @@ class Session(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_exception(error)
         self._pending.clear()
+        self._tombstones.clear()  # the session is over: nothing is held any more
         if not self.closed.done():
             self.closed.set_result(error)
         if self.on_close is not None:
@@ -361,6 +407,7 @@ class Session(asyncio.BufferedProtocol):
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         t = self._transport
         if t is not None:
+            self._writes += 1
             t.write(data)
 
     def _protocol_error(self, message: str, reason: int) -> None:
@@ -373,12 +420,13 @@ class Session(asyncio.BufferedProtocol):
 
     def _packet_id(self) -> int:
         pending = self._pending
-        if len(pending) >= 65535:
+        tombstones = self._tombstones
+        if len(pending) + len(tombstones) >= 65535:
             raise RuntimeError("no free MQTT packet identifier (65535 in flight)")
         n = self._next_id
         while True:
             n = n + 1 if n < 65535 else 1
-            if n not in pending:
+            if n not in pending and n not in tombstones:
                 self._next_id = n
                 return n
 
@@ -437,14 +485,26 @@ class Session(asyncio.BufferedProtocol):
             head = encode_publish_header(tb, len(data), qos, retain, False, pid, props)
             fut: asyncio.Future[int] = self._loop.create_future()
             self._send_publish(t, head, data)
+            mine = self._writes
             self._pending[pid] = fut
             timer = self._loop.call_later(timeout, _expire, fut) if timeout is not None else None
             try:
                 code = await fut
+            except ConnectionClosedError as e:
+                if self._writes == mine:  # nothing written after it: it may be what the broker closed us for
+                    raise ConnectionClosedError(
+                        str(e), reason_code=e.reason_code, by_broker=e.by_broker, last_packet=True
+                    ) from e
+                raise
             finally:
                 self._pending.pop(pid, None)
                 if timer is not None:
                     timer.cancel()
+                acked = fut.done() and not fut.cancelled() and fut.exception() is None
+                if not acked and not self.closed.done():
+                    # given up (timeout, cancel) but the broker still holds it: keep the id and slot taken
+                    self._tombstones[pid] = sem
+                    sem = None
         finally:
             if sem is not None:
                 sem.release()
@@ -456,6 +516,7 @@ class Session(asyncio.BufferedProtocol):
                 f"PUBLISH of {len(head) + len(data)} bytes exceeds the broker's maximum packet size "
                 f"{self.max_packet_size}"
             )
+        self._writes += 1
         if len(data) > _BIG:
             t.write(head)
             t.write(data)
@@ -466,12 +527,16 @@ class Session(asyncio.BufferedProtocol):
         t = self._check_open()
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._pending[packet.packet_id] = fut
+        n = len(packet.subscriptions) if isinstance(packet, Subscribe) else len(packet.filters)
+        self._ack_counts[packet.packet_id] = n
+        self._writes += 1
         t.write(encode(packet, self.version))
         timer = self._loop.call_later(timeout, _expire, fut) if timeout is not None else None
         try:
             return await fut
         finally:
             self._pending.pop(packet.packet_id, None)
+            self._ack_counts.pop(packet.packet_id, None)
             if timer is not None:
                 timer.cancel()
 
