@@ -59,9 +59,6 @@ def test_the_runtime_modules_import_no_torch_besides_compress() -> None:
     assert _heavy(_imported(code)) == []
 
 
-@pytest.mark.xfail(
-    strict=False, reason="protocols.compress imports torch until its NumPy rewrite (issue 12, helper F) merges"
-)
 def test_import_protocols_and_aiflow_agents_loads_no_torch() -> None:
     assert "torch" not in _imported("import protocols, aiflow_agents")
 

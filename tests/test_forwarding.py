@@ -12,7 +12,7 @@ from aiflow_agents.forwarding import HOPS
 from protocols import Envelope, Kind, TensorPart, TensorRole
 from protocols import ops as O
 
-ACCEPT_NOTHING = {"accept": {"min_confidence": 2.0}}
+ACCEPT_NOTHING = {"acceptance": {"min_confidence": 1.0}}
 
 
 def _reply(request: Envelope, confidence: float, answer: str = "41") -> Envelope:
@@ -21,11 +21,11 @@ def _reply(request: Envelope, confidence: float, answer: str = "41") -> Envelope
 
 def test_route_forwarding_escalates_only_a_rejected_reply_with_a_route() -> None:
     fwd = RouteForwarding()
-    req = Envelope.request("q", recipient="a", route=["b", "c"], meta={"accept": {"min_confidence": 0.5}})
+    req = Envelope.request("q", recipient="a", route=["b", "c"], meta={"acceptance": {"min_confidence": 0.5}})
     assert fwd.next_hop(req, _reply(req, 0.4)) == "b"
     assert fwd.next_hop(req, _reply(req, 0.6)) is None
     assert fwd.next_hop(req, req.error_reply("handler_error", "boom", sender="a")) == "b"
-    no_route = Envelope.request("q", recipient="a", meta={"accept": {"min_confidence": 0.5}})
+    no_route = Envelope.request("q", recipient="a", meta={"acceptance": {"min_confidence": 0.5}})
     assert fwd.next_hop(no_route, _reply(no_route, 0.1)) is None
 
 
