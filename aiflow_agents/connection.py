@@ -86,6 +86,7 @@ _SHORT_LIVED = 2.0  # a connection the broker closed within this after CONNACK c
 _CLASH_STREAK = 3  # ... this many times in a row (MQTT 3.1.1 has no reason code to say so)
 _SUSPECT_WINDOW = 1.0  # a drop within this many seconds of sending a publish makes that publish a suspect
 _CONNECT_TIMEOUT = 10.0
+_V5_PROBE_TIMEOUT = 3.0  # protocol=auto: an MQTT 5 CONNECT unanswered this long is retried as 3.1.1
 MAX_PACKET = 268_435_460  # the protocol's largest packet (remaining length 268,435,455 + 5 header bytes)
 _HEADER_ROOM = 64 * 1024  # MaximumPacketSize we announce = the largest frame we accept + room for topic/properties
 
@@ -380,6 +381,7 @@ class Connection:
         fell_back = False
         while True:
             props: dict[str, Any] = {}
+            probing = auto and version == MQTT_5 and index not in self._versions
             if version == MQTT_5 and self._max_packet_size is not None:
                 props["MaximumPacketSize"] = self._max_packet_size  # the broker drops larger messages for us
             try:
@@ -388,7 +390,9 @@ class Connection:
                     url.port,
                     ssl_context=context,
                     server_hostname=url.host,
-                    timeout=min(self._op_timeout, _CONNECT_TIMEOUT),
+                    # a broker that does not speak MQTT 5 may neither refuse nor close (amqtt reads a v5
+                    # CONNECT with a Will as a shorter packet and waits for more): probe briefly in auto
+                    timeout=min(self._op_timeout, _V5_PROBE_TIMEOUT if probing else _CONNECT_TIMEOUT),
                     client_id=self.client_id,
                     version=version,
                     keepalive=self._keepalive,
@@ -404,6 +408,13 @@ class Connection:
                     self.log.info("broker refused MQTT 5, falling back to 3.1.1", broker=str(url))
                     version = self._versions[index] = MQTT_311  # an explicit refusal: remembered for good
                     self._retry_v5.discard(index)
+                    continue
+                raise
+            except TimeoutError:
+                if probing:
+                    self.log.info("no answer to an MQTT 5 CONNECT, trying 3.1.1", broker=str(url))
+                    version = MQTT_311
+                    fell_back = True
                     continue
                 raise
             except ConnectionClosedError as e:

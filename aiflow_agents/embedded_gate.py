@@ -44,7 +44,7 @@ from amqtt.adapters import ReaderAdapter, WriterAdapter
 
 log = logging.getLogger("aiflow.embedded")
 
-CONNECT, SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, DISCONNECT = 1, 8, 9, 10, 11, 14
+CONNECT, CONNACK, SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, DISCONNECT = 1, 2, 8, 9, 10, 11, 14
 OVERTAKING = frozenset({4, 5, 6, 7, 12})  # PUBACK, PUBREC, PUBREL, PUBCOMP, PINGREQ
 PHASE_PACKET_ID = 0xFFFF  # our UNSUBSCRIBE behind a CONNECT
 LEAVE_PACKET_ID = 0xFFFE  # our UNSUBSCRIBE before a DISCONNECT / end of stream
@@ -69,6 +69,17 @@ def _unsubscribe(packet_id: int, topics: list[bytes]) -> bytes:
 
 
 _PHASE_UNSUBSCRIBE = _unsubscribe(PHASE_PACKET_ID, [PHASE_TOPIC])
+MQTT_5_LEVEL = 5
+_REFUSE_V5 = b"\x20\x03\x00\x84\x00"  # MQTT 5 CONNACK: "unsupported protocol version", no properties
+
+
+def _protocol_level(connect: bytes) -> int | None:
+    """The protocol level byte of a CONNECT packet (4 = 3.1.1, 5 = MQTT 5)."""
+    parsed = _remaining_length(connect, 1)
+    if parsed is None:
+        return None
+    at = 1 + parsed[1] + 6  # after the fixed header and the protocol name "MQTT" with its length
+    return connect[at] if at < len(connect) else None
 
 
 def _remaining_length(buf: bytes | bytearray | memoryview, start: int) -> tuple[int, int] | None:
@@ -180,6 +191,7 @@ class _Session:
         self.leaving: asyncio.Future[None] | None = None  # our leave-UNSUBSCRIBE, until its UNSUBACK
         self.eof = False
         self.finished = False  # over: a hold that completes after this is given back at once
+        self.writer: asyncio.StreamWriter | None = None  # the client's socket, to refuse an MQTT 5 CONNECT
 
     async def start_phase(self) -> bool:
         token = await self.gate.begin_phase()
@@ -268,6 +280,15 @@ class GatedReader(ReaderAdapter):
                 s.eof = True
             return
         kind, packet = got
+        if not s.connected and kind == CONNECT and _protocol_level(packet) == MQTT_5_LEVEL:
+            # amqtt speaks 3.1.1 only, and a v5 CONNECT with a Will or properties makes it wait for bytes
+            # that never come: refuse it as an MQTT 5 broker would (CONNACK 0x84), so clients fall back at once
+            s.gate.stats["refused_connects"] += 1
+            if s.writer is not None:
+                s.writer.write(_REFUSE_V5)
+                s.writer.close()
+            s.eof = True
+            return
         if not s.connected:
             s.connected = kind == CONNECT
             if s.connected:
@@ -361,7 +382,12 @@ class GatedWriter(WriterAdapter):
             end = pos + 1 + parsed[1] + parsed[0]
             kind = view[pos] >> 4
             skip = False
-            if kind in (SUBACK, UNSUBACK) and parsed[0] >= 2:
+            if kind == CONNACK and parsed[0] >= 2 and view[pos + 1 + parsed[1] + 1] != 0:
+                # a refused CONNECT (e.g. MQTT 5, which amqtt does not speak): no replay will follow, and
+                # the phase must not wait for amqtt to wind the session down (or for PHASE_TIMEOUT_S)
+                self._session.end_phase()
+                self._session.gate.stats["refused_connects"] += 1
+            elif kind in (SUBACK, UNSUBACK) and parsed[0] >= 2:
                 packet_id = struct.unpack_from("!H", view, pos + 1 + parsed[1])[0]
                 session = self._session
                 if kind == SUBACK:
@@ -414,6 +440,7 @@ async def serve(broker: object, listener: str, host: str, port: int, gate: Gate)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = _Session(gate)
+        session.writer = writer
         w = GatedWriter(writer, session)
         try:
             await broker.external_connected(GatedReader(reader, session), w, listener)  # type: ignore[attr-defined]

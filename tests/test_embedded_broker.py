@@ -129,3 +129,32 @@ async def test_a_stalled_connect_phase_is_released_after_its_timeout() -> None:
     await asyncio.wait_for(sub, 5)
     assert gate.stats["phase_timeouts"] == 1  # an ended phase does not expire later
     gate.end_subscribe()
+
+
+async def test_protocol_auto_comes_online_on_the_embedded_broker_at_first_attempt() -> None:
+    """amqtt speaks 3.1.1 only, and a v5 CONNECT with a Will left it waiting for bytes that never came: a node
+    given a plain ``mqtt://`` URL (protocol auto) of ``aiflow broker`` never came online. The gate refuses
+    MQTT 5 as an MQTT 5 broker would, so the node falls back on its first attempt."""
+    from aiflow_agents import BrokerURL, Client, EchoAgent, Node
+
+    async with EmbeddedBroker() as url:
+        auto = BrokerURL(host=url.host, port=url.port)
+        assert auto.protocol == "auto"
+        async with Node([EchoAgent("echo")], auto) as node, Client(auto) as client:
+            assert node.connection.connects == 1 and not node.connection.is_v5
+            await client.wait_for_agents(["echo"], timeout=30)
+            assert (await client.request("echo", "hi", timeout=30)).text == "hi"
+
+
+async def test_an_unanswered_mqtt5_connect_falls_back_to_311() -> None:
+    """A broker that neither answers nor closes an MQTT 5 CONNECT (stock amqtt with a Will) must not keep a
+    ``protocol=auto`` node offline: after a short probe it is retried as 3.1.1."""
+    from aiflow_agents import BrokerURL, EchoAgent, Node
+
+    async with EmbeddedBroker(gated=False) as url:
+        node = Node([EchoAgent("echo")], BrokerURL(host=url.host, port=url.port))
+        await node.start(timeout=60)
+        try:
+            assert node.connection.connected and not node.connection.is_v5
+        finally:
+            await node.stop()
