@@ -17,7 +17,7 @@ from .errors import (
 )
 from .launch import NodeProcess
 from .log import configure_logging
-from .mqtt import InvalidTopicError, Message, Will
+from .mqtt import InvalidTopicError, MemoryBroker, Message, Will
 from .node import Node
 from .presence import Presence
 from .registry import AgentSpec, UnknownAgentTypeError, available, create, load
@@ -44,6 +44,7 @@ __all__ = [
     "EmbeddedBroker",
     "Exchange",
     "InvalidTopicError",
+    "MemoryBroker",
     "Message",
     "Node",
     "NodeProcess",

@@ -56,6 +56,7 @@ from .mqtt import (
     ConnectionClosedError,
     ConnectRefusedError,
     InvalidTopicError,
+    MemorySession,
     Message,
     Session,
     Will,
@@ -192,7 +193,7 @@ class Connection:
         self._match_cache: dict[str, list[MessageHandler]] = {}
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
-        self._session: Session | None = None
+        self._session: Session | MemorySession | None = None
         self._inbox: deque[Message] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._connected = asyncio.Event()
@@ -313,7 +314,7 @@ class Connection:
         if n == 1 or n % 1000 == 0:
             self.log.warning("incoming queue full: messages dropped", dropped=n, bound=self._max_queued)
 
-    async def _connect(self, index: int) -> Session:
+    async def _connect(self, index: int) -> Session | MemorySession:
         """One attempt on member ``index``, falling back to MQTT 3.1.1 at once where ``auto`` allows it."""
         url = self._members[index]
         auto = url.protocol == "auto"
@@ -326,7 +327,7 @@ class Connection:
             raise
         while True:
             try:
-                session = await Session.connect(
+                session = await (MemorySession if url.in_memory else Session).connect(
                     url.host,
                     url.port,
                     ssl_context=context,
@@ -367,7 +368,7 @@ class Connection:
             index = self._member % len(self._members)
             url = self._members[index]
             wait: float | None = None
-            session: Session | None = None
+            session: Session | MemorySession | None = None
             try:
                 session = await self._connect(index)
                 self._session = session
@@ -449,7 +450,7 @@ class Connection:
                 self.log.info("next broker", broker=str(self.broker))
             await asyncio.sleep(max(next(delays), wait or 0.0))
 
-    async def _receive(self, session: Session) -> None:
+    async def _receive(self, session: Session | MemorySession) -> None:
         """Dispatch queued messages, each handler awaited in turn, until the connection drops (see module doc)."""
         loop = asyncio.get_running_loop()
         inbox = self._inbox
