@@ -10,7 +10,8 @@ bodies run against both, ``tests/test_memory_broker.py``):
   matching subscription of a client (Mosquitto 2 sends overlapping subscriptions a copy each);
 - shared subscriptions ``$share/<group>/<filter>``: each message goes to one member per group, in turn;
 - retained messages (the last per topic, an empty payload deletes it) sent on subscribe with the retain flag,
-  never to a shared subscription; live deliveries carry retain 0;
+  to shared subscriptions too (Mosquitto does; MQTT 5 says not to, so do not rely on either); live
+  deliveries carry retain 0;
 - the Last Will on an abnormal close (:meth:`MemoryBroker.drop`, :meth:`MemorySession.abort`, a client id
   taken over), not on an orderly DISCONNECT (unless reason 0x04);
 - MQTT 5 properties passed through to MQTT 5 subscribers (3.1.1 ones get none); QoS delivered is the lower of
@@ -33,14 +34,13 @@ from typing import Any
 
 from protocols.mqtt_strings import topic_filter_problem
 
-from .errors import AckError, ConnectionClosedError, InvalidTopicError, reason_name
+from .errors import AckError, ConnectionClosedError, InvalidTopicError
 from .message import Message, Will
 from .packets import MQTT_5, Connack, check_publish
 
 __all__ = ["MemoryBroker", "MemorySession", "topic_matches"]
 
 NO_MATCHING_SUBSCRIBERS = 0x10
-SESSION_TAKEN_OVER = 0x8E
 DISCONNECT_WITH_WILL = 0x04
 _TOPIC_ALIAS = "TopicAlias"
 
@@ -135,14 +135,8 @@ class MemoryBroker:
     def _attach(self, session: MemorySession) -> None:
         old = self.sessions.get(session.client_id)
         if old is not None:  # the newer connection takes the client id over; the old one's Will goes out
-            old._lost(
-                ConnectionClosedError(
-                    f"the broker disconnected us: {reason_name(SESSION_TAKEN_OVER)}",
-                    reason_code=SESSION_TAKEN_OVER if old.v5 else None,
-                    by_broker=True,
-                ),
-                will=True,
-            )
+            # Mosquitto closes it without a DISCONNECT (other brokers send reason 0x8E "session taken over")
+            old._lost(ConnectionClosedError("the broker closed the connection", by_broker=True), will=True)
         self.sessions[session.client_id] = session
 
     def _detach(self, session: MemorySession) -> None:
@@ -327,10 +321,9 @@ class MemorySession:
                 raise AckError(f"subscribe refused ({subscription!r}: bad QoS {qos})", [0x80])
             self._subs[subscription] = qos
             codes.append(qos)
-            group, topic_filter = _split_share(subscription)
-            if group is None:  # retained messages are never sent to shared subscriptions
-                for m in self.broker._retained_for(topic_filter):
-                    self._deliver(Message(m.topic, m.payload, min(m.qos, qos), True, m.properties))
+            _, topic_filter = _split_share(subscription)
+            for m in self.broker._retained_for(topic_filter):  # shared ones too, as Mosquitto does
+                self._deliver(Message(m.topic, m.payload, min(m.qos, qos), True, m.properties))
         return codes
 
     async def unsubscribe(self, filters: list[str], *, timeout: float | None = None) -> list[int]:
