@@ -52,8 +52,17 @@ def requests_to(result: RunResult, agent: str) -> list[dict]:
 
 
 async def test_ensemble_vote_publishes_once_to_a_group(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await _vote_once_to_a_group(local_nodes, memory, namespace)
+
+
+async def test_ensemble_vote_across_node_processes(mosquitto: BrokerURL, namespace: str, spawn) -> None:
+    """End to end: node processes on the real Mosquitto (shared subscriptions over a real broker)."""
+    await _vote_once_to_a_group(spawn, mosquitto, namespace)
+
+
+async def _vote_once_to_a_group(launch, broker: BrokerURL, namespace: str) -> None:
     async with start(
-        local_nodes, memory, namespace, ["scripted:a1?answer=7", "scripted:a2?answer=7"], ["scripted:a3?answer=5"]
+        launch, broker, namespace, ["scripted:a1?answer=7", "scripted:a2?answer=7"], ["scripted:a3?answer=5"]
     ) as mgr:
         r = await mgr.run(ensemble(["a1", "a2", "a3"], "vote"), "3+4?", timeout=20)
         assert r.ok and r.answer == "7"
