@@ -29,7 +29,7 @@ from protocols import Envelope, Kind, Topics, decode, new_id
 pytestmark = pytest.mark.timeout(300)
 
 #: How long the poisoned-frame run lasts (issue 11: 60 s over MQTT 5 and 3.1.1; both run at once).
-POISON_SECONDS = float(os.environ.get("AIFLOW_POISON_SECONDS", "60"))
+POISON_SECONDS = float(os.environ.get("AIFLOW_POISON_SECONDS", "60"))  # the soak (slow) run
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 ACCEPT_NOTHING = {"accept": {"min_confidence": 0.5}}  # echo reports no confidence: always escalate
 
@@ -106,7 +106,10 @@ def _poison(topics: Topics, answer_at: str) -> list[tuple[str, bytes, bool]]:
     return out
 
 
-async def _poison_run(url: BrokerURL, spawn: Callable[..., NodeProcess]) -> tuple[PoisonRun, NodeProcess]:
+async def _poison_run(
+    url: BrokerURL, spawn: Callable[..., NodeProcess], rounds: int | None
+) -> tuple[PoisonRun, NodeProcess]:
+    """``rounds`` rounds of poison and valid requests, or (None) as many as fit in POISON_SECONDS."""
     namespace = f"t{uuid.uuid4().hex[:10]}"
     topics = Topics(namespace)
     run = PoisonRun(protocol=url.protocol)
@@ -133,7 +136,7 @@ async def _poison_run(url: BrokerURL, spawn: Callable[..., NodeProcess]) -> tupl
         listener = asyncio.create_task(listen())
         t0 = loop.time()
         n = 0
-        while loop.time() - t0 < POISON_SECONDS:
+        while n < rounds if rounds is not None else loop.time() - t0 < POISON_SECONDS:
             for i, frame, answered in _poison(topics, answer_at):
                 (run.expect_answer if answered else run.expect_report).add(i)
                 await attacker.publish(topics.inbox("p1"), frame, qos=1)
@@ -158,15 +161,16 @@ async def _poison_run(url: BrokerURL, spawn: Callable[..., NodeProcess]) -> tupl
     return run, node
 
 
+@pytest.mark.parametrize("rounds", [10, pytest.param(None, marks=pytest.mark.slow, id="soak")])
 async def test_poisoned_header_strings_never_knock_a_node_off(
-    mosquitto: BrokerURL, spawn: Callable[..., NodeProcess], tmp_path: Path
+    mosquitto: BrokerURL, spawn: Callable[..., NodeProcess], tmp_path: Path, rounds: int | None
 ) -> None:
     """Issue 11 defect 1: reply_to with U+0000 / a control character / U+FFFF / wildcards, a
-    poisoned sender in a cascade forward, bad route hops, interleaved with valid requests for
-    POISON_SECONDS over MQTT 5 and 3.1.1 at once. Before the fix the first such frame made the
+    poisoned sender in a cascade forward, bad route hops, interleaved with valid requests, 10 rounds
+    (the soak: POISON_SECONDS) over MQTT 5 and 3.1.1 at once. Before the fix the first such frame made the
     node publish to an invalid topic, Mosquitto disconnected it and its Will marked it offline."""
     urls = [BrokerURL(host=mosquitto.host, port=mosquitto.port, protocol=p) for p in ("5", "3.1.1")]
-    results = await asyncio.gather(*(_poison_run(u, spawn) for u in urls))
+    results = await asyncio.gather(*(_poison_run(u, spawn, rounds) for u in urls))
     for run, node in results:
         frames = len(run.expect_report) + len(run.expect_answer)
         print(
