@@ -87,17 +87,23 @@ async def test_frames_larger_than_the_socket_buffer_and_bursts_cross_intact(
             assert r.text == f"r{i}" and torch.equal(r.tensors()[0].tensor, t)
 
 
-async def test_raising_handler_answers_error_and_node_keeps_serving(broker: BrokerURL, namespace: str, spawn) -> None:
-    spawn(["scripted:s1?fail_on=boom&answer=ok:{text}"], broker, namespace)
-    async with Client(broker, namespace=namespace) as c:
-        await c.wait_for_agents(["s1"], timeout=30)
+async def test_raising_handler_answers_error_and_node_keeps_serving(
+    memory: BrokerURL, namespace: str, local_nodes
+) -> None:
+    """Node semantics, so on the in-memory broker with the node in this process."""
+    await local_nodes(["scripted:s1?fail_on=boom&answer=ok:{text}", "tensor-stats:t1"], memory, namespace)
+    async with Client(memory, namespace=namespace) as c:
+        await c.wait_for_agents(["s1", "t1"], timeout=30)
         with pytest.raises(RemoteAgentError) as info:
             await c.request("s1", "boom please", timeout=10)
         assert info.value.code == "scripted_failure" and info.value.agent_id == "s1"
         assert (await c.request("s1", "fine", timeout=10)).text == "ok:fine"
-        # unsupported input: tensor-only agents refuse text with a typed error
-        ex = await c.exchange("s1", Envelope.request(), timeout=10)
-        assert ex.ok
+        # unsupported input: a tensor-only agent's node refuses text with a typed error, before the handler
+        ex = await c.exchange("t1", Envelope.request("only text"), timeout=10)
+        assert not ex.ok and ex.reply is not None and ex.reply.error is not None
+        assert ex.reply.error.code == "unsupported_input" and ex.reply.sender == "t1"
+        stats = await c.request("t1", Envelope.request(TensorPart(tensor=torch.ones(4))), timeout=10)
+        assert stats.kind == Kind.REPLY  # and it still serves what it accepts
 
 
 async def test_malformed_frames_get_error_replies_and_node_keeps_serving(
