@@ -104,10 +104,11 @@ async def test_broker_restart_mid_run(private_mosquitto, namespace: str, spawn) 
         assert mgr.client.connection.connects >= 2
 
 
-async def test_duplicate_reply_is_ignored(broker: BrokerURL, namespace: str) -> None:
-    """A QoS 1 redelivery of a reply: the request returns once; the copy is counted, not delivered."""
+async def test_duplicate_reply_is_ignored(memory: BrokerURL, namespace: str) -> None:
+    """A QoS 1 redelivery of a reply: the request returns once; the copy is counted, not delivered.
+    (Client semantics: on the in-memory broker.)"""
     topics = Topics(namespace)
-    async with Client(broker, namespace=namespace) as c, Client(broker, namespace=namespace) as fake:
+    async with Client(memory, namespace=namespace) as c, Client(memory, namespace=namespace) as fake:
 
         async def answer_twice(message: Message) -> None:
             req = decode(message.payload)  # type: ignore[arg-type]
