@@ -163,7 +163,8 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., NodeProcess]]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs a real Mosquitto (the shared one or a private one) ``mosquitto``."""
+    """Mark ``mosquitto`` every test that gets a real Mosquitto from a fixture (the shared one, private or
+    bridged ones); tests that start a PrivateMosquitto themselves carry the marker explicitly."""
     for item in items:
-        if {"mosquitto", "private_mosquitto"} & set(getattr(item, "fixturenames", ())):
+        if {"mosquitto", "private_mosquitto", "brokers", "bridged"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.mosquitto)

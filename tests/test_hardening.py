@@ -335,6 +335,7 @@ def _code(ex: Any) -> str:
     return "ok"
 
 
+@pytest.mark.mosquitto
 async def test_flood_is_answered_with_bounded_memory_and_siblings_keep_serving(
     tmp_path: Path, spawn: Callable[..., NodeProcess]
 ) -> None:

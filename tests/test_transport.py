@@ -340,6 +340,7 @@ def test_presence_record_json_is_plain(namespace: str) -> None:
     assert json.loads(rec.to_bytes())["status"] == "online"
 
 
+@pytest.mark.mosquitto
 async def test_node_waits_for_a_broker_that_starts_later(tmp_path, namespace: str, spawn) -> None:
     """A node is a service: started before its broker, it keeps retrying instead of exiting."""
     from conftest import PrivateMosquitto
