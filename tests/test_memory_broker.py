@@ -8,17 +8,21 @@ passes on Mosquitto and fails on memory means the memory broker claims a semanti
 from __future__ import annotations
 
 import asyncio
+import textwrap
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from conftest import mosquitto_or_skip
 
-from aiflow_agents import BrokerURL, Connection, MemoryBroker, Message, Will
+from aiflow_agents import BrokerURL, Client, Connection, EchoAgent, MemoryBroker, Message, Node, NodeProcess, Will
 from aiflow_agents.mqtt import MemorySession, Session, topic_matches
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest_asyncio.fixture(params=["memory", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
@@ -218,3 +222,20 @@ async def test_memory_broker_drop_publishes_the_will_and_close_forgets_the_name(
         assert (await watcher.wait(1))[0].payload == b"w"
     assert MemoryBroker.named("drop-test") is not broker
     MemoryBroker.named("drop-test").close()
+
+
+def test_a_node_process_cannot_use_a_memory_broker() -> None:
+    """Another process would get a broker of its own under the same name: refused, not silently deaf."""
+    with pytest.raises(ValueError, match="one process"):
+        NodeProcess(["echo"], BrokerURL.memory("x"))
+
+
+async def test_the_readme_example_runs() -> None:
+    """README's "In memory" snippet as written, with an echo agent standing in for the user's (so "..." is "hi")."""
+    readme = README.read_text()
+    block = readme[readme.index("- **In memory**") :]
+    start = block.index("```python") + len("```python")
+    code = textwrap.dedent(block[start : block.index("```", start)]).replace('== "..."', '== "hi"')
+    scope: dict[str, Any] = {"MemoryBroker": MemoryBroker, "Node": Node, "Client": Client, "MyAgent": EchoAgent}
+    exec("async def main():\n" + textwrap.indent(code, "    "), scope)
+    await scope["main"]()
