@@ -363,7 +363,11 @@ async def test_node_without_a_broker_stops_on_sigterm(namespace: str, spawn) -> 
     from aiflow_agents import free_port
 
     node = spawn(["echo:lonely"], BrokerURL(port=free_port()), namespace)
-    await asyncio.sleep(3)
+    # Its first failed attempt is logged after its signal handlers are installed (a SIGTERM before that,
+    # while a loaded machine is still importing, would end it with -15 and say nothing about the node).
+    async with asyncio.timeout(60):
+        while "connect failed" not in await asyncio.to_thread(node.log_path.read_text):
+            await asyncio.sleep(0.1)
     assert await node.astop(timeout=30) == 0  # exit code 0: it stopped by itself, not killed after the timeout
 
 
