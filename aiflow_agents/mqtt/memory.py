@@ -73,6 +73,7 @@ class MemoryBroker:
     (created on first use); ``async with MemoryBroker() as url`` gives a fresh one and forgets it at exit."""
 
     _registry: dict[str, MemoryBroker] = {}
+    _closed: set[str] = set()  # names closed and not registered again: connecting there is refused
     _names = itertools.count(1)
 
     def __init__(self, name: str | None = None) -> None:
@@ -85,9 +86,13 @@ class MemoryBroker:
     # -- registry -------------------------------------------------------------------------------
     @classmethod
     def named(cls, name: str) -> MemoryBroker:
-        """The broker registered under ``name``, created (and registered) if there is none."""
+        """The broker registered under ``name``, created (and registered) if there is none. A name whose broker
+        was closed refuses connections (``ConnectionRefusedError``, as a broker that is down) until registered
+        again, so a client that outlives its broker retries instead of finding an empty new one."""
         broker = cls._registry.get(name)
         if broker is None:
+            if name in cls._closed:
+                raise ConnectionRefusedError(f"the memory broker {name!r} is closed")
             broker = cls._registry[name] = cls(name)
         return broker
 
@@ -96,6 +101,7 @@ class MemoryBroker:
         if existing is not None and existing is not self:
             raise ValueError(f"a memory broker named {self.name!r} already exists")
         self._registry[self.name] = self
+        self._closed.discard(self.name)
         return self
 
     @property
@@ -113,12 +119,14 @@ class MemoryBroker:
         self.close()
 
     def close(self) -> None:
-        """Close every connection (as a broker shutting down: Wills are not sent) and unregister."""
+        """Close every connection (as a broker shutting down: Wills are not sent) and unregister; clients
+        reconnect (with backoff) once a broker of that name is registered again."""
         for session in list(self.sessions.values()):
             session._lost(ConnectionClosedError("the broker closed the connection", by_broker=True), will=False)
         self.retained.clear()
         if self._registry.get(self.name) is self:
             del self._registry[self.name]
+            self._closed.add(self.name)
 
     # -- test controls --------------------------------------------------------------------------
     def drop(self, client_id: str) -> None:
