@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from protocols.mqtt_strings import topic_filter_problem
 
 from .errors import AckError, ConnectionClosedError, InvalidTopicError
@@ -39,6 +41,8 @@ from .message import Message, Will
 from .packets import MQTT_5, Connack, check_publish
 
 __all__ = ["MemoryBroker", "MemorySession", "topic_matches"]
+
+_log = structlog.get_logger("aiflow.mqtt")
 
 NO_MATCHING_SUBSCRIBERS = 0x10
 DISCONNECT_WITH_WILL = 0x04
@@ -81,7 +85,7 @@ class MemoryBroker:
         self.sessions: dict[str, MemorySession] = {}
         self.retained: dict[str, Message] = {}
         self._turns: dict[tuple[str, str], int] = {}  # (share group, filter) -> next member index
-        self.published = 0
+        self.published = 0  # messages routed (a count for tests)
 
     # -- registry -------------------------------------------------------------------------------
     @classmethod
@@ -264,9 +268,7 @@ class MemorySession:
             try:
                 self.on_message(message)
             except Exception:  # as Session: a failing callback never takes the connection down
-                import structlog
-
-                structlog.get_logger("aiflow.mqtt").exception("message callback failed", client=self.client_id)
+                _log.exception("message callback failed", client=self.client_id, topic=message.topic)
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -343,7 +345,9 @@ class MemorySession:
     async def disconnect(self, reason_code: int = 0, *, timeout: float = 2.0) -> None:
         """Orderly DISCONNECT: the Will is discarded unless ``reason_code`` is 0x04."""
         if self._open:
-            self._lost(ConnectionClosedError("disconnected by us", by_broker=False), will=reason_code == 0x04)
+            self._lost(
+                ConnectionClosedError("disconnected by us", by_broker=False), will=reason_code == DISCONNECT_WITH_WILL
+            )
 
     def abort(self) -> None:
         """Close without DISCONNECT: the broker publishes the Will."""
