@@ -227,15 +227,15 @@ async def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_replayed_signed_request_is_refused_elsewhere_and_later(mosquitto: BrokerURL, namespace: str) -> None:
+async def test_replayed_signed_request_is_refused_elsewhere_and_later(memory: BrokerURL, namespace: str) -> None:
     """Issue 11 defect 2: a captured signed request replayed to another agent (the recipient is
     under the MAC), after the freshness window, to a restarted node, or dated in the future runs
     nowhere; each refusal is reported on errors/<agent>, never answered at the frame's reply_to."""
     topics = Topics(namespace)
     a1, a2 = Counting("a1"), Counting("a2")
     async with (
-        Node([a1, a2], mosquitto, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node,
-        Client(mosquitto, namespace=namespace, signing_key=KEY) as c,
+        Node([a1, a2], memory, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node,
+        Client(memory, namespace=namespace, signing_key=KEY) as c,
     ):
         await c.wait_for_agents(["a1", "a2"], timeout=20)
         reports = await _reports(c, topics, ["a1", "a2"])
@@ -272,8 +272,8 @@ async def test_replayed_signed_request_is_refused_elsewhere_and_later(mosquitto:
     # a restarted node (fresh duplicate window) still refuses the old frame: it is stale
     a1b = Counting("a1")
     async with (
-        Node([a1b], mosquitto, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node2,
-        Client(mosquitto, namespace=namespace, signing_key=KEY) as c2,
+        Node([a1b], memory, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node2,
+        Client(memory, namespace=namespace, signing_key=KEY) as c2,
     ):
         await c2.wait_for_agents(["a1"], timeout=20)
         await c2.connection.publish(topics.inbox("a1"), captured, qos=1)
@@ -281,13 +281,13 @@ async def test_replayed_signed_request_is_refused_elsewhere_and_later(mosquitto:
         assert a1b.handled == []
 
 
-async def test_group_requests_are_bound_to_their_group(mosquitto: BrokerURL, namespace: str) -> None:
+async def test_group_requests_are_bound_to_their_group(memory: BrokerURL, namespace: str) -> None:
     """A request published to a group inbox runs only if it names that group (or the member)."""
     topics = Topics(namespace)
     m1, m2 = Counting("m1", groups=["g1"]), Counting("m2", groups=["g2"])
     async with (
-        Node([m1, m2], mosquitto, namespace=namespace, signing_key=KEY) as node,
-        Client(mosquitto, namespace=namespace, signing_key=KEY) as c,
+        Node([m1, m2], memory, namespace=namespace, signing_key=KEY) as node,
+        Client(memory, namespace=namespace, signing_key=KEY) as c,
     ):
         await c.wait_for_agents(["m1", "m2"], timeout=20)
         reports = await _reports(c, topics, ["m1", "m2"])
@@ -437,12 +437,12 @@ class Hang(Agent):
         return ""
 
 
-async def test_sender_chosen_deadline_is_capped(mosquitto: BrokerURL, namespace: str) -> None:
+async def test_sender_chosen_deadline_is_capped(memory: BrokerURL, namespace: str) -> None:
     """A request asking for an hour runs at most max_deadline: the handler's timeout uses the cap."""
     agent = Hang("h")
     async with (
-        Node([agent], mosquitto, namespace=namespace, max_deadline=0.5) as node,
-        Client(mosquitto, namespace=namespace) as c,
+        Node([agent], memory, namespace=namespace, max_deadline=0.5) as node,
+        Client(memory, namespace=namespace) as c,
     ):
         await c.wait_for_agents(["h"], timeout=20)
         t0 = time.monotonic()
