@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "RouteForwarding": "forwarding",
     "configure_logging": "log",
     "InvalidTopicError": "mqtt",
+    "MemoryBroker": "mqtt",
     "Message": "mqtt",
     "Will": "mqtt",
     "Node": "node",
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
     )
     from .forwarding import Forwarding, RouteForwarding
     from .log import configure_logging
-    from .mqtt import InvalidTopicError, Message, Will
+    from .mqtt import InvalidTopicError, MemoryBroker, Message, Will
     from .node import Node
     from .presence import Presence
     from .registry import AgentSpec, UnknownAgentTypeError, available, create, load
@@ -112,6 +113,7 @@ __all__ = [
     "Exchange",
     "Forwarding",
     "InvalidTopicError",
+    "MemoryBroker",
     "Message",
     "Node",
     "Presence",

@@ -26,7 +26,9 @@ class BrokerURLError(AiflowError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class BrokerURL:
-    """``mqtt[s]://[user:pass@]host[:port][?protocol=5|3.1.1|auto&ca=FILE&cert=FILE&key=FILE&insecure=1]``.
+    """``mqtt[s]://[user:pass@]host[:port][?protocol=5|3.1.1|auto&ca=FILE&cert=FILE&key=FILE&insecure=1]``,
+    or ``memory://NAME[?protocol=...]`` for the in-process broker of that name (:mod:`aiflow_agents.mqtt.memory`,
+    for tests: every node and client must be in this process).
 
     ``protocol=auto`` (the default) tries MQTT 5 and falls back to 3.1.1 when the broker refuses it.
 
@@ -47,6 +49,12 @@ class BrokerURL:
     key_file: str | None = None
     tls_insecure: bool = False
     others: tuple[BrokerURL, ...] = ()
+    in_memory: bool = False  # memory://NAME: ``host`` is the in-process broker's name
+
+    @classmethod
+    def memory(cls, name: str, protocol: Protocol = "auto") -> BrokerURL:
+        """The URL of the in-process broker ``name`` (see :class:`aiflow_agents.mqtt.MemoryBroker`)."""
+        return cls(host=name, port=0, protocol=protocol, in_memory=True)
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
@@ -93,8 +101,10 @@ class BrokerURL:
         if "://" not in url:
             url = "mqtt://" + url
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise BrokerURLError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r} (use mqtt:// or mqtts://)")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "memory"):
+            raise BrokerURLError(
+                f"unsupported broker URL scheme {parts.scheme!r} in {url!r} (use mqtt://, mqtts:// or memory://)"
+            )
         tls = parts.scheme in ("mqtts", "ssl")
         q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         protocol = q.get("protocol", "auto")
@@ -108,6 +118,10 @@ class BrokerURL:
             raise BrokerURLError(f"bad port in broker URL {url!r}") from e
         if parts.path not in ("", "/"):
             raise BrokerURLError(f"unexpected path {parts.path!r} in broker URL {url!r}")
+        if parts.scheme == "memory":
+            if not parts.netloc or "@" in parts.netloc:
+                raise BrokerURLError(f"a memory broker URL is memory://NAME, not {url!r}")
+            return cls.memory(parts.netloc, protocol)  # type: ignore[arg-type]
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=port,
@@ -132,6 +146,8 @@ class BrokerURL:
         return ",".join(m._format_one(with_password=with_password) for m in self.members())
 
     def _format_one(self, *, with_password: bool) -> str:
+        if self.in_memory:
+            return f"memory://{self.host}" + ("" if self.protocol == "auto" else f"?protocol={self.protocol}")
         auth = ""
         if self.username:
             auth = quote(self.username, safe="")

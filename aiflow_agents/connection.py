@@ -67,6 +67,7 @@ from .mqtt import (
     ConnectionClosedError,
     ConnectRefusedError,
     InvalidTopicError,
+    MemorySession,
     Message,
     Session,
     Will,
@@ -229,7 +230,7 @@ class Connection:
         self._match_cache: dict[str, list[MessageHandler]] = {}
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
-        self._session: Session | None = None
+        self._session: Session | MemorySession | None = None
         self._inbox: deque[Message] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._connected = asyncio.Event()
@@ -367,7 +368,7 @@ class Connection:
         if n == 1 or n % 1000 == 0:
             self.log.warning("incoming queue full: messages dropped", dropped=n, bound=self._max_queued)
 
-    async def _connect(self, index: int) -> Session:
+    async def _connect(self, index: int) -> Session | MemorySession:
         """One attempt on member ``index``, falling back to MQTT 3.1.1 at once where ``auto`` allows it."""
         url = self._members[index]
         auto = url.protocol == "auto"
@@ -385,7 +386,7 @@ class Connection:
             if version == MQTT_5 and self._max_packet_size is not None:
                 props["MaximumPacketSize"] = self._max_packet_size  # the broker drops larger messages for us
             try:
-                session = await Session.connect(
+                session = await (MemorySession if url.in_memory else Session).connect(
                     url.host,
                     url.port,
                     ssl_context=context,
@@ -444,7 +445,7 @@ class Connection:
             index = self._member % len(self._members)
             url = self._members[index]
             wait: float | None = None
-            session: Session | None = None
+            session: Session | MemorySession | None = None
             up = False
             hooks: asyncio.Task[None] | None = None
             try:
@@ -526,7 +527,7 @@ class Connection:
                 self.log.info("next broker", broker=str(self.broker))
             await asyncio.sleep(max(next(delays), wait or 0.0))
 
-    async def _restore(self, session: Session) -> None:
+    async def _restore(self, session: Session | MemorySession) -> None:
         """Subscribe again after a reconnect. A filter the broker now refuses (an ACL change) is dropped,
         logged and counted; only when every one is refused is the connection failed (connected but deaf: a
         NATS member whose JetStream is not back yet refuses every SUBSCRIBE with 0x80)."""

@@ -30,6 +30,8 @@ class NodeProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         url = broker.url() if isinstance(broker, BrokerURL) else broker
+        if any(m.in_memory for m in BrokerURL.parse(url).members()):
+            raise ValueError(f"{url}: an in-memory broker lives in one process; run a Node in this process instead")
         self.args = [sys.executable, "-m", "aiflow_agents", "node", "--broker", url, "--namespace", namespace]
         for a in agents:
             self.args += ["--agent", a]

@@ -9,13 +9,13 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from aiflow_agents import BrokerURL, EmbeddedBroker, configure_logging
+from aiflow_agents import BrokerURL, EmbeddedBroker, MemoryBroker, Node, configure_logging, create
 from aiflow_agents.testing import NodeProcess, free_port
 
 MOSQUITTO = BrokerURL(host="127.0.0.1", port=1883)
@@ -39,7 +39,7 @@ def mosquitto_or_skip() -> BrokerURL:
     return MOSQUITTO
 
 
-@pytest_asyncio.fixture(params=["embedded", "mosquitto"])
+@pytest_asyncio.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerURL]:
     """The transport suite runs against both brokers."""
     if request.param == "mosquitto":
@@ -47,6 +47,28 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerURL]:
         return
     async with EmbeddedBroker() as url:
         yield url
+
+
+@pytest_asyncio.fixture
+async def memory() -> AsyncIterator[BrokerURL]:
+    """A fresh in-process broker (``memory://``): semantics without a transport, in milliseconds."""
+    async with MemoryBroker() as url:
+        yield url
+
+
+@pytest_asyncio.fixture
+async def local_nodes() -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+    """Start :class:`Node`s in this process (the in-process twin of ``spawn``); all stop at the end."""
+    nodes: list[Node] = []
+
+    async def _start(agents: list[str], broker: BrokerURL, namespace: str, **kw: object) -> Node:
+        node = Node([create(a) for a in agents], broker, namespace=namespace, **kw)  # type: ignore[arg-type]
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield _start
+    await asyncio.gather(*(n.stop(grace=1.0) for n in nodes))
 
 
 @pytest_asyncio.fixture
@@ -130,3 +152,11 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., NodeProcess]]:
 
     yield _spawn
     await asyncio.gather(*(p.astop(timeout=10) for p in procs))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``mosquitto`` every test that gets a real Mosquitto from a fixture (the shared one, private or
+    bridged ones); tests that start a PrivateMosquitto themselves carry the marker explicitly."""
+    for item in items:
+        if {"mosquitto", "private_mosquitto", "brokers", "bridged"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mosquitto)

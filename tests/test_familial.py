@@ -283,4 +283,6 @@ async def test_int8_latent_parts_and_foreign_latents() -> None:
     env = Envelope.request(t.prompt, *pack_latent(h, alien))
     with pytest.raises(AgentError, match="different trunk"):
         await agents["edg"].handle(env, bus)  # type: ignore[arg-type]
-    assert Kind.REQUEST == env.kind
+    # ... while the same hidden state under the device's own feature space is taken up and answered
+    own = await agents["edg"].handle(Envelope.request(t.prompt, *pack_latent(h, agents["dev"].space)), bus)  # type: ignore[arg-type]
+    assert own.kind == Kind.REPLY and own.error is None and own.text

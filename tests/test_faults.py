@@ -24,14 +24,12 @@ async def test_node_killed_during_an_ensemble(broker: BrokerURL, namespace: str,
     async with TopologyManager(broker, namespace=namespace) as mgr:
         await mgr.client.wait_for_agents(members, timeout=30)
         await mgr.ensure_group(members)  # joining is not part of what is timed below
-        t0 = time.monotonic()
-        lenient = asyncio.create_task(mgr.run(ensemble(members, "weighted", weights={"k2": 2.0}), "q", timeout=10))
-        strict = asyncio.create_task(mgr.run(ensemble(members, "vote", quorum=3), "q", timeout=10))
+        lenient = asyncio.create_task(mgr.run(ensemble(members, "weighted", weights={"k2": 2.0}), "q", timeout=60))
+        strict = asyncio.create_task(mgr.run(ensemble(members, "vote", quorum=3), "q", timeout=60))
         await asyncio.sleep(0.6)  # every member has the request; k1 is inside its handler
         doomed.kill()
-        ok, failed = await lenient, await strict
-        # Both runs ended on the Last Will, long before their 10 s deadline.
-        assert time.monotonic() - t0 < 6
+        async with asyncio.timeout(30):  # both runs end on the Last Will (agent_offline), not at their 60 s deadline
+            ok, failed = await lenient, await strict
         assert not mgr.client.presence.is_online("k1")
         assert ok.ok and ok.answer == "7"
         assert "agent_offline" in ok.outcome.details["failed"]["k1"]
@@ -45,14 +43,13 @@ async def test_node_killed_during_a_cascade_hop(broker: BrokerURL, namespace: st
     edge = spawn(["scripted:edge?answer=2&confidence=0.9&delay=2.0"], broker, namespace)
     async with TopologyManager(broker, namespace=namespace) as mgr:
         await mgr.client.wait_for_agents(["dev", "edge", "cloud"], timeout=30)
-        t0 = time.monotonic()
         run = asyncio.create_task(
-            mgr.run(cascade(["dev", "edge", "cloud"], accept=0.8, hop_timeout=1.5), "hard?", timeout=10)
+            mgr.run(cascade(["dev", "edge", "cloud"], accept=0.8, hop_timeout=1.5), "hard?", timeout=60)
         )
         await asyncio.sleep(0.6)  # dev has forwarded the task straight to edge, which is working on it
         edge.kill()
-        r = await run
-        assert time.monotonic() - t0 < 6  # fell through at the hop deadline, not the run deadline
+        async with asyncio.timeout(30):  # falls through at the hop deadline, not the run's 60 s
+            r = await run
         assert r.ok and r.answer == "3" and r.answered_by == "cloud"
         stages = r.outcome.details["stages"]
         assert [s["member"] for s in stages] == ["dev", "edge", "cloud"]
@@ -69,18 +66,17 @@ async def test_broker_restart_mid_run(private_mosquitto, namespace: str, spawn) 
     async with TopologyManager(url, namespace=namespace) as mgr:
         await mgr.client.wait_for_agents(["r1", "r2"], timeout=30)
         assert (await mgr.run(g, "before", timeout=10)).ok  # also joins both to the group topic
-        run = asyncio.create_task(mgr.run(g, "during", timeout=10))
-        direct = asyncio.create_task(mgr.client.request("r1", "direct", timeout=10))
+        run = asyncio.create_task(mgr.run(g, "during", timeout=60))
+        direct = asyncio.create_task(mgr.client.request("r1", "direct", timeout=60))
         await asyncio.sleep(0.3)
-        t_stop = time.monotonic()
         private_mosquitto.stop()
-        during = await run
-        # Mosquitto publishes its clients' Wills as it shuts down: whichever news comes first
-        # (the node's Will or our own connection's end) fails the request at once.
-        with pytest.raises((ConnectionLostError, AgentLostError)):
-            await direct
-        # In-flight work fails at once with a clear reason; the run says so.
-        assert time.monotonic() - t_stop < 3
+        # In-flight work fails with a clear reason well before its 60 s deadline; the run says so.
+        async with asyncio.timeout(30):
+            during = await run
+            # Mosquitto publishes its clients' Wills as it shuts down: whichever news comes first
+            # (the node's Will or our own connection's end) fails the request.
+            with pytest.raises((ConnectionLostError, AgentLostError)):
+                await direct
         assert not during.ok and "quorum not met: 0 of 2" in (during.error or "")
         assert all("connection_lost" in e for e in during.outcome.details["failed"].values())
 
@@ -104,10 +100,11 @@ async def test_broker_restart_mid_run(private_mosquitto, namespace: str, spawn) 
         assert mgr.client.connection.connects >= 2
 
 
-async def test_duplicate_reply_is_ignored(broker: BrokerURL, namespace: str) -> None:
-    """A QoS 1 redelivery of a reply: the request returns once; the copy is counted, not delivered."""
+async def test_duplicate_reply_is_ignored(memory: BrokerURL, namespace: str) -> None:
+    """A QoS 1 redelivery of a reply: the request returns once; the copy is counted, not delivered.
+    (Client semantics: on the in-memory broker.)"""
     topics = Topics(namespace)
-    async with Client(broker, namespace=namespace) as c, Client(broker, namespace=namespace) as fake:
+    async with Client(memory, namespace=namespace) as c, Client(memory, namespace=namespace) as fake:
 
         async def answer_twice(message: Message) -> None:
             req = decode(message.payload)  # type: ignore[arg-type]
@@ -203,10 +200,9 @@ async def test_a_publish_the_broker_never_acknowledges_fails_at_its_timeout_not_
         await conn.publish("t/ok", b"x", qos=1, timeout=5)
         private_mosquitto.proc.send_signal(signal.SIGSTOP)
         try:
-            t0 = time.monotonic()
-            with pytest.raises(BrokerUnavailableError):
-                await conn.publish("t/frozen", b"x", qos=1, timeout=0.5)
-            assert time.monotonic() - t0 < 2.0
+            async with asyncio.timeout(15):  # a publish without its timer would hang here
+                with pytest.raises(BrokerUnavailableError):
+                    await conn.publish("t/frozen", b"x", qos=1, timeout=0.5)
         finally:
             private_mosquitto.proc.send_signal(signal.SIGCONT)
         await conn.publish("t/thawed", b"x", qos=1, timeout=10)

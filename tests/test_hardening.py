@@ -30,7 +30,7 @@ from protocols import Envelope, Kind, Topics, decode, new_id
 pytestmark = pytest.mark.timeout(300)
 
 #: How long the poisoned-frame run lasts (issue 11: 60 s over MQTT 5 and 3.1.1; both run at once).
-POISON_SECONDS = float(os.environ.get("AIFLOW_POISON_SECONDS", "60"))
+POISON_SECONDS = float(os.environ.get("AIFLOW_POISON_SECONDS", "60"))  # the soak (slow) run
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 ACCEPT_NOTHING = {"acceptance": {"min_confidence": 0.5}}  # echo reports no confidence: always escalate
 
@@ -110,7 +110,10 @@ def _poison(topics: Topics, answer_at: str) -> list[tuple[str, bytes, bool]]:
     return out
 
 
-async def _poison_run(url: BrokerURL, spawn: Callable[..., NodeProcess]) -> tuple[PoisonRun, NodeProcess]:
+async def _poison_run(
+    url: BrokerURL, spawn: Callable[..., NodeProcess], rounds: int | None
+) -> tuple[PoisonRun, NodeProcess]:
+    """``rounds`` rounds of poison and valid requests, or (None) as many as fit in POISON_SECONDS."""
     namespace = f"t{uuid.uuid4().hex[:10]}"
     topics = Topics(namespace)
     run = PoisonRun(protocol=url.protocol)
@@ -137,7 +140,7 @@ async def _poison_run(url: BrokerURL, spawn: Callable[..., NodeProcess]) -> tupl
         listener = asyncio.create_task(listen())
         t0 = loop.time()
         n = 0
-        while loop.time() - t0 < POISON_SECONDS:
+        while n < rounds if rounds is not None else loop.time() - t0 < POISON_SECONDS:
             for i, frame, answered in _poison(topics, answer_at):
                 (run.expect_answer if answered else run.expect_report).add(i)
                 await attacker.publish(topics.inbox("p1"), frame, qos=1)
@@ -162,15 +165,16 @@ async def _poison_run(url: BrokerURL, spawn: Callable[..., NodeProcess]) -> tupl
     return run, node
 
 
+@pytest.mark.parametrize("rounds", [10, pytest.param(None, marks=pytest.mark.slow, id="soak")])
 async def test_poisoned_header_strings_never_knock_a_node_off(
-    mosquitto: BrokerURL, spawn: Callable[..., NodeProcess], tmp_path: Path
+    mosquitto: BrokerURL, spawn: Callable[..., NodeProcess], tmp_path: Path, rounds: int | None
 ) -> None:
     """Issue 11 defect 1: reply_to with U+0000 / a control character / U+FFFF / wildcards, a
-    poisoned sender in a cascade forward, bad route hops, interleaved with valid requests for
-    POISON_SECONDS over MQTT 5 and 3.1.1 at once. Before the fix the first such frame made the
+    poisoned sender in a cascade forward, bad route hops, interleaved with valid requests, 10 rounds
+    (the soak: POISON_SECONDS) over MQTT 5 and 3.1.1 at once. Before the fix the first such frame made the
     node publish to an invalid topic, Mosquitto disconnected it and its Will marked it offline."""
     urls = [BrokerURL(host=mosquitto.host, port=mosquitto.port, protocol=p) for p in ("5", "3.1.1")]
-    results = await asyncio.gather(*(_poison_run(u, spawn) for u in urls))
+    results = await asyncio.gather(*(_poison_run(u, spawn, rounds) for u in urls))
     for run, node in results:
         frames = len(run.expect_report) + len(run.expect_answer)
         print(
@@ -203,7 +207,7 @@ def _nats(tmp_path: Path) -> tuple[Any, BrokerURL]:
     """One nats-server with JetStream and its MQTT listener (MQTT 3.1.1 only)."""
     from brokers import Server, need_binary
 
-    from aiflow_agents import free_port
+    from aiflow_agents.testing import free_port
 
     port, mqtt_port = free_port(), free_port()
     (tmp_path / "js").mkdir()
@@ -327,15 +331,15 @@ async def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_replayed_signed_request_is_refused_elsewhere_and_later(mosquitto: BrokerURL, namespace: str) -> None:
+async def test_replayed_signed_request_is_refused_elsewhere_and_later(memory: BrokerURL, namespace: str) -> None:
     """Issue 11 defect 2: a captured signed request replayed to another agent (the recipient is
     under the MAC), after the freshness window, to a restarted node, or dated in the future runs
     nowhere; each refusal is reported on errors/<agent>, never answered at the frame's reply_to."""
     topics = Topics(namespace)
     a1, a2 = Counting("a1"), Counting("a2")
     async with (
-        Node([a1, a2], mosquitto, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node,
-        Client(mosquitto, namespace=namespace, signing_key=KEY) as c,
+        Node([a1, a2], memory, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node,
+        Client(memory, namespace=namespace, signing_key=KEY) as c,
     ):
         await c.wait_for_agents(["a1", "a2"], timeout=20)
         reports = await _reports(c, topics, ["a1", "a2"])
@@ -372,8 +376,8 @@ async def test_replayed_signed_request_is_refused_elsewhere_and_later(mosquitto:
     # a restarted node (fresh duplicate window) still refuses the old frame: it is stale
     a1b = Counting("a1")
     async with (
-        Node([a1b], mosquitto, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node2,
-        Client(mosquitto, namespace=namespace, signing_key=KEY) as c2,
+        Node([a1b], memory, namespace=namespace, signing_key=KEY, max_frame_age=1.0, clock_skew=0.5) as node2,
+        Client(memory, namespace=namespace, signing_key=KEY) as c2,
     ):
         await c2.wait_for_agents(["a1"], timeout=20)
         await c2.connection.publish(topics.inbox("a1"), captured, qos=1)
@@ -381,13 +385,13 @@ async def test_replayed_signed_request_is_refused_elsewhere_and_later(mosquitto:
         assert a1b.handled == []
 
 
-async def test_group_requests_are_bound_to_their_group(mosquitto: BrokerURL, namespace: str) -> None:
+async def test_group_requests_are_bound_to_their_group(memory: BrokerURL, namespace: str) -> None:
     """A request published to a group inbox runs only if it names that group (or the member)."""
     topics = Topics(namespace)
     m1, m2 = Counting("m1", groups=["g1"]), Counting("m2", groups=["g2"])
     async with (
-        Node([m1, m2], mosquitto, namespace=namespace, signing_key=KEY) as node,
-        Client(mosquitto, namespace=namespace, signing_key=KEY) as c,
+        Node([m1, m2], memory, namespace=namespace, signing_key=KEY) as node,
+        Client(memory, namespace=namespace, signing_key=KEY) as c,
     ):
         await c.wait_for_agents(["m1", "m2"], timeout=20)
         reports = await _reports(c, topics, ["m1", "m2"])
@@ -435,6 +439,7 @@ def _code(ex: Any) -> str:
     return "ok"
 
 
+@pytest.mark.mosquitto
 async def test_flood_is_answered_with_bounded_memory_and_siblings_keep_serving(
     tmp_path: Path, spawn: Callable[..., NodeProcess]
 ) -> None:
@@ -536,12 +541,12 @@ class Hang(Agent):
         return ""
 
 
-async def test_sender_chosen_deadline_is_capped(mosquitto: BrokerURL, namespace: str) -> None:
+async def test_sender_chosen_deadline_is_capped(memory: BrokerURL, namespace: str) -> None:
     """A request asking for an hour runs at most max_deadline: the handler's timeout uses the cap."""
     agent = Hang("h")
     async with (
-        Node([agent], mosquitto, namespace=namespace, max_deadline=0.5) as node,
-        Client(mosquitto, namespace=namespace) as c,
+        Node([agent], memory, namespace=namespace, max_deadline=0.5) as node,
+        Client(memory, namespace=namespace) as c,
     ):
         await c.wait_for_agents(["h"], timeout=20)
         t0 = time.monotonic()

@@ -248,13 +248,13 @@ async def test_no_matching_subscribers_waits_for_the_agent_to_return(private_mos
         assert reply.text == "2" and c.stats["no_subscribers"] >= 1
 
 
-async def test_replicas_executing_every_request_are_detected(mosquitto: BrokerURL, namespace: str, spawn) -> None:
+async def test_replicas_executing_every_request_are_detected(memory: BrokerURL, namespace: str, local_nodes) -> None:
     """On MQTT 3.1.1 there is no $share: both replicas run every request. The client notices the
     second execution, counts it and warns once per agent."""
-    v311 = BrokerURL(host=mosquitto.host, port=mosquitto.port, protocol="3.1.1")
-    spawn(["scripted:dup?answer=1"], v311, namespace)
-    spawn(["scripted:dup?answer=1"], v311, namespace)
-    async with Client(mosquitto, namespace=namespace) as c:
+    v311 = BrokerURL.memory(memory.host, protocol="3.1.1")
+    await local_nodes(["scripted:dup?answer=1"], v311, namespace)
+    await local_nodes(["scripted:dup?answer=1"], v311, namespace)
+    async with Client(memory, namespace=namespace) as c:
         await c.wait_for_agents(["dup"], timeout=30)
         async with asyncio.timeout(30):
             while len(c.presence.hosts("dup")) < 2:
@@ -267,11 +267,11 @@ async def test_replicas_executing_every_request_are_detected(mosquitto: BrokerUR
         assert c._duplicate_warned == {"dup"}
 
 
-async def test_one_replica_per_request_is_not_reported(mosquitto: BrokerURL, namespace: str, spawn) -> None:
+async def test_one_replica_per_request_is_not_reported(memory: BrokerURL, namespace: str, local_nodes) -> None:
     """MQTT 5 with $share: each request runs once, nothing is reported."""
-    spawn(["scripted:one?answer=1"], mosquitto, namespace)
-    spawn(["scripted:one?answer=1"], mosquitto, namespace)
-    async with Client(mosquitto, namespace=namespace) as c:
+    await local_nodes(["scripted:one?answer=1"], memory, namespace)
+    await local_nodes(["scripted:one?answer=1"], memory, namespace)
+    async with Client(memory, namespace=namespace) as c:
         await c.wait_for_agents(["one"], timeout=30)
         async with asyncio.timeout(30):
             while len(c.presence.hosts("one")) < 2:

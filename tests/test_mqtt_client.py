@@ -280,7 +280,13 @@ def test_cli_reports_a_malformed_broker_list_without_a_traceback() -> None:
 
 
 # -- live: one session ----------------------------------------------------------------------------
-@pytest.fixture(params=["mosquitto-v5", "mosquitto-v3", "embedded"])
+@pytest.fixture(
+    params=[
+        pytest.param("mosquitto-v5", marks=pytest.mark.mosquitto),
+        pytest.param("mosquitto-v3", marks=pytest.mark.mosquitto),
+        "embedded",
+    ]
+)
 def live(request: pytest.FixtureRequest) -> tuple[str, int, int]:
     """(host, port, protocol level) of a real broker."""
     if request.param == "embedded":
@@ -392,6 +398,7 @@ async def test_invalid_topic_is_refused_before_sending_and_the_connection_stays_
         assert conn.connected and conn.connects == 1 and conn.poisoned_publishes == 0
 
 
+@pytest.mark.mosquitto
 async def test_a_publish_the_broker_drops_us_for_is_retried_once_then_dropped(tmp_path: Path) -> None:
     """A publish refused by the broker's own rules (here Mosquitto's max_packet_size on MQTT 3.1.1, which
     cannot advertise it) is retried once after the reconnect, then dropped and counted; the connection
@@ -424,6 +431,7 @@ async def test_a_publish_the_broker_drops_us_for_is_retried_once_then_dropped(tm
         m.stop()
 
 
+@pytest.mark.mosquitto
 async def test_reconnect_after_a_broker_restart_restores_subscriptions(tmp_path: Path) -> None:
     m = PrivateMosquitto(tmp_path).start()
     try:
@@ -443,6 +451,7 @@ async def test_reconnect_after_a_broker_restart_restores_subscriptions(tmp_path:
         m.stop()
 
 
+@pytest.mark.mosquitto
 async def test_failover_across_a_url_list(tmp_path: Path) -> None:
     """Two brokers given as one URL list: when the first dies the connection moves to the second, with its
     subscriptions, and publishes made meanwhile go out there."""
@@ -562,6 +571,7 @@ async def test_a_frozen_node_goes_offline_within_its_keepalive(mosquitto: Broker
     assert elapsed < 20
 
 
+@pytest.mark.mosquitto
 async def test_keepalive_detects_a_frozen_broker(tmp_path: Path) -> None:
     """No PINGRESP within the keepalive: the connection is declared dead and retried (not hung forever)."""
     m = PrivateMosquitto(tmp_path).start()
@@ -601,6 +611,7 @@ async def test_will_and_orderly_disconnect(mosquitto: BrokerURL, namespace: str)
         assert q.empty()
 
 
+@pytest.mark.mosquitto
 async def test_publishes_beyond_the_receive_maximum_fail_at_their_timeout(tmp_path: Path) -> None:
     """Mosquitto grants 20 in-flight QoS 1 publishes (Receive Maximum). With the broker frozen, 20 publishes
     with a long timeout hold every slot; later ones with a short timeout must fail at theirs (typed), not wait

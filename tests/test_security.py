@@ -184,15 +184,15 @@ class Guard(Agent):
         return f"ok:{request.text}"
 
 
-async def test_signing_node_rejects_unsigned_and_forged_frames(broker: BrokerURL, namespace: str) -> None:
+async def test_signing_node_rejects_unsigned_and_forged_frames(memory: BrokerURL, namespace: str) -> None:
     topics = Topics(namespace)
     guard = Guard("guard")
     async with (
-        Node([guard], broker, namespace=namespace, signing_key=KEY) as node,
-        Node([EchoAgent("plain-echo")], broker, namespace=namespace) as _unsigned_node,
-        Client(broker, namespace=namespace, signing_key=KEY) as good,
-        Client(broker, namespace=namespace) as outsider,
-        Client(broker, namespace=namespace, signing_key=OTHER_KEY) as forger,
+        Node([guard], memory, namespace=namespace, signing_key=KEY) as node,
+        Node([EchoAgent("plain-echo")], memory, namespace=namespace) as _unsigned_node,
+        Client(memory, namespace=namespace, signing_key=KEY) as good,
+        Client(memory, namespace=namespace) as outsider,
+        Client(memory, namespace=namespace, signing_key=OTHER_KEY) as forger,
     ):
         await good.wait_for_agents(["guard", "plain-echo"], timeout=20)
         assert (await good.request("guard", "hello", timeout=10)).text == "ok:hello"
@@ -233,13 +233,13 @@ async def test_signing_node_rejects_unsigned_and_forged_frames(broker: BrokerURL
         assert (await good.request("guard", "still fine", timeout=10)).text == "ok:still fine"
 
 
-async def test_unsigned_junk_cannot_abort_a_signing_clients_request(broker: BrokerURL, namespace: str) -> None:
+async def test_unsigned_junk_cannot_abort_a_signing_clients_request(memory: BrokerURL, namespace: str) -> None:
     """An oversized reply fails a request only when it is signed: junk under a guessed correlation
     id from someone without the key is dropped, and the genuine reply still gets through."""
     topics = Topics(namespace)
     async with (
-        Client(broker, namespace=namespace, signing_key=KEY, limits=Limits(max_frame_bytes=2048)) as c,
-        Client(broker, namespace=namespace) as responder,
+        Client(memory, namespace=namespace, signing_key=KEY, limits=Limits(max_frame_bytes=2048)) as c,
+        Client(memory, namespace=namespace) as responder,
     ):
 
         async def answer(message: Message) -> None:

@@ -1,16 +1,23 @@
-"""Pattern semantics, exactly, with deterministic scripted agents in separate node processes."""
+"""Pattern semantics, exactly, with deterministic scripted agents.
+
+The patterns run on nodes in this process over the in-memory broker (``memory`` + ``local_nodes``):
+what is tested is the patterns, not the transport. Two tests keep nodes in separate processes on the
+real Mosquitto: one where a node's process is killed, and one end-to-end ensemble.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from aiflow_agents import AgentSpec, AgentUnavailableError, BrokerURL
+from aiflow_agents import AgentContext, AgentSpec, AgentUnavailableError, BrokerURL, Node, Reply, ScriptedAgent
+from protocols import Envelope
 from topologies import (
     AgentGraph,
     GraphError,
@@ -27,10 +34,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @contextlib.asynccontextmanager
-async def start(spawn, broker: BrokerURL, namespace: str, *nodes: list[str]) -> AsyncIterator[TopologyManager]:
-    """Start one node process per list of agent specs, and a manager that waits until all are online."""
+async def start(launch, broker: BrokerURL, namespace: str, *nodes: list[str]) -> AsyncIterator[TopologyManager]:
+    """Start one node per list of agent specs (``spawn``: a process, ``local_nodes``: in this process),
+    and a manager that waits until all are online."""
     for agents in nodes:
-        spawn(agents, broker, namespace)
+        started = launch(agents, broker, namespace)
+        if inspect.isawaitable(started):
+            await started
     ids = [AgentSpec.parse(a).agent_id or AgentSpec.parse(a).type_name for agents in nodes for a in agents]
     async with TopologyManager(broker, namespace=namespace) as mgr:
         await mgr.client.wait_for_agents(ids, timeout=60)
@@ -41,9 +51,18 @@ def requests_to(result: RunResult, agent: str) -> list[dict]:
     return [e for e in result.trace.to_list() if e["recipient"] == agent and e["kind"] in ("request", "forward")]
 
 
-async def test_ensemble_vote_publishes_once_to_a_group(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_ensemble_vote_publishes_once_to_a_group(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await _vote_once_to_a_group(local_nodes, memory, namespace)
+
+
+async def test_ensemble_vote_across_node_processes(mosquitto: BrokerURL, namespace: str, spawn) -> None:
+    """End to end: node processes on the real Mosquitto (shared subscriptions over a real broker)."""
+    await _vote_once_to_a_group(spawn, mosquitto, namespace)
+
+
+async def _vote_once_to_a_group(launch, broker: BrokerURL, namespace: str) -> None:
     async with start(
-        spawn, broker, namespace, ["scripted:a1?answer=7", "scripted:a2?answer=7"], ["scripted:a3?answer=5"]
+        launch, broker, namespace, ["scripted:a1?answer=7", "scripted:a2?answer=7"], ["scripted:a3?answer=5"]
     ) as mgr:
         r = await mgr.run(ensemble(["a1", "a2", "a3"], "vote"), "3+4?", timeout=20)
         assert r.ok and r.answer == "7"
@@ -58,27 +77,25 @@ async def test_ensemble_vote_publishes_once_to_a_group(broker: BrokerURL, namesp
         assert w.answer == "5"
 
 
-async def test_ensemble_quorum_and_failures_are_listed(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_ensemble_quorum_and_failures_are_listed(memory: BrokerURL, namespace: str, local_nodes) -> None:
     async with start(
-        spawn, broker, namespace, ["scripted:ok1?answer=42", "scripted:bad?fail=true", "scripted:slow?hang=true"]
+        local_nodes, memory, namespace, ["scripted:ok1?answer=42", "scripted:bad?fail=true", "scripted:slow?hang=true"]
     ) as mgr:
-        t0 = time.monotonic()
-        r = await mgr.run(ensemble(["ok1", "bad", "slow"], "vote"), "q", timeout=3)
-        assert time.monotonic() - t0 < 6
+        r = await mgr.run(ensemble(["ok1", "bad", "slow"], "vote"), "q", timeout=1)
         assert r.ok and r.answer == "42"
         failed = r.outcome.details["failed"]
         assert set(failed) == {"bad", "slow"}
         assert "scripted_failure" in failed["bad"] and "timeout" in failed["slow"]
-        strict = await mgr.run(ensemble(["ok1", "bad", "slow"], "vote", quorum=2), "q", timeout=3)
+        strict = await mgr.run(ensemble(["ok1", "bad", "slow"], "vote", quorum=2), "q", timeout=1)
         assert not strict.ok and "quorum not met" in (strict.error or "")
 
 
 async def test_ensemble_cross_scoring_beats_the_vote_when_scores_say_so(
-    broker: BrokerURL, namespace: str, spawn
+    memory: BrokerURL, namespace: str, local_nodes
 ) -> None:
     async with start(
-        spawn,
-        broker,
+        local_nodes,
+        memory,
         namespace,
         ['scripted:c1?answer=7&scores={"7":-1,"5":-3}', 'scripted:c2?answer=5&scores={"7":-1,"5":-4}'],
         ['scripted:c3?answer=5&scores={"7":-1,"5":-2.5}'],
@@ -95,11 +112,11 @@ async def test_ensemble_cross_scoring_beats_the_vote_when_scores_say_so(
         assert len(score_reqs) == 1
 
 
-async def test_latent_averaging_differs_from_text_voting(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_latent_averaging_differs_from_text_voting(memory: BrokerURL, namespace: str, local_nodes) -> None:
     vocab = '["A","B","<eos>"]'
     async with start(
-        spawn,
-        broker,
+        local_nodes,
+        memory,
         namespace,
         [
             f"scripted:l1?answer=A&vocab={vocab}&dist=[0.51,0.49,0]",
@@ -115,20 +132,20 @@ async def test_latent_averaging_differs_from_text_voting(broker: BrokerURL, name
         assert steps[0]["token_id"] == 1 and steps[-1]["token_id"] == 2 and steps[0]["members"] == 3
 
 
-async def test_ensemble_with_judge(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_ensemble_with_judge(memory: BrokerURL, namespace: str, local_nodes) -> None:
     async with start(
-        spawn, broker, namespace, ["scripted:j1?answer=1", "scripted:j2?answer=2", "scripted:judge?judge_pick=2"]
+        local_nodes, memory, namespace, ["scripted:j1?answer=1", "scripted:j2?answer=2", "scripted:judge?judge_pick=2"]
     ) as mgr:
         r = await mgr.run(ensemble(["j1", "j2"], "judge", judge="judge"), "which?", timeout=20)
         assert r.answer == "2" and r.outcome.details["judge"] == "judge"
 
 
 async def test_debate_rounds_see_peers_and_continue_without_a_dead_agent(
-    broker: BrokerURL, namespace: str, spawn
+    mosquitto: BrokerURL, namespace: str, spawn
 ) -> None:
     async with start(
         spawn,
-        broker,
+        mosquitto,
         namespace,
         ["scripted:d1?answer=5&follow_majority=true", "scripted:d2?answer=7"],
         ["scripted:d3?answer=7&crash_after=1"],
@@ -140,13 +157,12 @@ async def test_debate_rounds_see_peers_and_continue_without_a_dead_agent(
         assert rounds[1]["answers"]["d1"] == "7" and rounds[1]["answers"]["d3"] is None
         assert "d3" in r.outcome.details["dropped"]
         assert r.ok and r.answer == "7"
-        assert r.elapsed < 10
 
 
-async def test_cascade_escalates_in_direct_hops(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_cascade_escalates_in_direct_hops(memory: BrokerURL, namespace: str, local_nodes) -> None:
     async with start(
-        spawn,
-        broker,
+        local_nodes,
+        memory,
         namespace,
         ["scripted:dev?answer=1&confidence=0.3"],
         ["scripted:edge?answer=2&confidence=0.9"],
@@ -171,10 +187,10 @@ async def test_cascade_escalates_in_direct_hops(broker: BrokerURL, namespace: st
         assert confident.answered_by == "edge" and not requests_to(confident, "cloud")
 
 
-async def test_cascade_falls_through_on_error_and_on_timeout(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_cascade_falls_through_on_error_and_on_timeout(memory: BrokerURL, namespace: str, local_nodes) -> None:
     async with start(
-        spawn,
-        broker,
+        local_nodes,
+        memory,
         namespace,
         ["scripted:broken?fail=true", "scripted:stuck?hang=true"],
         ["scripted:backup?answer=ok&confidence=0.95"],
@@ -182,17 +198,16 @@ async def test_cascade_falls_through_on_error_and_on_timeout(broker: BrokerURL, 
         r = await mgr.run(cascade(["broken", "backup"], accept=0.8), "x", timeout=20)
         assert r.answer == "ok" and r.answered_by == "backup"
         assert "scripted_failure" in r.outcome.details["stages"][0]["error"]
-        t0 = time.monotonic()
-        r2 = await mgr.run(cascade(["stuck", "backup"], accept=0.8, hop_timeout=1.0), "x", timeout=20)
-        assert r2.answer == "ok" and r2.answered_by == "backup" and time.monotonic() - t0 < 5
+        r2 = await mgr.run(cascade(["stuck", "backup"], accept=0.8, hop_timeout=0.5), "x", timeout=60)
+        assert r2.answer == "ok" and r2.answered_by == "backup"  # the stuck hop timed out, not the whole run
         assert "timeout" in r2.outcome.details["stages"][0]["error"]
         assert any(e["kind"] == "timeout" and e["sender"] == "stuck" for e in r2.trace.to_list())
 
 
-async def test_cascade_with_a_verifier_agent(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_cascade_with_a_verifier_agent(memory: BrokerURL, namespace: str, local_nodes) -> None:
     async with start(
-        spawn,
-        broker,
+        local_nodes,
+        memory,
         namespace,
         ["scripted:v-dev?answer=1", "scripted:v-edge?answer=2", "scripted:v-cloud?answer=3"],
         ['scripted:ver?accept_answers=["2"]'],
@@ -204,12 +219,12 @@ async def test_cascade_with_a_verifier_agent(broker: BrokerURL, namespace: str, 
         assert len([e for e in r.trace.to_list() if e["recipient"] == "ver"]) == 2
 
 
-async def test_patterns_nest(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_patterns_nest(memory: BrokerURL, namespace: str, local_nodes) -> None:
     g = cascade(["n-dev", ensemble(["n1", "n2", "n3"], "vote", name="cloud-ensemble")], accept="confidence>=0.8")
     assert set(g.agent_ids()) == {"n-dev", "n1", "n2", "n3"}
     async with start(
-        spawn,
-        broker,
+        local_nodes,
+        memory,
         namespace,
         ["scripted:n-dev?answer=9&confidence=0.2"],
         ["scripted:n1?answer=4", "scripted:n2?answer=4", "scripted:n3?answer=6"],
@@ -218,10 +233,10 @@ async def test_patterns_nest(broker: BrokerURL, namespace: str, spawn) -> None:
         assert r.answer == "4" and r.answered_by == "cloud-ensemble"
 
 
-async def test_mixture_of_agents_feeds_layers_forward(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_mixture_of_agents_feeds_layers_forward(memory: BrokerURL, namespace: str, local_nodes) -> None:
     async with start(
-        spawn,
-        broker,
+        local_nodes,
+        memory,
         namespace,
         ["scripted:p1?answer=x", "scripted:p2?answer=y", "scripted:p3?answer=y"],
         ["scripted:refine?answer=z&follow_majority=true", "scripted:agg?answer=none&follow_majority=true"],
@@ -233,33 +248,34 @@ async def test_mixture_of_agents_feeds_layers_forward(broker: BrokerURL, namespa
         assert r.answer == "y" and r.outcome.details["aggregator"] == "agg"
 
 
-async def test_hand_built_graph_runs_as_dataflow(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_hand_built_graph_runs_as_dataflow(memory: BrokerURL, namespace: str, local_nodes) -> None:
     g = AgentGraph("flow")
     for a, tier in (("g1", "device"), ("g2", "edge"), ("g3", "cloud")):
         g.add_agent(a, tier)
     g.add_flow("g1", "g3")
     g.add_flow("g2", "g3")
     async with start(
-        spawn, broker, namespace, ["scripted:g1?answer=a", "scripted:g2?answer=b", "scripted:g3?follow_majority=true"]
+        local_nodes,
+        memory,
+        namespace,
+        ["scripted:g1?answer=a", "scripted:g2?answer=b", "scripted:g3?follow_majority=true"],
     ) as mgr:
         r = await mgr.run(g, "q", timeout=20)
         assert r.answer == "a" and r.outcome.details["sinks"] == ["g3"]
 
 
-async def test_nothing_hangs_past_the_run_deadline(embedded: BrokerURL, namespace: str, spawn) -> None:
-    async with start(spawn, embedded, namespace, ["scripted:h1?hang=true", "scripted:h2?hang=true"]) as mgr:
-        t0 = time.monotonic()
-        r = await mgr.run(debate(["h1", "h2"], rounds=3), "q", timeout=2)
-        assert time.monotonic() - t0 < 3.5
+async def test_nothing_hangs_past_the_run_deadline(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    async with start(local_nodes, memory, namespace, ["scripted:h1?hang=true", "scripted:h2?hang=true"]) as mgr:
+        async with asyncio.timeout(60):  # far beyond the run's own deadline: a hang fails here
+            r = await mgr.run(debate(["h1", "h2"], rounds=3), "q", timeout=0.5)
         assert not r.ok and r.error
 
 
-async def test_offline_agents_fail_fast_and_validation_errors_are_clear(embedded: BrokerURL, namespace: str) -> None:
-    async with TopologyManager(embedded, namespace=namespace, presence_timeout=0.5) as mgr:
-        t0 = time.monotonic()
-        with pytest.raises(AgentUnavailableError, match="ghost"):
-            await mgr.run(ensemble(["ghost", "phantom"]), "q", timeout=30)
-        assert time.monotonic() - t0 < 3
+async def test_offline_agents_fail_fast_and_validation_errors_are_clear(memory: BrokerURL, namespace: str) -> None:
+    async with TopologyManager(memory, namespace=namespace, presence_timeout=0.5) as mgr:
+        async with asyncio.timeout(15):  # presence_timeout, not the run's 60 s, decides
+            with pytest.raises(AgentUnavailableError, match="ghost"):
+                await mgr.run(ensemble(["ghost", "phantom"]), "q", timeout=60)
     with pytest.raises(GraphError, match="no members"):
         ensemble([]).validate()
     with pytest.raises(GraphError, match="rounds"):
@@ -293,14 +309,17 @@ def test_graph_pictures_and_mermaid(tmp_path: Path) -> None:
     g = cascade(["dev", "edge", ensemble(["c1", "c2"], "vote")], accept=0.7).graph()
     mmd = g.to_mermaid()
     assert mmd.startswith("flowchart LR") and "escalate" in mmd
-    assert g.draw(tmp_path / "g.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
-    assert (tmp_path / "g.png").exists() is False
+    svg = g.draw(tmp_path / "g.svg").read_text()
+    assert svg.lstrip().startswith(("<?xml", "<svg")) and all(
+        f"<!-- {a} -->" in svg for a in ("dev", "edge", "c1", "c2")
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["g.svg"]  # the format follows the suffix: one file
     assert g.draw(tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
-async def test_trace_exports_json_and_timeline(embedded: BrokerURL, namespace: str, spawn, tmp_path: Path) -> None:
+async def test_trace_exports_json_and_timeline(memory: BrokerURL, namespace: str, local_nodes, tmp_path: Path) -> None:
     async with start(
-        spawn, embedded, namespace, ["scripted:t1?answer=1&confidence=0.1", "scripted:t2?answer=2"]
+        local_nodes, memory, namespace, ["scripted:t1?answer=1&confidence=0.1", "scripted:t2?answer=2"]
     ) as mgr:
         r = await mgr.run(cascade(["t1", "t2"], accept=0.5), "q", timeout=20)
     data = json.loads(r.to_json(tmp_path / "run.json"))
@@ -311,16 +330,33 @@ async def test_trace_exports_json_and_timeline(embedded: BrokerURL, namespace: s
     assert r.trace.timeline(tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
-async def test_large_ensemble_runs_concurrently(embedded: BrokerURL, namespace: str, spawn) -> None:
+async def test_large_ensemble_runs_concurrently(memory: BrokerURL, namespace: str) -> None:
+    """All 8 members must be inside their handlers at once: each waits for the other 7, so a run that
+    asked them one after another (or a node that served them in turn) would time out instead."""
     members = [f"w{i}" for i in range(8)]
-    async with start(
-        spawn,
-        embedded,
-        namespace,
-        [f"scripted:{m}?answer=1&delay=0.5" for m in members[:4]],
-        [f"scripted:{m}?answer=1&delay=0.5" for m in members[4:]],
-    ) as mgr:
-        r = await mgr.run(ensemble(members), "q", timeout=30)
-        assert r.ok and r.answer == "1"
-        # 8 members x 0.5 s each would take 4 s in sequence
-        assert r.elapsed < 2.5
+    inside: set[str] = set()
+    everyone = asyncio.Event()
+
+    class Rendezvous(ScriptedAgent):
+        async def handle(self, request: Envelope, ctx: AgentContext) -> Reply:
+            inside.add(self.agent_id)
+            if len(inside) == len(members):
+                everyone.set()
+            await everyone.wait()
+            return await super().handle(request, ctx)
+
+    nodes = [
+        Node([Rendezvous(m, answer="1") for m in half], memory, namespace=namespace)
+        for half in (members[:4], members[4:])
+    ]
+    for node in nodes:
+        await node.start()
+    try:
+        async with TopologyManager(memory, namespace=namespace) as mgr:
+            await mgr.client.wait_for_agents(members, timeout=10)
+            r = await mgr.run(ensemble(members), "q", timeout=10)
+        assert r.ok and r.answer == "1" and everyone.is_set()
+        assert sorted(c["agent"] for c in r.contributions()) == members
+    finally:
+        for node in nodes:
+            await node.stop(grace=1.0)

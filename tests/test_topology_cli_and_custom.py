@@ -100,13 +100,13 @@ class MostConfident(Pattern):
         )
 
 
-async def test_user_pattern_runs_and_nests(embedded: BrokerURL, namespace: str, spawn) -> None:
-    spawn(
+async def test_user_pattern_runs_and_nests(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await local_nodes(
         ["scripted:m1?answer=a&confidence=0.2", "scripted:m2?answer=b&confidence=0.9", "scripted:m3?answer=c"],
-        embedded,
+        memory,
         namespace,
     )
-    async with TopologyManager(embedded, namespace=namespace) as mgr:
+    async with TopologyManager(memory, namespace=namespace) as mgr:
         await mgr.client.wait_for_agents(["m1", "m2", "m3"], timeout=60)
         r = await mgr.run(MostConfident(["m1", "m2"]), "q", timeout=20)
         assert r.answer == "b" and r.outcome.details["picked"] == "m2"

@@ -1,4 +1,5 @@
-"""Nodes in separate processes, over the embedded broker and a real Mosquitto (parametrized)."""
+"""Nodes in separate processes, over the embedded broker and a real Mosquitto (parametrized); node and client
+semantics that do not depend on the transport run on the in-memory broker with nodes in this process."""
 
 from __future__ import annotations
 
@@ -87,17 +88,23 @@ async def test_frames_larger_than_the_socket_buffer_and_bursts_cross_intact(
             assert r.text == f"r{i}" and torch.equal(r.tensors()[0].tensor, t)
 
 
-async def test_raising_handler_answers_error_and_node_keeps_serving(broker: BrokerURL, namespace: str, spawn) -> None:
-    spawn(["scripted:s1?fail_on=boom&answer=ok:{text}"], broker, namespace)
-    async with Client(broker, namespace=namespace) as c:
-        await c.wait_for_agents(["s1"], timeout=30)
+async def test_raising_handler_answers_error_and_node_keeps_serving(
+    memory: BrokerURL, namespace: str, local_nodes
+) -> None:
+    """Node semantics, so on the in-memory broker with the node in this process."""
+    await local_nodes(["scripted:s1?fail_on=boom&answer=ok:{text}", "tensor-stats:t1"], memory, namespace)
+    async with Client(memory, namespace=namespace) as c:
+        await c.wait_for_agents(["s1", "t1"], timeout=30)
         with pytest.raises(RemoteAgentError) as info:
             await c.request("s1", "boom please", timeout=10)
         assert info.value.code == "scripted_failure" and info.value.agent_id == "s1"
         assert (await c.request("s1", "fine", timeout=10)).text == "ok:fine"
-        # unsupported input: tensor-only agents refuse text with a typed error
-        ex = await c.exchange("s1", Envelope.request(), timeout=10)
-        assert ex.ok
+        # unsupported input: a tensor-only agent's node refuses text with a typed error, before the handler
+        ex = await c.exchange("t1", Envelope.request("only text"), timeout=10)
+        assert not ex.ok and ex.reply is not None and ex.reply.error is not None
+        assert ex.reply.error.code == "unsupported_input" and ex.reply.sender == "t1"
+        stats = await c.request("t1", Envelope.request(TensorPart(tensor=torch.ones(4))), timeout=10)
+        assert stats.kind == Kind.REPLY  # and it still serves what it accepts
 
 
 async def test_malformed_frames_get_error_replies_and_node_keeps_serving(
@@ -180,32 +187,31 @@ async def test_garbage_with_mqtt5_reply_properties_is_answered(mosquitto: Broker
         assert (await c.request("e1", "ok", timeout=10)).text == "ok"
 
 
-async def test_absent_agent_fails_fast(broker: BrokerURL, namespace: str, spawn) -> None:
-    spawn(["echo:present"], broker, namespace)
-    async with Client(broker, namespace=namespace, presence_grace=0.5) as c:
+async def test_absent_agent_fails_fast(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await local_nodes(["echo:present"], memory, namespace)
+    async with Client(memory, namespace=namespace, presence_grace=0.5) as c:
         await c.wait_for_agents(["present"], timeout=30)
-        t0 = time.monotonic()
-        with pytest.raises(AgentUnavailableError) as info:
-            await c.request("ghost", "anyone?", timeout=30)
-        assert time.monotonic() - t0 < 2.0
+        async with asyncio.timeout(20):  # the presence check decides, not the request's 60 s timeout
+            with pytest.raises(AgentUnavailableError) as info:
+                await c.request("ghost", "anyone?", timeout=60)
         assert "ghost" in str(info.value) and "present" in str(info.value)
 
 
-async def test_hanging_agent_times_out(broker: BrokerURL, namespace: str, spawn) -> None:
-    spawn(["scripted:slow?hang=true"], broker, namespace)
-    async with Client(broker, namespace=namespace) as c:
+async def test_hanging_agent_times_out(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await local_nodes(["scripted:slow?hang=true"], memory, namespace)
+    async with Client(memory, namespace=namespace) as c:
         await c.wait_for_agents(["slow"], timeout=30)
         t0 = time.monotonic()
-        with pytest.raises(RequestTimeoutError) as info:
-            await c.request("slow", "hello?", timeout=1.0)
-        elapsed = time.monotonic() - t0
-        assert 0.9 < elapsed < 5.0
+        async with asyncio.timeout(30):  # a hang fails here
+            with pytest.raises(RequestTimeoutError) as info:
+                await c.request("slow", "hello?", timeout=0.5)
+        assert time.monotonic() - t0 >= 0.45  # not given up before its timeout
         assert info.value.agent_id == "slow"
 
 
-async def test_expired_and_unsupported_requests_are_refused(broker: BrokerURL, namespace: str, spawn) -> None:
-    spawn(["tensor-stats:stats", "echo:e1"], broker, namespace)
-    async with Client(broker, namespace=namespace) as c:
+async def test_expired_and_unsupported_requests_are_refused(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await local_nodes(["tensor-stats:stats", "echo:e1"], memory, namespace)
+    async with Client(memory, namespace=namespace) as c:
         await c.wait_for_agents(["stats", "e1"], timeout=30)
         with pytest.raises(RemoteAgentError) as info:
             await c.request("stats", "text only", timeout=10)
@@ -239,14 +245,15 @@ async def test_sigterm_is_graceful(broker: BrokerURL, namespace: str, spawn) -> 
         assert not c.presence.agents.get("worker")  # retained record cleared, not just stale
 
 
-async def test_concurrency_bound_and_overload_policy(broker: BrokerURL, namespace: str, spawn) -> None:
-    spawn(
+async def test_concurrency_bound_and_overload_policy(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await local_nodes(
         ["scripted:busy?delay=0.5&answer=ok"],
-        broker,
+        memory,
         namespace,
-        extra_args=["--concurrency", "1", "--max-pending", "1"],
+        max_concurrency=1,
+        max_pending=1,
     )
-    async with Client(broker, namespace=namespace) as c:
+    async with Client(memory, namespace=namespace) as c:
         await c.wait_for_agents(["busy"], timeout=30)
         exchanges = await asyncio.gather(*(c.exchange("busy", f"job {i}", timeout=20) for i in range(5)))
         ok = [e for e in exchanges if e.ok]
@@ -255,10 +262,10 @@ async def test_concurrency_bound_and_overload_policy(broker: BrokerURL, namespac
         assert all(e.error.info.retryable for e in refused)  # type: ignore[union-attr]
 
 
-async def test_duplicate_request_is_processed_once(broker: BrokerURL, namespace: str, spawn) -> None:
-    spawn(["echo:e1"], broker, namespace)
+async def test_duplicate_request_is_processed_once(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    await local_nodes(["echo:e1"], memory, namespace)
     topics = Topics(namespace)
-    async with Client(broker, namespace=namespace) as c:
+    async with Client(memory, namespace=namespace) as c:
         await c.wait_for_agents(["e1"], timeout=30)
         env = c.prepare("e1", Envelope.request("once"), timeout=10)
         replies: list[Envelope] = []
@@ -298,9 +305,9 @@ async def test_broker_restart_node_and_client_reconnect(private_mosquitto, names
         assert (await c.request("e1", "before", timeout=10)).text == "before"
         private_mosquitto.stop()
         # While the broker is down a request fails with a clear error instead of hanging.
-        t0 = time.monotonic()
-        ex = await c.exchange("e1", "during", timeout=2, check_presence=False)
-        assert ex.error is not None and time.monotonic() - t0 < 5
+        async with asyncio.timeout(30):
+            ex = await c.exchange("e1", "during", timeout=2, check_presence=False)
+        assert ex.error is not None
         private_mosquitto.start()
         await c.connection.wait_connected(timeout=15)
         deadline = time.monotonic() + 20
@@ -313,12 +320,12 @@ async def test_broker_restart_node_and_client_reconnect(private_mosquitto, names
         assert c.connection.connects >= 2
 
 
-async def test_events_reach_group_members_once_per_member(broker: BrokerURL, namespace: str, spawn) -> None:
+async def test_events_reach_group_members_once_per_member(memory: BrokerURL, namespace: str, local_nodes) -> None:
     """Group fan-out: one publish, the broker copies it to each member node."""
-    spawn(['scripted:m1?answer=one&groups=["g"]'], broker, namespace)
-    spawn(['scripted:m2?answer=two&groups=["g"]'], broker, namespace)
+    await local_nodes(['scripted:m1?answer=one&groups=["g"]'], memory, namespace)
+    await local_nodes(['scripted:m2?answer=two&groups=["g"]'], memory, namespace)
     topics = Topics(namespace)
-    async with Client(broker, namespace=namespace) as c:
+    async with Client(memory, namespace=namespace) as c:
         await c.wait_for_agents(["m1", "m2"], timeout=30)
         _req, size, replies, timed_out = await c.scatter(topics.group("g"), "hi all", expected=2, timeout=10)
         assert not timed_out and size > 0
@@ -333,6 +340,7 @@ def test_presence_record_json_is_plain(namespace: str) -> None:
     assert json.loads(rec.to_bytes())["status"] == "online"
 
 
+@pytest.mark.mosquitto
 async def test_node_waits_for_a_broker_that_starts_later(tmp_path, namespace: str, spawn) -> None:
     """A node is a service: started before its broker, it keeps retrying instead of exiting."""
     from conftest import PrivateMosquitto
@@ -355,10 +363,12 @@ async def test_node_without_a_broker_stops_on_sigterm(namespace: str, spawn) -> 
     from aiflow_agents.testing import free_port
 
     node = spawn(["echo:lonely"], BrokerURL(port=free_port()), namespace)
-    await asyncio.sleep(3)
-    t0 = time.monotonic()
-    assert await node.astop(timeout=10) == 0
-    assert time.monotonic() - t0 < 8
+    # Its first failed attempt is logged after its signal handlers are installed (a SIGTERM before that,
+    # while a loaded machine is still importing, would end it with -15 and say nothing about the node).
+    async with asyncio.timeout(60):
+        while "connect failed" not in await asyncio.to_thread(node.log_path.read_text):
+            await asyncio.sleep(0.1)
+    assert await node.astop(timeout=30) == 0  # exit code 0: it stopped by itself, not killed after the timeout
 
 
 async def test_the_runtime_imports_no_third_party_mqtt_client(broker: BrokerURL) -> None:

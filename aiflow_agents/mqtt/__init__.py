@@ -1,5 +1,6 @@
 """Our own MQTT 3.1.1 / 5 client on asyncio: a sans-I/O packet codec (:mod:`.packets`), the application's
-types (:mod:`.message`), one connection (:mod:`.session`) and its errors (:mod:`.errors`).
+types (:mod:`.message`), one connection (:mod:`.session`), its errors (:mod:`.errors`) and an in-process broker
+for tests (:mod:`.memory`, selected by ``memory://NAME`` broker URLs).
 
 It replaces the third-party client (and its patched internals) at run time; see ``docs/performance.md``.
 Reconnection, subscriptions across reconnects and routing live in :mod:`aiflow_agents.connection`.
@@ -17,6 +18,7 @@ from .errors import (
     PacketTooLargeError,
     reason_name,
 )
+from .memory import MemoryBroker, MemorySession, topic_matches
 from .message import Message, Will
 from .packets import (
     MQTT_5,
@@ -58,6 +60,8 @@ __all__ = [
     "Disconnect",
     "InvalidTopicError",
     "MalformedPacketError",
+    "MemoryBroker",
+    "MemorySession",
     "Message",
     "MqttError",
     "Packet",
@@ -84,5 +88,6 @@ __all__ = [
     "mqtt_string_problem",
     "reason_name",
     "topic_filter_problem",
+    "topic_matches",
     "topic_name_problem",
 ]
