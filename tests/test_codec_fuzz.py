@@ -47,9 +47,10 @@ json_values = st.recursive(
 metas = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 short_text = st.text(min_size=1, max_size=40)
 # Header strings that end up in MQTT packets (SPEC §6 check 12a): no control characters,
-# surrogates or non-characters (all in Cc/Cs/Cn); topics also no wildcards, route hops no '/'.
+# surrogates or non-characters (all in Cc/Cs/Cn); topics also no wildcards and portable (§6.1: no space,
+# no '.'), route hops no '/'.
 mqtt_chars = st.characters(exclude_categories=("Cc", "Cs", "Cn"))
-topic_chars = mqtt_chars.filter(lambda c: c not in "+#")
+topic_chars = mqtt_chars.filter(lambda c: c not in "+#. ")
 level_chars = topic_chars.filter(lambda c: c != "/")
 
 
