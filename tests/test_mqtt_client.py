@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -357,6 +358,19 @@ async def test_puback_16_when_nobody_subscribes_even_through_share(mosquitto: Br
 
 
 # -- live: the connection -------------------------------------------------------------------------
+
+
+async def _pipe(
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, rewrite: Callable[[bytes], bytes] | None = None
+) -> None:
+    """One direction of a TCP relay in front of a real broker; ``rewrite`` alters what passes (to play a broker
+    that misbehaves in one precise way)."""
+    with contextlib.suppress(Exception):
+        while data := await r.read(65536):
+            w.write(rewrite(data) if rewrite is not None else data)
+    w.close()
+
+
 async def _collector(conn: Connection, topic_filter: str) -> asyncio.Queue[Message]:
     q: asyncio.Queue[Message] = asyncio.Queue()
 
@@ -490,13 +504,7 @@ async def test_fallback_to_311_when_the_broker_closes_an_mqtt5_connect(mosquitto
         up_r, up_w = await asyncio.open_connection(mosquitto.host, mosquitto.port)
         up_w.write(head)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await r.read(65536):
-                    w.write(data)
-            w.close()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer))
 
     server = await asyncio.start_server(front, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -769,13 +777,7 @@ async def test_a_transient_close_of_mqtt5_is_not_a_downgrade_for_good(monkeypatc
         up_w.write(head)
         pipes.append(writer)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await r.read(65536):
-                    w.write(data)
-            w.close()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer))
 
     server = await asyncio.start_server(front, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -806,15 +808,10 @@ async def test_a_subscription_refused_after_a_reconnect_is_dropped_not_fatal(
         up_r, up_w = await asyncio.open_connection(mosquitto.host, mosquitto.port)
         pipes.append(writer)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, down: bool) -> None:
-            with contextlib.suppress(Exception):
-                while data := await r.read(65536):
-                    if down and acl_changed and data[0] == 0x90:  # a SUBACK: its last filter is now refused
-                        data = data[:-1] + b"\x87"
-                    w.write(data)
-            w.close()
+        def refuse_last(data: bytes) -> bytes:  # a SUBACK after the "ACL change": its last filter is refused
+            return data[:-1] + b"\x87" if acl_changed and data[0] == 0x90 else data
 
-        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+        await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer, refuse_last))
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -847,13 +844,7 @@ async def test_a_received_publish_with_invalid_utf8_is_dropped_not_fatal(mosquit
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection(mosquitto.host, mosquitto.port)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, rewrite: bool) -> None:
-            with contextlib.suppress(Exception):
-                while data := await r.read(65536):
-                    w.write(data.replace(marker, corrupt) if rewrite else data)
-            w.close()
-
-        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+        await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer, lambda d: d.replace(marker, corrupt)))
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -880,13 +871,10 @@ async def test_connack_with_receive_maximum_0_is_a_protocol_error(mosquitto: Bro
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection(mosquitto.host, mosquitto.port)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, down: bool) -> None:
-            with contextlib.suppress(Exception):
-                while data := await r.read(65536):
-                    w.write(data.replace(b"\x21\x00\x14", b"\x21\x00\x00") if down and data[0] == 0x20 else data)
-            w.close()
+        def zero_receive_maximum(data: bytes) -> bytes:  # in the CONNACK
+            return data.replace(b"\x21\x00\x14", b"\x21\x00\x00") if data[0] == 0x20 else data
 
-        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+        await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer, zero_receive_maximum))
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
