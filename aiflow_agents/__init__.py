@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "Exchange": "client",
     "Backoff": "connection",
     "Connection": "connection",
+    "PublishRejectedError": "connection",
     "AgentError": "errors",
     "AgentLostError": "errors",
     "AgentUnavailableError": "errors",
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from .broker import BrokerURL, BrokerURLError, EmbeddedBroker, broker_from_env, broker_scope
     from .builtin_agents import EchoAgent, ScriptedAgent, TensorStatsAgent
     from .client import Client, Exchange
-    from .connection import Backoff, Connection
+    from .connection import Backoff, Connection, PublishRejectedError
     from .errors import (
         AgentError,
         AgentLostError,
@@ -117,6 +118,7 @@ __all__ = [
     "Message",
     "Node",
     "Presence",
+    "PublishRejectedError",
     "RemoteAgentError",
     "Reply",
     "RequestTimeoutError",
