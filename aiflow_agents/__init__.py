@@ -55,6 +55,14 @@ _EXPORTS: dict[str, str] = {
     "available": "registry",
     "create": "registry",
     "load": "registry",
+    "Prober": "probe",
+    "AgentLoad": "telemetry",
+    "AgentTelemetry": "telemetry",
+    "LinkEstimate": "telemetry",
+    "NodeTelemetry": "telemetry",
+    "Overhead": "telemetry",
+    "Telemetry": "telemetry",
+    "TelemetryRecord": "telemetry",
 }
 
 if TYPE_CHECKING:
@@ -78,7 +86,17 @@ if TYPE_CHECKING:
     from .mqtt import InvalidTopicError, MemoryBroker, Message, Will
     from .node import Node
     from .presence import Presence
+    from .probe import Prober
     from .registry import AgentSpec, UnknownAgentTypeError, available, create, load
+    from .telemetry import (
+        AgentLoad,
+        AgentTelemetry,
+        LinkEstimate,
+        NodeTelemetry,
+        Overhead,
+        Telemetry,
+        TelemetryRecord,
+    )
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
@@ -89,8 +107,10 @@ __all__ = [
     "Agent",
     "AgentContext",
     "AgentError",
+    "AgentLoad",
     "AgentLostError",
     "AgentSpec",
+    "AgentTelemetry",
     "AgentUnavailableError",
     "AiflowError",
     "Backoff",
@@ -105,16 +125,22 @@ __all__ = [
     "Exchange",
     "Forwarding",
     "InvalidTopicError",
+    "LinkEstimate",
     "MemoryBroker",
     "Message",
     "Node",
+    "NodeTelemetry",
+    "Overhead",
     "Presence",
+    "Prober",
     "PublishRejectedError",
     "RemoteAgentError",
     "Reply",
     "RequestTimeoutError",
     "RouteForwarding",
     "ScriptedAgent",
+    "Telemetry",
+    "TelemetryRecord",
     "TensorStatsAgent",
     "UnknownAgentTypeError",
     "Will",

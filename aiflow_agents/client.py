@@ -82,6 +82,7 @@ from .errors import (
 )
 from .mqtt import Message
 from .presence import Presence
+from .telemetry import parse_served
 
 
 @dataclass(slots=True)
@@ -97,6 +98,11 @@ class Exchange:
     started: float = field(default_factory=time.time)
     ended: float | None = None
     topic: str = ""
+    # From the reply's MQTT 5 user properties, when the node stamped them (see telemetry.py): the
+    # node that answered and the seconds the request spent there, so ``latency - service_s`` is
+    # network time.
+    served_by: str | None = None
+    service_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -116,7 +122,7 @@ _ANSWERED_MEMORY = 4096  # finished conversations remembered to spot a second ex
 class _Pending:
     """What arrived under one correlation id: one reply, several (group scatter) or events too."""
 
-    __slots__ = ("agent_id", "answers", "claimed_by", "gen", "queue", "resent", "seen", "sent_at")
+    __slots__ = ("agent_id", "answers", "claimed_by", "gen", "queue", "resent", "seen", "sent_at", "served")
 
     def __init__(self) -> None:
         # (envelope, size, error, generation): an error tagged with a generation concerns the copies
@@ -129,6 +135,7 @@ class _Pending:
         self.sent_at = 0.0  # monotonic
         self.resent = False  # we sent it twice ourselves: two answers are no replica fault
         self.answers: dict[str, str] | None = None  # replying agent -> reply envelope id
+        self.served: dict[str, tuple[str, float]] = {}  # reply envelope id -> (node, seconds there)
 
     def put(self, env: Envelope | None, size: int, error: AiflowError | None = None) -> None:
         """An answer, or an error that ends the conversation whatever was sent."""
@@ -372,6 +379,8 @@ class Client:
                     self._duplicate(env, first, done[1])
             return
         pending.seen.add(env.id)
+        if env.kind != Kind.EVENT and (served := parse_served(message.properties)) is not None:
+            pending.served[env.id] = served
         if env.kind != Kind.EVENT:
             if pending.answers is None:
                 pending.answers = {env.sender: env.id}
@@ -568,6 +577,8 @@ class Client:
                     while True:
                         reply, size = await conv.receive(deadline - loop.time())
                         if reply.kind != Kind.EVENT:
+                            if (served := pending.served.get(reply.id)) is not None and not pending.resent:
+                                ex.served_by, ex.service_s = served
                             return reply, size, None
                 except TimeoutError:
                     return None, 0, RequestTimeoutError(agent_id, timeout, env.id)

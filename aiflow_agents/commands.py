@@ -28,6 +28,7 @@ from .node import (
     Node,
 )
 from .registry import AgentSpec, available
+from .telemetry import DEFAULT_TELEMETRY_INTERVAL
 
 agents_app = typer.Typer(help="Agent types and online agents.", no_args_is_help=True, rich_markup_mode=None)
 console = Console()
@@ -106,6 +107,10 @@ def node(
     keepalive: Annotated[
         int, typer.Option(min=1, max=65535, help="MQTT keepalive in seconds: a frozen node's Will fires ~1.5x this")
     ] = NODE_KEEPALIVE,
+    telemetry: Annotated[
+        float,
+        typer.Option(min=0, help="seconds between telemetry records (load, cost per agent); 0: none, no probe answers"),
+    ] = DEFAULT_TELEMETRY_INTERVAL,
     log_level: LogOpt = "info",
 ) -> None:
     """Host agents on a node until SIGINT/SIGTERM. With $AIFLOW_SIGNING_KEY (hex) set, it accepts
@@ -139,6 +144,7 @@ def node(
                 signing_key=signing_key,
                 heartbeat=heartbeat or None,
                 keepalive=keepalive,
+                telemetry_interval=telemetry or None,
             )
             await n.run()
 

@@ -74,6 +74,8 @@ from .connection import Connection, incoming_limits
 from .errors import AgentError, BrokerUnavailableError
 from .forwarding import Forwarding, RouteForwarding
 from .mqtt import Message, Will
+from .probe import ProbeResponder
+from .telemetry import DEFAULT_TELEMETRY_INTERVAL, NodeMeter, served_properties
 
 DEFAULT_MAX_FRAME_AGE = 300.0  # s: older requests are refused (replay bound, SPEC §12 item 8)
 DEFAULT_CLOCK_SKEW = 30.0  # s: how far participants' clocks may disagree
@@ -174,6 +176,7 @@ class Node:
         claim_after: float | None = 0.2,
         keepalive: int = NODE_KEEPALIVE,
         forwarding: Forwarding | None = RouteForwarding(),
+        telemetry_interval: float | None = DEFAULT_TELEMETRY_INTERVAL,
     ) -> None:
         if not agents:
             raise ValueError("a node needs at least one agent")
@@ -200,6 +203,12 @@ class Node:
         self.claim_after = claim_after
         self._session = 0
         self._beating: asyncio.Task[None] | None = None
+        # Telemetry (see telemetry.py): per-agent meters, always kept (a few float ops per request);
+        # every ``telemetry_interval`` s a record, and answers to link probes; None/0: neither.
+        self.telemetry_interval = telemetry_interval or None
+        self.meter = NodeMeter(a.agent_id for a in agents)
+        self._probes = ProbeResponder(self.topics, self.node_id, max_bytes=min(256 * 1024, limits.max_frame_bytes))
+        self._reporting: asyncio.Task[None] | None = None
         self._claims: set[asyncio.Task[None]] = set()
         # Load bounds, per agent (one agent's stuck handler never makes its siblings refuse) and,
         # in bytes of request frames held, per node.
@@ -242,6 +251,10 @@ class Node:
             "wrong_recipient": 0,
             "stale": 0,
             "deadlines_clamped": 0,
+            "telemetry_records": 0,
+            "telemetry_bytes": 0,
+            "probes_answered": 0,
+            "probes_refused": 0,
         }
         self._stopped = asyncio.Event()
         self._started = False
@@ -297,11 +310,18 @@ class Node:
         for agent in self.agents.values():
             self.connection.route(self.topics.inbox(agent.agent_id), self._on_message)
         self.connection.route(self.topics.group_filter, self._on_message)
+        if self.telemetry_interval:
+            self.connection.route(self.topics.probe(self.node_id), self._on_probe)
+            await self.connection.subscribe(self.topics.probe(self.node_id), qos=0)
         await self.client.start()
         self.connection.on_connect(self._announce)
         await self.connection.start(timeout=timeout)
         if self.heartbeat:
             self._beating = asyncio.create_task(self._beat(self.heartbeat), name=f"heartbeat-{self.node_id}")
+        if self.telemetry_interval:
+            self._reporting = asyncio.create_task(
+                self._report_telemetry(self.telemetry_interval), name=f"telemetry-{self.node_id}"
+            )
         return self
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -324,6 +344,7 @@ class Node:
         if self._refusing:
             await asyncio.wait(set(self._refusing), timeout=1.0)
         await self._stop_beating()
+        await self._stop_reporting()
         with contextlib.suppress(Exception):
             for agent in self.agents.values():
                 # An empty retained payload deletes the retained record.
@@ -563,6 +584,50 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    # -- telemetry ----------------------------------------------------------------------------
+    def _telemetry_record(self) -> bytes:
+        """This node's next telemetry record (SPEC §11.4)."""
+        record = self.meter.record(
+            self.node_id,
+            tier=self.tier,
+            interval=self.telemetry_interval or DEFAULT_TELEMETRY_INTERVAL,
+            held={a: slot.queued for a, slot in self._slots.items()},
+            probes_answered=self._probes.answered,
+            probes_refused=self._probes.refused_total,
+        )
+        return record.to_bytes()
+
+    async def _report_telemetry(self, interval: float) -> None:
+        """One small QoS 0, not retained record now and every ``interval`` s while connected."""
+        topic = self.topics.telemetry(self.node_id)
+        while True:
+            if self.connection.connected:
+                try:
+                    payload = self._telemetry_record()
+                    await self.connection.publish(topic, payload, qos=0, timeout=interval)
+                    self.stats["telemetry_records"] += 1
+                    self.stats["telemetry_bytes"] += len(payload)
+                except Exception as e:  # a missed record shows as staleness: never stop reporting
+                    self.log.debug("telemetry record not sent", error=str(e))
+            await asyncio.sleep(interval)
+
+    async def _stop_reporting(self) -> None:
+        task, self._reporting = self._reporting, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _on_probe(self, message: Message) -> None:
+        """Answer a link probe at once, outside the agents' slots (see probe.py); refuse a bad one."""
+        answer = self._probes.answer(bytes(message.payload))
+        if answer is None:
+            self.stats["probes_refused"] += 1
+            return
+        self.stats["probes_answered"] += 1
+        with contextlib.suppress(Exception):  # a lost answer is what the prober measures
+            await self.connection.publish(answer[0], answer[1], qos=0, timeout=1.0)
+
     def _claim(self, agent: Agent, env: Envelope, task: asyncio.Task[None]) -> None:
         """Tell the requester this node is working on ``env`` (only requests still running after
         ``claim_after``: fast ones cost nothing), so it can fail them at once if this node dies."""
@@ -619,14 +684,20 @@ class Node:
 
     async def _serve(self, agent: Agent, env: Envelope) -> None:
         started = time.time()
+        arrived = time.perf_counter()
         ctx = self._context(agent, env)
+        meter = self.meter.agents[agent.agent_id]
+        ran: float | None = None  # when the handler started (telemetry)
         try:
             async with self._slots[agent.agent_id].sem:
+                ran = meter.start()
                 remaining = env.remaining()
                 async with asyncio.timeout(remaining if remaining is not None else None):
                     result = await agent.handle(env, ctx)
             reply = self._as_reply(agent, env, result)
         except asyncio.CancelledError:
+            if ran is not None:
+                meter.finish(ran, None)
             await self._send_error(
                 agent, env, "node_stopping", f"node {self.node_id} stopped before the handler finished"
             )
@@ -644,6 +715,8 @@ class Node:
             reply = env.error_reply(
                 "handler_error", f"{type(e).__name__}: {e}", sender=agent.agent_id, exception=type(e).__name__
             )
+        if ran is not None:
+            meter.finish(ran, reply)
         try:
             if self.forwarding is not None:
                 nxt = self.forwarding.next_hop(env, reply)
@@ -651,7 +724,7 @@ class Node:
                     await self._forward(self.forwarding, nxt, agent, env, reply, started)
                     return
                 reply = self.forwarding.final(env, reply)
-            await self._send(agent, env, reply)
+            await self._send(agent, env, reply, held=time.perf_counter() - arrived)
         except Exception:  # never an unhandled task exception: the node keeps serving
             ctx.log.exception("answer lost")
 
@@ -715,7 +788,9 @@ class Node:
             return env.reply(*result, sender=agent.agent_id)
         raise TypeError(f"handler returned {type(result).__name__}; expected Envelope, str, list of parts or None")
 
-    async def _send(self, agent: Agent, request: Envelope, reply: Envelope) -> None:
+    async def _send(self, agent: Agent, request: Envelope, reply: Envelope, *, held: float | None = None) -> None:
+        """Publish ``reply`` at the request's ``reply_to``. ``held``: seconds the request spent on this
+        node, stamped into MQTT 5 user properties for the requester's link estimate (telemetry.py)."""
         if reply.kind == Kind.ERROR:
             self.stats["errors"] += 1
         else:
@@ -729,12 +804,15 @@ class Node:
             await self._send_error(agent, request, "bad_reply", f"the agent's reply could not be encoded: {e}")
             return
         remaining = request.remaining()
+        props = mqtt5_properties(reply)
+        if held is not None and self.telemetry_interval:
+            props["UserProperty"] = [*props["UserProperty"], *served_properties(self.node_id, held)]
         try:
             await self.connection.publish(
                 request.reply_to,
                 frame,
                 qos=1,
-                properties=mqtt5_properties(reply),
+                properties=props,
                 timeout=max(1.0, remaining) if remaining is not None else None,
             )
         except BrokerUnavailableError as e:

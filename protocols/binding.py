@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -15,9 +16,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .codec import CONTENT_TYPE
-from .envelope import Envelope, is_valid_agent_id
+from .envelope import AGENT_ID_PATTERN, Envelope, is_valid_agent_id
 
 TOPIC_ROOT = "aiflow/v1"
+# An id as one topic level (SPEC §11.1), for fullmatch: a trailing newline does not pass.
+_ID_LEVEL = re.compile(AGENT_ID_PATTERN)
 
 
 def check_level(value: str, what: str = "agent id") -> str:
@@ -81,6 +84,37 @@ class Topics:
     @property
     def presence_filter(self) -> str:
         return f"{self.base}/presence/#"
+
+    def telemetry(self, node_id: str) -> str:
+        """A node's telemetry records (JSON, QoS 0, not retained: SPEC §11.4)."""
+        return f"{self.base}/telemetry/nodes/{check_level(node_id, 'node id')}"
+
+    @property
+    def telemetry_filter(self) -> str:
+        return f"{self.base}/telemetry/nodes/+"
+
+    def parse_telemetry(self, topic: str) -> str | None:
+        """The node id of a telemetry topic; None if ``topic`` is not one (or its id is not valid)."""
+        return self._id_after(topic, f"{self.base}/telemetry/nodes/", "")
+
+    def probe(self, node_id: str) -> str:
+        """Link probes for one node, which it answers at once (SPEC §11.4)."""
+        return f"{self.base}/probe/{check_level(node_id, 'node id')}"
+
+    def probe_replies(self, client_id: str) -> str:
+        """Where a node answers one client's probes: the only reply address a node accepts in a probe."""
+        return f"{self.base}/clients/{check_level(client_id, 'client id')}/probes"
+
+    def parse_probe_replies(self, topic: str) -> str | None:
+        """The client id of a probe reply topic; None if ``topic`` is not exactly one."""
+        return self._id_after(topic, f"{self.base}/clients/", "/probes")
+
+    @staticmethod
+    def _id_after(topic: str, prefix: str, suffix: str) -> str | None:
+        if not (topic.startswith(prefix) and topic.endswith(suffix)) or len(topic) < len(prefix) + len(suffix):
+            return None
+        level = topic[len(prefix) : len(topic) - len(suffix)]
+        return level if _ID_LEVEL.fullmatch(level) else None
 
     def parse_presence(self, topic: str) -> tuple[str, str, str | None] | None:
         """``("node", node_id, None)`` or ``("agent", node_id, agent_id)``; None if not a presence topic."""
