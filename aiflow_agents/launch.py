@@ -28,11 +28,13 @@ class NodeProcess:
         extra_args: Sequence[str] = (),
         log_path: Path | str | None = None,
         env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         url = broker.url() if isinstance(broker, BrokerURL) else broker
         if any(m.in_memory for m in BrokerURL.parse(url).members()):
             raise ValueError(f"{url}: an in-memory broker lives in one process; run a Node in this process instead")
-        self.args = [sys.executable, "-m", "aiflow_agents", "node", "--broker", url, "--namespace", namespace]
+        # ``prefix`` wraps the command, e.g. ``ip netns exec NAME`` to run the node in a network namespace
+        self.args = [*prefix, sys.executable, "-m", "aiflow_agents", "node", "--broker", url, "--namespace", namespace]
         for a in agents:
             self.args += ["--agent", a]
         if node_id:
