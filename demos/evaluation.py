@@ -94,15 +94,51 @@ async def _run(
 
 
 def eval_command(
-    pattern: Annotated[list[str] | None, typer.Argument(help="pattern names (default: all)")] = None,
-    tasks: TasksOpt = 300,
+    pattern: Annotated[
+        list[str] | None, typer.Argument(help="pattern names (default: all); with --testbed: policy names")
+    ] = None,
+    tasks: Annotated[int | None, typer.Option("--tasks", help="held-out tasks to draw (default 300)")] = None,
     seed: SeedOpt = 7,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     out: OutOpt = None,
     broker: BrokerOpt = None,
-    concurrency: ConcOpt = 8,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="runs in flight (default 8)")] = None,
+    testbed: Annotated[
+        str | None,
+        typer.Option(
+            "--testbed",
+            help="a testbed scenario (aiflow testbed list): compare scheduling policies on emulated "
+            "device-edge-cloud links instead (tasks, deadline and concurrency default to the scenario's)",
+        ),
+    ] = None,
 ) -> None:
-    """Evaluate patterns against every member alone on a fresh held-out task set."""
+    """Evaluate patterns against every member alone on a fresh held-out task set, or (--testbed) static and
+    adaptive scheduling policies on a device-edge-cloud testbed."""
+    if testbed is not None:
+        from aiflow_agents import configure_logging
+        from aiflow_agents.testbed import ScenarioError, TestbedError
+
+        configure_logging("warning")  # late replies of losing hedges are expected, not news
+
+        from .testbed_eval import print_testbed_report, run_testbed_eval, write_testbed_report
+
+        try:
+            report = asyncio.run(
+                run_testbed_eval(
+                    testbed, tasks=tasks, seed=seed, concurrency=concurrency, policies=pattern, quiet=as_json
+                )
+            )
+        except (ScenarioError, TestbedError, ValueError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(1) from None
+        if as_json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print_testbed_report(report)
+        write_testbed_report(report, out)
+        return
+    tasks = 300 if tasks is None else tasks
+    concurrency = 8 if concurrency is None else concurrency
     names = pattern or list(patterns())
     report = asyncio.run(_run(names, tasks, seed, broker, concurrency, quiet=as_json))
     if as_json:

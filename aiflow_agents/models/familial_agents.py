@@ -10,7 +10,8 @@ run on one machine (exactly with ``encoding=float32``; float16/bfloat16/int8 add
 Wire format of the latent: the ``(1, T, D)`` state as a tensor of role
 ``hidden_state`` in ``FeatureSpace(family, model, layer=k, hidden_size, tokenizer)``, encoded by
 :mod:`protocols.compress` (SPEC §17) in ``float16`` | ``bfloat16`` | ``float32`` (one part) or
-``int8-rowwise`` (an int8 head part of role ``other`` and its float32 scales part).
+``int8-rowwise`` (an int8 head part of role ``other`` and its float32 scales part), or ``text``: no
+latent at all, the next exit recomputes from the prompt.
 
 The request text still carries the prompt, so a receiver that cannot use the latent can answer
 from text. Replies carry ``meta.answer``, ``meta.confidence``, ``meta.cost``, and for relays
@@ -49,6 +50,9 @@ from .tasks import canonical_prompt, extract_expression
 
 #: Used when neither the config nor the shipped metrics give a threshold.
 FALLBACK_THRESHOLD = 0.9
+#: The "encoding" that relays no latent: the next exit gets the prompt and recomputes the trunk (cheaper than
+#: shipping hidden states whenever the link is slower than the layers it would save).
+TEXT = "text"
 
 
 class FamilialAgent(Agent):
@@ -73,8 +77,8 @@ class FamilialAgent(Agent):
         default_threshold = tuned.get(self.exit_name, FALLBACK_THRESHOLD) if self.next else 0.0
         self.threshold = float(cfg.get("threshold", default_threshold))
         self.encoding = str(cfg.get("encoding", "float16"))
-        if self.encoding not in C.ENCODINGS or self.encoding == C.TOPK:
-            raise ValueError(f"encoding must be one of {C.PLAIN} or {C.INT8_ROWWISE}")
+        if (self.encoding not in C.ENCODINGS or self.encoding == C.TOPK) and self.encoding != TEXT:
+            raise ValueError(f"encoding must be one of {C.PLAIN}, {C.INT8_ROWWISE} or {TEXT!r}")
         self.timeout = float(cfg.get("timeout", 30.0))
         torch.set_num_threads(int(cfg.get("threads", 1)))
         self.space = FeatureSpace(
@@ -190,10 +194,12 @@ class FamilialAgent(Agent):
             meta = self._answer_meta(answer, conf, self._cost(ran), [here], request)
             parts: list[TextPart | TensorPart] = [TextPart(text=answer)]
             parts += self._returns(request, dec.probs[0], h)
-            if self.next is None and not _cascade_accepts(request, conf):
+            encoding = str(request.meta.get("encoding", self.encoding))
+            if self.next is None and encoding != TEXT and not _cascade_accepts(request, conf):
                 # A topology cascade will escalate this answer: hand the next stage our trunk state
                 # so it continues from here instead of recomputing (the node forwards these parts).
-                parts += pack_latent(h, self.space, str(request.meta.get("encoding", self.encoding)))
+                # With encoding "text" the next stage gets the prompt only and recomputes.
+                parts += pack_latent(h, self.space, encoding)
             return request.reply(*parts, sender=self.agent_id, meta=meta)
         return await self._forward(request, ctx, prompt, h, here, ran)
 
@@ -202,7 +208,7 @@ class FamilialAgent(Agent):
     ) -> Reply:
         assert self.next is not None
         encoding = str(request.meta.get("encoding", self.encoding))
-        parts = pack_latent(h, self.space, encoding)
+        parts = [] if encoding == TEXT else pack_latent(h, self.space, encoding)
         meta = {O.OP: O.Op.GENERATE.value, "encoding": encoding, "relay_from": self.agent_id}
         for key in ("threshold", O.RETURN):
             if key in request.meta:
