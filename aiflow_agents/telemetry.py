@@ -31,8 +31,9 @@ import contextlib
 import math
 import os
 import re
+import statistics
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -338,6 +339,9 @@ class LinkEstimate:
     consecutive_failures: int
     up: bool
     age: float | None
+    #: Median of the last 3 small samples: follows a lasting change within 2 samples (the smoothed RTT takes
+    #: ~8), while one outlier (a retransmission) moves it not at all. Schedulers read it beside ``rtt_ms``.
+    recent_rtt_ms: float | None = None
     node_id: str = ""
 
     def transfer_time(self, nbytes: int) -> float | None:
@@ -353,9 +357,10 @@ class LinkEstimate:
 class _Link:
     """Mutable estimator behind a :class:`LinkEstimate`."""
 
-    __slots__ = ("failures", "last_ok", "rttvar", "samples", "spb", "srtt")
+    __slots__ = ("failures", "last_ok", "recent", "rttvar", "samples", "spb", "srtt")
 
     def __init__(self) -> None:
+        self.recent: deque[float] = deque(maxlen=3)  # s, the last small samples
         self.srtt: float | None = None  # s
         self.rttvar: float | None = None  # s
         self.spb: float | None = None  # s per byte beyond the RTT
@@ -372,6 +377,7 @@ class _Link:
         net_s = max(0.0, net_s)
         if nbytes <= _RTT_BYTES or self.srtt is None:
             if nbytes <= _RTT_BYTES:
+                self.recent.append(net_s)
                 if self.srtt is None or self.rttvar is None:
                     self.srtt, self.rttvar = net_s, net_s / 2
                 else:
@@ -399,6 +405,7 @@ class _Link:
             consecutive_failures=self.failures,
             up=self.samples > 0 and self.failures < down_after,
             age=None if self.last_ok is None else now - self.last_ok,
+            recent_rtt_ms=statistics.median(self.recent) * 1000.0 if self.recent else None,
         )
 
 

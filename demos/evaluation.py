@@ -18,6 +18,10 @@ TasksOpt = Annotated[int, typer.Option("--tasks", help="held-out tasks to draw")
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the held-out draw (not 0 or 1001: train/tune)")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="folder for the JSON report and PNG chart")]
 ConcOpt = Annotated[int, typer.Option("--concurrency", help="runs in flight")]
+TestbedOpt = Annotated[
+    str | None,
+    typer.Option("--testbed", help="run on a testbed scenario (aiflow testbed list): tiers behind emulated links"),
+]
 
 
 def pct(x: float) -> str:
@@ -84,12 +88,19 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 async def _run(
-    names: list[str], n: int, seed: int, broker: str | None, concurrency: int, quiet: bool, self_ensemble: bool = True
+    names: list[str],
+    n: int,
+    seed: int,
+    broker: str | None,
+    concurrency: int,
+    quiet: bool,
+    self_ensemble: bool = True,
+    testbed: str | None = None,
 ) -> dict[str, Any]:
     tasks = held_out(n, seed)
-    async with deployment(NODES, broker, quiet=quiet) as (mgr, url):
+    async with deployment(NODES, broker, quiet=quiet, testbed=testbed) as (mgr, url):
         report = await evaluate(mgr, names, tasks, concurrency=concurrency, quiet=quiet, self_ensemble=self_ensemble)
-    report.update({"seed": seed, "n_tasks": n, "broker": str(url), "patterns_run": names})
+    report.update({"seed": seed, "n_tasks": n, "broker": str(url), "patterns_run": names, "testbed": testbed})
     return report
 
 
@@ -157,8 +168,11 @@ def _demo(
     broker: str | None,
     concurrency: int,
     self_ensemble: bool = True,
+    testbed: str | None = None,
 ) -> dict[str, Any]:
-    report = asyncio.run(_run(names, tasks, seed, broker, concurrency, quiet=False, self_ensemble=self_ensemble))
+    report = asyncio.run(
+        _run(names, tasks, seed, broker, concurrency, quiet=False, self_ensemble=self_ensemble, testbed=testbed)
+    )
     report["demo"] = title
     print_report(report)
     write_report(report, out, title, f"demo {title}: {tasks} tasks, seed {seed}")
@@ -166,10 +180,15 @@ def _demo(
 
 
 def relay(
-    tasks: TasksOpt = 200, seed: SeedOpt = 7, out: OutOpt = None, broker: BrokerOpt = None, concurrency: ConcOpt = 8
+    tasks: TasksOpt = 200,
+    seed: SeedOpt = 7,
+    out: OutOpt = None,
+    broker: BrokerOpt = None,
+    concurrency: ConcOpt = 8,
+    testbed: TestbedOpt = None,
 ) -> None:
     """Device -> edge -> cloud familial cascade: hidden states relayed, not recomputed."""
-    report = _demo(["relay"], "relay", tasks, seed, out, broker, concurrency, self_ensemble=False)
+    report = _demo(["relay"], "relay", tasks, seed, out, broker, concurrency, self_ensemble=False, testbed=testbed)
     p = report["patterns"]["relay"]
     cloud = report["members"]["cloud"]
     device = report["members"]["device"]
@@ -208,25 +227,49 @@ def relay(
 
 
 def ensemble_demo(
-    tasks: TasksOpt = 200, seed: SeedOpt = 7, out: OutOpt = None, broker: BrokerOpt = None, concurrency: ConcOpt = 8
+    tasks: TasksOpt = 200,
+    seed: SeedOpt = 7,
+    out: OutOpt = None,
+    broker: BrokerOpt = None,
+    concurrency: ConcOpt = 8,
+    testbed: TestbedOpt = None,
 ) -> None:
     """Diverse members: vote vs cross-scoring vs latent (distribution) averaging vs each member."""
-    _demo(["ensemble-vote", "ensemble-cross", "ensemble-latent"], "ensemble", tasks, seed, out, broker, concurrency)
+    _demo(
+        ["ensemble-vote", "ensemble-cross", "ensemble-latent"],
+        "ensemble",
+        tasks,
+        seed,
+        out,
+        broker,
+        concurrency,
+        testbed=testbed,
+    )
 
 
 def debate_demo(
-    tasks: TasksOpt = 200, seed: SeedOpt = 7, out: OutOpt = None, broker: BrokerOpt = None, concurrency: ConcOpt = 8
+    tasks: TasksOpt = 200,
+    seed: SeedOpt = 7,
+    out: OutOpt = None,
+    broker: BrokerOpt = None,
+    concurrency: ConcOpt = 8,
+    testbed: TestbedOpt = None,
 ) -> None:
     """Multi-agent debate on arithmetic: accuracy per round."""
-    report = _demo(["debate"], "debate", tasks, seed, out, broker, concurrency)
+    report = _demo(["debate"], "debate", tasks, seed, out, broker, concurrency, testbed=testbed)
     console.print(f"per-round majority accuracy: {report['patterns']['debate'].get('per_round', 'see JSON')}")
 
 
 def moa_demo(
-    tasks: TasksOpt = 200, seed: SeedOpt = 7, out: OutOpt = None, broker: BrokerOpt = None, concurrency: ConcOpt = 8
+    tasks: TasksOpt = 200,
+    seed: SeedOpt = 7,
+    out: OutOpt = None,
+    broker: BrokerOpt = None,
+    concurrency: ConcOpt = 8,
+    testbed: TestbedOpt = None,
 ) -> None:
     """Mixture of agents: a layer of proposers, the cloud exit aggregates."""
-    _demo(["moa"], "moa", tasks, seed, out, broker, concurrency)
+    _demo(["moa"], "moa", tasks, seed, out, broker, concurrency, testbed=testbed)
 
 
 __all__ = ["MEMBERS", "debate_demo", "ensemble_demo", "eval_command", "moa_demo", "relay"]

@@ -34,9 +34,20 @@ class NodeSpec:
 
 @contextlib.asynccontextmanager
 async def deployment(
-    nodes: Sequence[NodeSpec], broker: str | None = None, *, quiet: bool = False, ready_timeout: float = 180.0
+    nodes: Sequence[NodeSpec],
+    broker: str | None = None,
+    *,
+    quiet: bool = False,
+    ready_timeout: float = 180.0,
+    testbed: str | None = None,
 ) -> AsyncIterator[tuple[TopologyManager, BrokerURL]]:
-    """Embedded broker (unless ``broker``), one process per node, a manager once all agents are online."""
+    """Embedded broker (unless ``broker``), one process per node, a manager once all agents are online.
+    With ``testbed`` (a scenario), the nodes run on that testbed instead: each on the first tier of its
+    kind, behind the scenario's links and CPU quotas, and the manager sits on the device tier."""
+    if testbed is not None:
+        async with _on_testbed(nodes, testbed, quiet=quiet, ready_timeout=ready_timeout) as out:
+            yield out
+        return
     logdir = Path(tempfile.mkdtemp(prefix="aiflow-demo-"))
     ns = f"demo{uuid.uuid4().hex[:8]}"
     async with broker_scope(broker) as url:
@@ -65,6 +76,37 @@ async def deployment(
                 yield mgr, url
         finally:
             await asyncio.gather(*(p.astop() for p in procs))
+
+
+@contextlib.asynccontextmanager
+async def _on_testbed(
+    nodes: Sequence[NodeSpec], scenario: str, *, quiet: bool, ready_timeout: float
+) -> AsyncIterator[tuple[TopologyManager, BrokerURL]]:
+    from aiflow_agents.testbed import Testbed, load_scenario
+
+    sc = load_scenario(scenario)
+    by_kind = {}
+    for name, t in sc.tiers.items():
+        by_kind.setdefault(t.kind, name)
+    agents: dict[str, list[str]] = {name: [] for name in sc.tiers}
+    for n in nodes:
+        tier = by_kind.get(n.tier)
+        if tier is None:
+            raise ValueError(f"scenario {sc.name!r} has no {n.tier} tier for node {n.name!r}")
+        agents[tier] += list(n.agents)
+    data = sc.model_dump()
+    for name in data["tiers"]:
+        data["tiers"][name]["agents"] = agents[name]
+    async with Testbed(load_scenario(data), ready_timeout=ready_timeout) as tb:
+        if not quiet:
+            console.print(f"[bold]testbed[/] {sc.name} (namespace {tb.namespace}, logs in {tb.workdir})")
+            for name, rt in tb.tiers.items():
+                up = sc.tiers[name].link
+                link = ", ".join(f"{k}={v}" for k, v in (up.model_dump() if up else {}).items() if v)
+                console.print(f"  [cyan]{rt.kind:>6}[/] tier {name!r}: {', '.join(rt.agents) or '-'}  [dim]{link}[/]")
+        await tb.start_clock()
+        async with TopologyManager(tb.url(), namespace=tb.namespace) as mgr:
+            yield mgr, tb.url()
 
 
 async def run_all(

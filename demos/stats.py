@@ -33,3 +33,22 @@ def percentile(values: list[float], q: float) -> float:
     pos = (len(xs) - 1) * q
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def paired_quantile_diff_ci(
+    a: list[float], b: list[float], q: float = 0.95, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``quantile(a) - quantile(b)`` over paired items (the same tasks) and its 95% percentile-bootstrap
+    interval: whether a latency difference between two policies is more than sampling noise."""
+    import random
+
+    if len(a) != len(b) or not a:
+        raise ValueError("paired samples of the same non-zero length")
+    rng = random.Random(seed)
+    n = len(a)
+    diffs = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(percentile([a[i] for i in idx], q) - percentile([b[i] for i in idx], q))
+    diffs.sort()
+    return percentile(a, q) - percentile(b, q), percentile(diffs, 0.025), percentile(diffs, 0.975)

@@ -39,7 +39,7 @@ from topologies.scheduling import (
 from topologies.trace import MANAGER
 
 from .harness import console
-from .stats import mcnemar_p, percentile, wilson
+from .stats import mcnemar_p, paired_quantile_diff_ci, percentile, wilson
 
 EXIT_OF_TYPE = {"familial-device": "device", "familial-edge": "edge", "familial-cloud": "cloud"}
 
@@ -145,15 +145,13 @@ class TelemetryView:
     def path(self, tier: str) -> LinkView:
         node = self.node_of_tier.get(tier)
         est = self.telemetry.link(node) if node else None
-        if est is None:
+        if est is None or est.rtt_ms is None:
             return LinkView()
-        return LinkView(
-            rtt_ms=est.rtt_ms,
-            jitter_ms=est.rtt_var_ms or 0.0,
-            up_bps=est.throughput_bps,
-            up=est.up,
-            age_s=est.age,
-        )
+        # Follow a lasting change within two samples (the smoothed RTT takes ~8), and treat a probe that timed
+        # out as a spread of several RTTs until one succeeds again.
+        rtt = max(est.rtt_ms, est.recent_rtt_ms or 0.0)
+        jitter = (est.rtt_var_ms or 0.0) + (3 * rtt if est.consecutive_failures else 0.0)
+        return LinkView(rtt_ms=rtt, jitter_ms=jitter, up_bps=est.throughput_bps, up=est.up, age_s=est.age)
 
     def compute_ms(self, agent_id: str) -> float | None:
         a = self.telemetry.agent(agent_id)
@@ -229,7 +227,16 @@ async def run_testbed_eval(
             await telemetry.probe([v for k, v in node_of_tier.items() if k != sc.device], interval=probe_interval)
             view = TelemetryView(telemetry, node_of_tier)
             patterns = {
-                p.name: Scheduled(p, members, cal, view, deadline_s=wl.deadline_s, tolerance=wl.tolerance) for p in pols
+                p.name: Scheduled(
+                    p,
+                    members,
+                    cal,
+                    view,
+                    deadline_s=wl.deadline_s,
+                    accuracy_target=wl.accuracy_target,
+                    tolerance=wl.tolerance,
+                )
+                for p in pols
             }
             target = next(iter(patterns.values())).accuracy_target
             for pat in patterns.values():
@@ -374,6 +381,18 @@ def summarize(rows: list[Row], sc: Scenario, names: list[str], target: float) ->
         front = pareto_front({n: (p["accuracy"], p["latency_ms_p95"]) for n, p in pol.items()})
         goals["pareto_front"] = front
         goals["adaptive_on_front"] = adaptive in front
+        # dominated, but only by sampling noise? (no dominating static is significantly better on either axis)
+        goals["dominated_by"] = {
+            n: {
+                "mcnemar_p": _paired_p(by[adaptive], by[n]),
+                "p95_diff_ms_ci95": _p95_diff(by[adaptive], by[n]),
+            }
+            for n in statics
+            if n in front and _dominates(pol[n], a)
+        }
+        goals["adaptive_on_front_within_noise"] = all(
+            d["mcnemar_p"] >= 0.05 and d["p95_diff_ms_ci95"][1] <= 0 for d in goals["dominated_by"].values()
+        )
         peers = {n: p for n, p in statics.items() if p["accuracy"] >= a["accuracy"] - 0.01}
         if peers:
             best = min(peers, key=lambda n: peers[n]["latency_ms_p95"])
@@ -385,6 +404,7 @@ def summarize(rows: list[Row], sc: Scenario, names: list[str], target: float) ->
                 "adaptive_p95_ms": a["latency_ms_p95"],
                 "p95_cut": cut,
                 "meets_30pct": cut >= 0.30,
+                "p95_diff_ms_ci95": _p95_diff(by[adaptive], by[best]),
                 "mcnemar_p": _paired_p(by[adaptive], by[best]),
             }
         else:
@@ -402,6 +422,17 @@ def summarize(rows: list[Row], sc: Scenario, names: list[str], target: float) ->
         if sc.outages:
             goals["outage_answered_in_deadline"] = {n: p["outage"]["answered_in_deadline"] for n, p in pol.items()}
     return {"policies": pol, "goals": goals, "accuracy_target": target}
+
+
+def _dominates(p: dict[str, Any], q: dict[str, Any]) -> bool:
+    better_or_equal = p["accuracy"] >= q["accuracy"] and p["latency_ms_p95"] <= q["latency_ms_p95"]
+    return better_or_equal and (p["accuracy"] > q["accuracy"] or p["latency_ms_p95"] < q["latency_ms_p95"])
+
+
+def _p95_diff(a: list[Row], b: list[Row]) -> list[float]:
+    """p95(a) - p95(b) in ms on the same tasks, with its paired-bootstrap 95% interval."""
+    d, lo, hi = paired_quantile_diff_ci([r.latency_ms for r in a], [r.latency_ms for r in b])
+    return [round(d, 1), round(lo, 1), round(hi, 1)]
 
 
 def _paired_p(a: list[Row], b: list[Row]) -> float:
@@ -462,6 +493,14 @@ def print_testbed_report(report: dict[str, Any]) -> None:
     g = report.get("goals", {})
     if g:
         console.print(f"pareto front (accuracy vs p95): {', '.join(g['pareto_front'])}")
+        if not g["adaptive_on_front"]:
+            why = "; ".join(
+                f"{n}: McNemar p {d['mcnemar_p']:.2g}, p95 diff {d['p95_diff_ms_ci95'][0]:+.0f} ms "
+                f"(95% CI {d['p95_diff_ms_ci95'][1]:+.0f}..{d['p95_diff_ms_ci95'][2]:+.0f})"
+                for n, d in g["dominated_by"].items()
+            )
+            verdict = "within sampling noise" if g["adaptive_on_front_within_noise"] else "significantly"
+            console.print(f"adaptive is dominated ({verdict}) by {why}")
         v = g.get("vs_best_static_at_equal_accuracy", {})
         if v.get("static"):
             console.print(

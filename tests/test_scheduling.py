@@ -130,6 +130,25 @@ def test_the_replica_with_the_better_measured_route_is_chosen() -> None:
         assert fast in plan.stages and slow not in plan.stages
 
 
+def test_unstable_routes_to_two_replicas_are_raced() -> None:
+    members = [
+        *MEMBERS[:3],
+        Member("cloud-a", "cloud-a", "cloud", "cloud", 6),
+        Member("cloud-b", "cloud-b", "cloud", "cloud", 6),
+    ]
+    steady = StaticView(
+        paths={"cloud-a": LinkView(rtt_ms=40, jitter_ms=3), "cloud-b": LinkView(rtt_ms=45, jitter_ms=3)}
+    )
+    shaky = StaticView(
+        paths={"cloud-a": LinkView(rtt_ms=40, jitter_ms=150), "cloud-b": LinkView(rtt_ms=45, jitter_ms=150)}
+    )
+    # steady routes: one replica (a race would only cost bytes); shaky ones: both, first answer stands
+    calm = NetworkAware().plan(PlanContext(members, calibration(), steady, 1.0, 0.65))
+    assert calm.kind != "race" and "cloud-b" not in calm.stages
+    raced = NetworkAware().plan(PlanContext(members, calibration(), shaky, 1.0, 0.65))
+    assert raced.kind == "race" and set(raced.stages) == {"cloud-a", "cloud-b"}
+
+
 def test_static_policies_plan_the_same_whatever_the_network() -> None:
     for v in (view(5, 5), view(200, 400, up=False)):
         c = ctx(v)

@@ -4,7 +4,8 @@ A :class:`Policy` turns what the scheduler knows — the members (which exit of 
 tier), their calibrated accuracy, and live telemetry (per tier link RTT, jitter, throughput and whether it
 is up; per agent compute time and queue) — into a :class:`Plan`: answer on the device (which exit), relay
 the device's hidden states to a deeper exit elsewhere (which encoding), send only the text, escalate by
-confidence, or ask two tiers at once and keep the first good answer. :class:`Scheduled` is the pattern that
+confidence, ask two tiers at once and keep the first good answer (hedge), or ask replicas of one exit over
+different routes and keep the first answer (race). :class:`Scheduled` is the pattern that
 asks its policy for a plan and runs it, so static and adaptive policies are compared on the same runs.
 
 The adaptive policy (:class:`NetworkAware`) minimises the expected tail (or mean) latency over the plans
@@ -32,7 +33,7 @@ from .cascade import Cascade
 from .graph import AgentGraph, AgentRef, GraphError, agent
 from .pattern import Outcome, Pattern, Runtime
 
-PlanKind = Literal["local", "text", "relay", "cascade", "hedge"]
+PlanKind = Literal["local", "text", "relay", "cascade", "hedge", "race"]
 #: Bytes of a text-only request / reply frame of the familial agents (header + prompt), for estimates.
 TEXT_FRAME_BYTES = 700
 #: Wire encodings a relay may use, and "text" (send the prompt; the receiver recomputes).
@@ -188,6 +189,11 @@ class Plan:
         }
 
 
+def _ms(x: float) -> float:
+    """Rounded to the millisecond (estimates are not finer than that), infinity kept."""
+    return x if math.isinf(x) or math.isnan(x) else float(round(x))
+
+
 def _r(x: float) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else round(x, 3)
 
@@ -306,7 +312,37 @@ def estimate(ctx: PlanContext, plan: Plan) -> Plan:
         tail = max(ea.tail_ms, eb.tail_ms) if share[1] > 0.05 else ea.tail_ms
         mean = share[0] * ea.mean_ms + share[1] * max(ea.mean_ms, eb.mean_ms)
         return replace(plan, expected_accuracy=acc, mean_ms=mean, tail_ms=tail, bytes_up=ea.bytes_up + eb.bytes_up)
+    if plan.kind == "race":  # replicas of one exit at once over different routes; the first answer stands
+        singles = [estimate(ctx, replace(plan, kind="text", stages=(x.agent_id,))) for x in ms]
+        means, tails = [e.mean_ms for e in singles], [e.tail_ms for e in singles]
+        return replace(
+            plan,
+            expected_accuracy=min(e.expected_accuracy for e in singles),
+            mean_ms=min(means),
+            tail_ms=_race_quantile(means, tails),
+            bytes_up=sum(e.bytes_up for e in singles),
+        )
     raise GraphError(f"unknown plan kind {plan.kind!r}")
+
+
+def _race_quantile(means: Sequence[float], tails: Sequence[float], q: float = 0.95) -> float:
+    """The ``q`` quantile of the first of several independent routes to answer, each route's latency taken
+    as uniform between its mean and its tail estimate: the race is late only when every route is."""
+    finite = [(m, t) for m, t in zip(means, tails, strict=True) if not math.isinf(t)]
+    if not finite:
+        return math.inf
+
+    def late(x: float) -> float:  # P(every route later than x)
+        p = 1.0
+        for m, t in finite:
+            p *= 1.0 if x <= m else (0.0 if x >= t else (t - x) / (t - m))
+        return p
+
+    lo, hi = min(m for m, _ in finite), min(t for _, t in finite)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if late(mid) > 1 - q else (lo, mid)
+    return hi
 
 
 def _hop(ctx: PlanContext, src: Member | None, dst: Member, payload: int) -> Estimate:
@@ -396,6 +432,10 @@ class NetworkAware:
                                 enc,
                             )
                         )
+        for i, a in enumerate(remote):
+            for b in remote[i + 1 :]:
+                if a.exit == b.exit and a.tier != b.tier:
+                    cands.append(Plan(f"race:{a.agent_id}|{b.agent_id}", "race", (a.agent_id, b.agent_id)))
         for a in remote:
             for b in remote:
                 if a is b or b.depth <= a.depth:
@@ -415,11 +455,11 @@ class NetworkAware:
         self.last = cands
         budget = ctx.deadline_s * 1e3 * self.headroom
 
-        def cost(p: Plan) -> tuple[float, float, float]:
+        def cost(p: Plan) -> tuple[float, float, float, int]:
             # the objective to the millisecond; at a tie the more accurate plan, then the other statistic
             main = p.tail_ms if self.objective == "tail" else p.mean_ms
             other = p.mean_ms if self.objective == "tail" else p.tail_ms
-            return (main if math.isinf(main) else round(main), -round(p.expected_accuracy, 4), other)
+            return (_ms(main), -round(p.expected_accuracy, 4), _ms(other), p.bytes_up)
 
         fits = [p for p in cands if cost(p)[0] <= budget]
         good = [p for p in fits if p.expected_accuracy >= ctx.accuracy_target - 1e-9]
@@ -568,7 +608,33 @@ class Scheduled(Pattern):
                     b.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await b
+        if plan.kind == "race":
+            return await self._race(plan, task, rt, label)
         raise GraphError(f"unknown plan kind {plan.kind!r}")
+
+    async def _race(self, plan: Plan, task: Envelope, rt: Runtime, label: str) -> Outcome:
+        tasks = {
+            asyncio.ensure_future(rt.ask(s, task, label=f"{label} {s}", meta={"threshold": 0.0})): s
+            for s in plan.stages
+        }
+        pending, failed = set(tasks), None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    out = t.result()
+                    if out.ok:
+                        out.details = {**out.details, "answered_by": tasks[t]}
+                        return out
+                    failed = out
+            assert failed is not None
+            return failed
+        finally:
+            for t in pending:
+                t.cancel()
+            for t in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
 
 
 def members_from(specs: Iterable[tuple[str, str, str, str, int]], local_tier: str) -> list[Member]:
