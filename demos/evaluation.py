@@ -109,7 +109,9 @@ def eval_command(
         list[str] | None, typer.Argument(help="pattern names (default: all); with --testbed: policy names")
     ] = None,
     tasks: Annotated[int | None, typer.Option("--tasks", help="held-out tasks to draw (default 300)")] = None,
-    seed: SeedOpt = 7,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="seed of the held-out draw (default 7, or the scenario's)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     out: OutOpt = None,
     broker: BrokerOpt = None,
@@ -131,7 +133,7 @@ def eval_command(
 
         configure_logging("warning")  # late replies of losing hedges are expected, not news
 
-        from .testbed_eval import print_testbed_report, run_testbed_eval, write_testbed_report
+        from .testbed_eval import finite, print_testbed_report, run_testbed_eval, write_testbed_report
 
         try:
             report = asyncio.run(
@@ -143,12 +145,13 @@ def eval_command(
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(1) from None
         if as_json:
-            print(json.dumps(report, indent=2, default=str))
+            print(json.dumps(finite(report), indent=2, default=str, allow_nan=False))
         else:
             print_testbed_report(report)
         write_testbed_report(report, out)
         return
     tasks = 300 if tasks is None else tasks
+    seed = 7 if seed is None else seed
     concurrency = 8 if concurrency is None else concurrency
     names = pattern or list(patterns())
     report = asyncio.run(_run(names, tasks, seed, broker, concurrency, quiet=as_json))

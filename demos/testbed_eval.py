@@ -11,6 +11,7 @@ background traffic (presence, telemetry, probes) included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -106,7 +107,7 @@ def members_of(scenario: Scenario) -> list[Member]:
     return out
 
 
-def policies_for(members: list[Member], cal: Calibration) -> list[Policy]:
+def policies_for(members: list[Member]) -> list[Policy]:
     """The static choices of today (each local exit, each remote exit by text, the fixed split to the
     deepest remote exit, the tuned confidence cascade device -> edge -> cloud) and the adaptive policy."""
     local = [m for m in members if m.local]
@@ -130,7 +131,6 @@ def policies_for(members: list[Member], cal: Calibration) -> list[Policy]:
             th = [float(tuned.get(m.exit, 0.9)) for m in chain[:-1]]
             pols.append(confidence_cascade([m.agent_id for m in chain], th, "float16", name="cascade"))
     pols.append(NetworkAware())
-    _ = cal
     return pols
 
 
@@ -214,16 +214,20 @@ async def run_testbed_eval(
     cal = calibration or familial_calibration()
     members = members_of(sc)
     tier_of = {m.agent_id: m.tier for m in members}
-    pols = policies_for(members, cal)
+    pols = policies_for(members)
     if policies:
-        pols = [p for p in pols if p.name in policies] or pols
+        unknown = sorted(set(policies) - {p.name for p in pols})
+        if unknown:
+            raise ValueError(f"no policy {unknown} in this scenario; its policies: {[p.name for p in pols]}")
+        pols = [p for p in pols if p.name in policies]
     conc = concurrency or wl.concurrency
     async with Testbed(sc) as tb:
         if not quiet:
             console.print(f"[bold]testbed[/] {sc.name}: {', '.join(tb.tiers)}; warnings: {tb.warnings or 'none'}")
-        async with TopologyManager(tb.url(), namespace=tb.namespace) as mgr:
+        async with TopologyManager(tb.url(), namespace=tb.namespace) as mgr, contextlib.AsyncExitStack() as stack:
             node_of_tier = {t: f"{tb.namespace}-{t}" for t, rt in tb.tiers.items() if rt.node is not None}
             telemetry = await Telemetry(mgr.client).start()
+            stack.push_async_callback(telemetry.stop)  # stopped (with its prober) even if a job raises
             await telemetry.probe([v for k, v in node_of_tier.items() if k != sc.device], interval=probe_interval)
             view = TelemetryView(telemetry, node_of_tier)
             patterns = {
@@ -277,7 +281,6 @@ async def run_testbed_eval(
             end_bytes = await _link_bytes(tb)
             totals = {t: end_bytes[t] - link_bytes0[t] for t in link_bytes0}
             overhead = _overhead(telemetry.overhead())
-            await telemetry.stop()
         info = tb.describe()
     report = summarize(rows, sc, names, target)
     report.update(
@@ -529,9 +532,16 @@ def draw_testbed_charts(report: dict[str, Any], out: Path, stem: str) -> list[Pa
     ax1.set_ylabel("share of requests")
     ax1.set_title("latency CDF per policy (dashed: deadline)")
     ax1.legend(fontsize=7)
-    for name, p in pol.items():
+    for k, (name, p) in enumerate(pol.items()):
         ax2.scatter(p["latency_ms_p95"], 100 * p["accuracy"], s=80 if name == "adaptive" else 40)
-        ax2.annotate(name, (p["latency_ms_p95"], 100 * p["accuracy"]), fontsize=7)
+        # staggered labels: statics that end at the same point stay readable
+        ax2.annotate(
+            name,
+            (p["latency_ms_p95"], 100 * p["accuracy"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, 4 - 9 * (k % 4)),
+        )
     ax2.set_xscale("log")
     ax2.set_xlabel("p95 latency (ms, log)")
     ax2.set_ylabel("accuracy within deadline (%)")
@@ -549,12 +559,17 @@ def write_testbed_report(report: dict[str, Any], out: Path | None) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     stem = f"testbed-{report['scenario']['name']}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    (out / f"{stem}.json").write_text(json.dumps(finite(report), indent=1, default=str, allow_nan=False))
     draw_testbed_charts(report, out, stem)
     console.print(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}")
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    return str(o)
+def finite(o: Any) -> Any:
+    """The report with NaN and infinities as null: strict JSON that every reader accepts."""
+    if isinstance(o, float):
+        return None if math.isnan(o) or math.isinf(o) else o
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o

@@ -4,6 +4,7 @@ delays; we assert the choice, never a time), and the Scheduled pattern running p
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -184,7 +185,7 @@ async def test_a_hanging_remote_is_answered_by_the_device_within_the_deadline(me
         assert r.ok and r.answer == "42"
         assert r.outcome.details["degraded"] is True
         assert r.outcome.details["answered_by"] == "device-deep"
-        assert "fallback" in r.outcome.details
+        assert r.outcome.details["reason"].startswith("deadline fallback")
         # the static cloud-only policy has no fallback: the same request fails at its deadline
         static = Scheduled(remote_only("cloud"), members, calibration(), view(10, 15), deadline_s=1.0)
         s = await mgr.run(static, "12+30", timeout=1.0)
@@ -251,3 +252,140 @@ def test_scenarios_ship_and_validate() -> None:
 
 
 _ = asyncio
+
+
+# -- execution of every plan kind, with scripted agents (in-memory broker) ----------------------------
+class _Always:
+    """A policy that returns one fixed plan (to drive Scheduled's execution paths)."""
+
+    def __init__(self, plan) -> None:
+        self.plan_ = plan
+        self.name = plan.name
+
+    def plan(self, ctx: PlanContext):
+        return self.plan_
+
+
+SCRIPTED = [
+    Member("dev", "device", "device", "edge", 3, local=True),
+    Member("edge", "edge", "edge", "edge", 3),
+    Member("cloud", "cloud", "cloud", "cloud", 6),
+    Member("cloud-a", "cloud-a", "cloud", "cloud", 6),
+    Member("cloud-b", "cloud-b", "cloud", "cloud", 6),
+]
+
+
+async def _run_plan(mgr, plan, deadline: float = 3.0):
+    from protocols import Envelope
+    from topologies.scheduling import Scheduled
+
+    pat = Scheduled(_Always(plan), SCRIPTED, calibration(), StaticView(), deadline_s=deadline)
+    return await mgr.run(pat, Envelope.request("q"), timeout=deadline, check_online=False)
+
+
+async def test_every_plan_kind_runs_and_flags_what_it_had_to_give_up(memory, namespace, local_nodes) -> None:
+    from topologies.scheduling import Plan
+
+    mgr = await _manager(
+        memory,
+        namespace,
+        local_nodes,
+        [
+            "scripted:dev?answer=5&confidence=0.5",
+            "scripted:edge?answer=7&confidence=0.9",
+            "scripted:cloud?fail=true",
+            "scripted:cloud-a?answer=1&delay=0.5",
+            "scripted:cloud-b?answer=2",
+        ],
+    )
+    try:
+        # race: the first answer stands; the loser's request is still in the trace (its bytes crossed links)
+        r = await _run_plan(mgr, Plan("race", "race", ("cloud-a", "cloud-b")))
+        assert r.answer == "2" and r.outcome.details["answered_by"] == "cloud-b"
+        assert not r.outcome.details["degraded"]
+        lost = [e for e in r.trace.events if e.recipient == "cloud-a" and e.kind == "request"]
+        assert lost and lost[0].bytes > 0 and "cancelled" in lost[0].label
+        # hedge: a confident shallow answer stands at once
+        h = await _run_plan(mgr, Plan("hedge", "hedge", ("edge", "cloud-a"), (0.8,)))
+        assert h.answer == "7" and h.outcome.details["answered_by"] == "edge" and not h.outcome.details["degraded"]
+        # hedge whose deeper tier fails: the unconfident shallow answer, flagged degraded
+        d = await _run_plan(mgr, Plan("hedge", "hedge", ("edge", "cloud"), (0.95,)))
+        assert d.answer == "7" and d.outcome.details["degraded"] and "cloud failed" in d.outcome.details["reason"]
+        # a cascade whose last stage fails keeps the earlier answer, flagged degraded
+        c = await _run_plan(mgr, Plan("cascade", "cascade", ("dev", "cloud"), (0.99,)))
+        assert c.answer == "5" and c.outcome.details["degraded"]
+    finally:
+        await mgr.__aexit__(None, None, None)
+
+
+async def test_a_failing_fallback_does_not_throw_away_a_remote_answer_in_time(memory, namespace, local_nodes) -> None:
+    from topologies.scheduling import Plan
+
+    mgr = await _manager(
+        memory, namespace, local_nodes, ["scripted:dev?fail=true", "scripted:cloud-a?answer=1&delay=0.4"]
+    )
+    try:
+        # the fallback starts after 0.1 s and fails at once; the remote answer arrives at 0.4 s, in time
+        plan = Plan("text", "text", ("cloud-a",), fallback="dev", fallback_after_s=2.9)
+        r = await _run_plan(mgr, plan, deadline=3.0)
+        assert r.ok and r.answer == "1" and not r.outcome.details["degraded"]
+    finally:
+        await mgr.__aexit__(None, None, None)
+
+
+def test_the_telemetry_view_never_treats_an_unmeasured_or_dead_link_as_free() -> None:
+    from types import SimpleNamespace
+
+    from demos.testbed_eval import TelemetryView
+
+    est = {
+        "n-edge": SimpleNamespace(
+            rtt_ms=20.0,
+            recent_rtt_ms=80.0,
+            rtt_var_ms=2.0,
+            throughput_bps=8e6,
+            up=True,
+            age=0.1,
+            consecutive_failures=0,
+        ),
+        "n-cloud": SimpleNamespace(
+            rtt_ms=30.0,
+            recent_rtt_ms=30.0,
+            rtt_var_ms=1.0,
+            throughput_bps=None,
+            up=False,
+            age=3.0,
+            consecutive_failures=2,
+        ),
+    }
+    tel = SimpleNamespace(link=lambda n: est.get(n), agent=lambda a: None)
+    view = TelemetryView(tel, {"edge": "n-edge", "cloud": "n-cloud", "far": "n-far"})
+    assert view.path("edge").rtt_ms == 80.0  # a lasting rise in recent samples wins over the smoothed RTT
+    assert not view.path("cloud").up
+    assert view.path("far").rtt_ms is None  # never measured
+    c = PlanContext(
+        [Member("d", "device", "device", "device", 1, local=True), Member("f", "far", "cloud", "cloud", 6)],
+        calibration(),
+        view,
+        1.0,
+        0.65,
+    )
+    assert math.isinf(estimate(c, remote_only("f").plan(c)).mean_ms)
+
+
+def test_bytes_are_attributed_to_every_link_a_message_crosses() -> None:
+    from types import SimpleNamespace
+
+    from aiflow_agents.testbed import load_scenario
+    from demos.testbed_eval import _bytes_by_link
+    from topologies.trace import MANAGER, Trace
+
+    sc = load_scenario("mobile-4g")  # device -(device link)- edge -(edge link)- cloud
+    trace = Trace()
+    trace.record(MANAGER, "device", "request", nbytes=100, start=0, end=0)
+    trace.record("device", "cloud", "forward", nbytes=5000, start=0, end=0)
+    trace.record("cloud", MANAGER, "reply", nbytes=300, start=0, end=0)
+    trace.record(MANAGER, "edge", "request", nbytes=50, start=0, end=0)
+    r = SimpleNamespace(trace=trace)
+    out = _bytes_by_link(r, sc, {"device": "device", "edge": "edge", "cloud": "cloud"})
+    assert out == {"device": 5000 + 300 + 50, "edge": 5000 + 300}
