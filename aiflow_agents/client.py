@@ -100,7 +100,7 @@ class Exchange:
     topic: str = ""
     # From the reply's MQTT 5 user properties, when the node stamped them (see telemetry.py): the
     # node that answered and the seconds the request spent there, so ``latency - service_s`` is
-    # network time.
+    # network time. Only a node that presence lists as a host of the replying agent is believed.
     served_by: str | None = None
     service_s: float | None = None
 
@@ -210,6 +210,7 @@ class Client:
             "resent": 0,  # idempotent requests re-sent after a loss, or after "no matching subscribers"
             "no_subscribers": 0,  # PUBACKs with reason 16
             "duplicate_executions": 0,  # one request answered by two executions (replicas without $share)
+            "served_by_rejected": 0,  # replies stamped with a node that presence lists as no host of their sender
         }
         self.on_exchange: list[Callable[[Exchange], Awaitable[None] | None]] = []
         self.log = structlog.get_logger("aiflow.client").bind(client=self.client_id)
@@ -380,7 +381,12 @@ class Client:
             return
         pending.seen.add(env.id)
         if env.kind != Kind.EVENT and (served := parse_served(message.properties)) is not None:
-            pending.served[env.id] = served
+            # Anyone who can answer may stamp any node id: believe only a host of the replying agent
+            # (else one node could poison another's link estimate, or grow them without bound).
+            if served[0] in self.presence.host_ids(env.sender):
+                pending.served[env.id] = served
+            else:
+                self.stats["served_by_rejected"] += 1
         if env.kind != Kind.EVENT:
             if pending.answers is None:
                 pending.answers = {env.sender: env.id}

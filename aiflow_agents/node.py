@@ -82,6 +82,7 @@ DEFAULT_CLOCK_SKEW = 30.0  # s: how far participants' clocks may disagree
 DEFAULT_MAX_DEADLINE = 600.0  # s: the longest a sender may ask a handler to run
 DEFAULT_MAX_QUEUED_BYTES = 256 << 20  # request frames held by one node (running + waiting)
 _MAX_REFUSALS = 256  # overload refusals not yet written to the socket; beyond that the loop waits
+_MAX_PROBE_ANSWERS = 64  # probe answers not yet written; beyond that new ones are dropped (a lost probe)
 NODE_KEEPALIVE = 5  # s: MQTT keepalive of a node; the broker fires a frozen node's Will ~1.5x this later
 _REANNOUNCE_AFTER = 30.0  # seconds between re-publishing the retained agent records
 
@@ -209,6 +210,7 @@ class Node:
         self.meter = NodeMeter(a.agent_id for a in agents)
         self._probes = ProbeResponder(self.topics, self.node_id, max_bytes=min(256 * 1024, limits.max_frame_bytes))
         self._reporting: asyncio.Task[None] | None = None
+        self._answering: set[asyncio.Task[None]] = set()  # probe answers being published
         self._claims: set[asyncio.Task[None]] = set()
         # Load bounds, per agent (one agent's stuck handler never makes its siblings refuse) and,
         # in bytes of request frames held, per node.
@@ -255,6 +257,7 @@ class Node:
             "telemetry_bytes": 0,
             "probes_answered": 0,
             "probes_refused": 0,
+            "probes_dropped": 0,  # not answered: _MAX_PROBE_ANSWERS answers were still being written
         }
         self._stopped = asyncio.Event()
         self._started = False
@@ -613,20 +616,31 @@ class Node:
 
     async def _stop_reporting(self) -> None:
         task, self._reporting = self._reporting, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        tasks = [t for t in (task, *self._answering) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _on_probe(self, message: Message) -> None:
-        """Answer a link probe at once, outside the agents' slots (see probe.py); refuse a bad one."""
+        """Answer a link probe at once, outside the agents' slots (see probe.py); refuse a bad one. The
+        answer is written from a task: a backed-up connection must never hold up the requests queued
+        behind a probe. With ``_MAX_PROBE_ANSWERS`` answers still unwritten, a probe is dropped unread
+        (counted): the prober then sees the slow link it is measuring."""
+        if len(self._answering) >= _MAX_PROBE_ANSWERS:
+            self.stats["probes_dropped"] += 1
+            return
         answer = self._probes.answer(bytes(message.payload))
         if answer is None:
             self.stats["probes_refused"] += 1
             return
         self.stats["probes_answered"] += 1
+        task = asyncio.create_task(self._answer_probe(*answer), name=f"probe-answer-{self.node_id}")
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer_probe(self, topic: str, payload: bytes) -> None:
         with contextlib.suppress(Exception):  # a lost answer is what the prober measures
-            await self.connection.publish(answer[0], answer[1], qos=0, timeout=1.0)
+            await self.connection.publish(topic, payload, qos=0, timeout=1.0)
 
     def _claim(self, agent: Agent, env: Envelope, task: asyncio.Task[None]) -> None:
         """Tell the requester this node is working on ``env`` (only requests still running after

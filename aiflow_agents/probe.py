@@ -124,10 +124,11 @@ Targets = Iterable[str] | Callable[[], Iterable[str]] | None
 
 class Prober:
     """Probes nodes every ``interval`` seconds through a :class:`~aiflow_agents.telemetry.Telemetry`: a
-    small probe per node each round (RTT), a large one instead every ``large_every``-th round
-    (throughput). ``nodes``: ids, a callable giving them each round, or None for every node presence
-    says is online. Each round waits for its answers (or their timeouts), so a slow link is probed
-    less often, never by piling probes up."""
+    small probe per node each round (RTT), a large one instead every ``large_every``-th probe of that
+    node (throughput). ``nodes``: ids, a callable giving them each round, or None for every node
+    presence says is online. A node whose last probe is still out (awaiting its answer or timeout,
+    which backs off on a lossy link) is skipped that round: a slow or dead link is probed less often,
+    never by piling probes up, and never holds up the probing of the others."""
 
     def __init__(
         self,
@@ -149,6 +150,8 @@ class Prober:
         self.large_every = large_every
         self.rounds = 0
         self._task: asyncio.Task[None] | None = None
+        self._pinging: dict[str, asyncio.Task[None]] = {}  # node -> its probe still out
+        self._sent: dict[str, int] = {}  # node -> probes sent to it
 
     def targets(self) -> list[str]:
         nodes = self.nodes
@@ -176,15 +179,28 @@ class Prober:
         await self.stop()
 
     async def _run(self) -> None:
-        while True:
-            began = time.monotonic()
-            large = self.large_bytes > self.small_bytes and self.rounds % self.large_every == self.large_every - 1
-            size = self.large_bytes if large else self.small_bytes
-            targets = self.targets()
-            if targets:
-                results = await asyncio.gather(*(self.telemetry.ping(n, size) for n in targets), return_exceptions=True)
-                for node, r in zip(targets, results, strict=True):
-                    if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                        self.telemetry.log.warning("probe failed", node=node, error=repr(r))
-            self.rounds += 1
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - began)))
+        try:
+            while True:
+                began = time.monotonic()
+                targets = set(self.targets())
+                for node in [n for n in self._sent if n not in targets]:
+                    del self._sent[node]
+                for node in sorted(targets - self._pinging.keys()):
+                    n = self._sent[node] = self._sent.get(node, 0) + 1
+                    large = self.large_bytes > self.small_bytes and n % self.large_every == 0
+                    task = asyncio.create_task(self._ping(node, self.large_bytes if large else self.small_bytes))
+                    self._pinging[node] = task
+                    task.add_done_callback(lambda _, node=node: self._pinging.pop(node, None))
+                self.rounds += 1
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - began)))
+        finally:
+            pinging = list(self._pinging.values())
+            for task in pinging:
+                task.cancel()
+            await asyncio.gather(*pinging, return_exceptions=True)
+
+    async def _ping(self, node: str, size: int) -> None:
+        try:
+            await self.telemetry.ping(node, size)
+        except Exception as e:
+            self.telemetry.log.warning("probe failed", node=node, error=repr(e))

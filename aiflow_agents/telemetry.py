@@ -18,7 +18,8 @@ the sender's ``ts``), so staleness is immune to clock skew: a record older than 
 its own interval is stale, and a node that stops (frozen, crashed, partitioned) visibly goes stale.
 Link estimates come from probes and from real traffic: a reply whose node stamped the time the request
 spent there (MQTT 5 user properties ``aiflow-node``/``aiflow-service-ms``, stamped by nodes with
-telemetry on; none over MQTT 3.1.1) is fed in automatically as ``elapsed - service``;
+telemetry on; none over MQTT 3.1.1; trusted only from a node presence lists as a host of the replying
+agent) is fed in automatically as ``elapsed - service``;
 :meth:`Telemetry.observe` takes other timings. Everything from the network is parsed with bounds;
 a bad record or answer is counted in ``stats`` and ignored. :meth:`Telemetry.overhead` says what
 all this costs in messages and bytes.
@@ -57,7 +58,9 @@ MAX_RECORD_AGENTS = 256  # agents one record may list
 EWMA_ALPHA = 0.2  # weight of a new sample in the node's smoothed costs
 SERVED_BY = "aiflow-node"  # reply user property: the node that answered
 SERVICE_MS = "aiflow-service-ms"  # reply user property: ms the request spent on that node
+MAX_PROBE_TIMEOUT = 5.0  # s: a lost probe doubles the next one's timeout up to this (RFC 6298 backoff)
 _RTT_BYTES = 2048  # a sample moving at most this much is timed as pure RTT
+_LATE_MEMORY = 256  # probes given up that a late answer can still be matched to (all nodes together)
 _WIRE_EXTRA = 5  # MQTT bytes besides topic and payload (fixed header, topic length, properties length)
 _MAX_COUNT = 1 << 63
 
@@ -357,7 +360,7 @@ class LinkEstimate:
 class _Link:
     """Mutable estimator behind a :class:`LinkEstimate`."""
 
-    __slots__ = ("failures", "last_ok", "recent", "rttvar", "samples", "spb", "srtt")
+    __slots__ = ("backoff", "failures", "last_ok", "recent", "rttvar", "samples", "spb", "srtt")
 
     def __init__(self) -> None:
         self.recent: deque[float] = deque(maxlen=3)  # s, the last small samples
@@ -367,13 +370,14 @@ class _Link:
         self.samples = 0
         self.last_ok: float | None = None
         self.failures = 0
+        self.backoff = 0  # probes lost in a row, capped: the next timeout is doubled this many times
 
     def sample(self, nbytes: int, net_s: float, now: float) -> None:
         """A request/reply moving ``nbytes`` took ``net_s`` of network time: small ones time the RTT,
         large ones (once the RTT is known) the time per byte beyond it."""
         self.samples += 1
         self.last_ok = now
-        self.failures = 0
+        self.failures = self.backoff = 0
         net_s = max(0.0, net_s)
         if nbytes <= _RTT_BYTES or self.srtt is None:
             if nbytes <= _RTT_BYTES:
@@ -387,11 +391,18 @@ class _Link:
         spb = max(0.0, net_s - self.srtt) / max(1, nbytes - SMALL_PROBE_BYTES)
         self.spb = _ewma(self.spb, spb, 0.25)
 
-    def timeout(self, nbytes: int, floor: float) -> float:
-        """How long a probe of ``nbytes`` may take before it counts as lost."""
-        if self.srtt is None:
-            return max(floor, 1.0)
-        return max(floor, 4 * self.srtt) + 4 * nbytes * (self.spb or 0.0)
+    def lost(self) -> None:
+        """A probe went unanswered in time: one more failure, and the next probe is waited for twice as
+        long, so an RTT that jumped past the timeout is still caught instead of reading as dead."""
+        self.failures += 1
+        self.backoff = min(self.backoff + 1, 32)
+
+    def timeout(self, nbytes: int, floor: float, cap: float = MAX_PROBE_TIMEOUT) -> float:
+        """How long a probe of ``nbytes`` may take before it counts as lost: ``max(floor, 4 x RTT)`` plus
+        the expected transfer, doubled per probe lost in a row since the last sample, the doubling
+        stopping at ``cap`` seconds."""
+        base = max(floor, 1.0) if self.srtt is None else max(floor, 4 * self.srtt) + 4 * nbytes * (self.spb or 0.0)
+        return max(base, min(cap, base * 2.0**self.backoff))
 
     def estimate(self, node_id: str, now: float, down_after: int) -> LinkEstimate:
         rate = None if self.spb is None else (math.inf if self.spb <= 0 else 8.0 / self.spb)
@@ -445,10 +456,16 @@ class Telemetry:
 
     ``stale_after``: records older than this many of their own intervals are stale; ``down_after``:
     failed probes in a row that take a link down; ``min_timeout``: the shortest a probe is waited for
-    (else ``4 x RTT``); ``record_traffic``: feed replies that carry their service time into the link
-    estimates; ``max_nodes``: nodes remembered (the oldest record goes first). One per client: it
-    owns the client's probe reply topic. ``on_record``: callables given each accepted record (a
-    scheduler can re-plan on news instead of polling)."""
+    (else ``4 x RTT``); ``max_timeout``: how far lost probes back that off (doubling per loss);
+    ``record_traffic``: feed replies that carry their service time into the link estimates;
+    ``max_nodes``: nodes remembered, records and links each (the least recently heard goes first).
+    One per client: it owns the client's probe reply topic. ``on_record``: callables given each
+    accepted record (a scheduler can re-plan on news instead of polling).
+
+    A probe's answer that arrives after its timeout, while the link is still up and within
+    ``max_timeout`` of the probe, is a sample like any other (a slow link is alive); once a link is
+    down, late answers are only counted: those released together when an outage ends time the
+    outage, not the link."""
 
     def __init__(
         self,
@@ -457,6 +474,7 @@ class Telemetry:
         stale_after: float = STALE_AFTER,
         down_after: int = 2,
         min_timeout: float = 0.25,
+        max_timeout: float = MAX_PROBE_TIMEOUT,
         record_traffic: bool = True,
         max_nodes: int = 4096,
         max_record_bytes: int = MAX_RECORD_BYTES,
@@ -466,13 +484,15 @@ class Telemetry:
         self.stale_after = stale_after
         self.down_after = down_after
         self.min_timeout = min_timeout
+        self.max_timeout = max(max_timeout, min_timeout)
         self.record_traffic = record_traffic
         self.max_nodes = max_nodes
         self.max_record_bytes = max_record_bytes
         self.reply_topic = self.topics.probe_replies(client.client_id)
         self._records: OrderedDict[str, tuple[TelemetryRecord, float]] = OrderedDict()
-        self._links: dict[str, _Link] = {}
+        self._links: OrderedDict[str, _Link] = OrderedDict()
         self._outstanding: dict[str, tuple[str, asyncio.Future[float]]] = {}
+        self._given_up: OrderedDict[str, tuple[str, float, int]] = OrderedDict()  # probe id -> (node, sent, bytes)
         self._probers: list[Prober] = []
         self._flows = {k: [0, 0] for k in ("records_in", "probes_out", "answers_in")}
         self._started_at: float | None = None
@@ -484,6 +504,7 @@ class Telemetry:
             "answers": 0,
             "bad_answers": 0,  # oversized, malformed, or from another node than the probed one
             "late_answers": 0,  # for a probe already given up (or never sent)
+            "late_samples": 0,  # of which timed and fed in (the link was still up)
             "probes_lost": 0,
             "traffic_samples": 0,
         }
@@ -607,18 +628,24 @@ class Telemetry:
     def observe(self, node_id: str, bytes_out: int, bytes_in: int, elapsed_s: float, service_s: float) -> None:
         """Feed one request's timing: ``elapsed_s`` from send to reply, of which ``service_s`` on the
         node; the rest is network time over ``bytes_out + bytes_in`` bytes."""
-        if not (math.isfinite(elapsed_s) and math.isfinite(service_s)) or elapsed_s < 0:
+        if not (math.isfinite(elapsed_s) and math.isfinite(service_s)) or elapsed_s < 0 or not _valid_id(node_id):
             return
         self.stats["traffic_samples"] += 1
         self._link(node_id).sample(bytes_out + bytes_in, elapsed_s - service_s, time.monotonic())
 
     def _link(self, node_id: str) -> _Link:
+        """The node's estimator, made on first use; at most ``max_nodes`` kept (least recently used go)."""
         link = self._links.get(node_id)
         if link is None:
             link = self._links[node_id] = _Link()
+            while len(self._links) > self.max_nodes:
+                self._links.popitem(last=False)
+        else:
+            self._links.move_to_end(node_id)
         return link
 
     def _on_exchange(self, ex: Exchange) -> None:
+        # ``served_by`` is set only when presence lists that node as a host of the replying agent (client.py)
         if ex.served_by is None or ex.service_s is None or ex.error is not None or ex.latency is None:
             return
         if ex.request.route or ex.reply is None:
@@ -628,23 +655,30 @@ class Telemetry:
     async def ping(self, node_id: str, size: int = SMALL_PROBE_BYTES, *, timeout: float | None = None) -> float | None:
         """Probe ``node_id`` once with about ``size`` bytes: the round trip in seconds, fed into its link
         estimate, or None when unanswered in time (``timeout``, default ``max(min_timeout, 4 x RTT)``
-        plus the expected transfer), which counts as a failure."""
+        plus the expected transfer, backed off after losses), which counts as a failure; its answer
+        may still arrive late and be fed in then (see the class doc)."""
         link = self._link(node_id)
         probe_id = new_id()[:16]
         topic = self.topics.probe(node_id)
         payload = make_probe(probe_id, self.reply_topic, size, node_id)
-        wait = timeout if timeout is not None else link.timeout(len(payload), self.min_timeout)
+        wait = timeout if timeout is not None else link.timeout(len(payload), self.min_timeout, self.max_timeout)
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._outstanding[probe_id] = (node_id, fut)
         sent = time.monotonic()
+        published = False
         try:
             async with asyncio.timeout(wait):
                 await self.client.connection.publish(topic, payload, qos=0, timeout=wait)
+                published = True
                 self._count("probes_out", topic, len(payload))
                 answered = await fut
         except (TimeoutError, BrokerUnavailableError):
-            link.failures += 1
+            link.lost()
             self.stats["probes_lost"] += 1
+            if published:  # its answer may yet come: remember when it left
+                self._given_up[probe_id] = (node_id, sent, len(payload))
+                while len(self._given_up) > _LATE_MEMORY:
+                    self._given_up.popitem(last=False)
             return None
         finally:
             self._outstanding.pop(probe_id, None)
@@ -671,6 +705,7 @@ class Telemetry:
         waiting = self._outstanding.get(answer.id)
         if waiting is None:
             self.stats["late_answers"] += 1
+            self._late(answer.id, answer.node_id, now)
             return
         node_id, fut = waiting
         if answer.node_id != node_id:
@@ -679,6 +714,22 @@ class Telemetry:
         self.stats["answers"] += 1
         if not fut.done():
             fut.set_result(now)
+
+    def _late(self, probe_id: str, node_id: str, now: float) -> None:
+        """An answer to a probe already given up: timed and fed in if the probed node sent it, the link
+        is still up and it came within ``max_timeout`` (a slow link, not a dead one)."""
+        given_up = self._given_up.pop(probe_id, None)
+        if given_up is None:
+            return
+        probed, sent, nbytes = given_up
+        if node_id != probed:
+            self.stats["bad_answers"] += 1
+            return
+        link = self._links.get(node_id)
+        if link is None or link.failures >= self.down_after or now - sent > self.max_timeout:
+            return
+        self.stats["late_samples"] += 1
+        link.sample(nbytes, now - sent, now)
 
     # -- overhead -----------------------------------------------------------------------------
     def _count(self, flow: str, topic: str, size: int) -> None:

@@ -147,10 +147,12 @@ class TelemetryView:
         est = self.telemetry.link(node) if node else None
         if est is None or est.rtt_ms is None:
             return LinkView()
-        # Follow a lasting change within two samples (the smoothed RTT takes ~8), and treat a probe that timed
-        # out as a spread of several RTTs until one succeeds again.
-        rtt = max(est.rtt_ms, est.recent_rtt_ms or 0.0)
-        jitter = (est.rtt_var_ms or 0.0) + (3 * rtt if est.consecutive_failures else 0.0)
+        # The median of the last 3 samples: it follows a lasting change within two samples (the smoothed RTT
+        # takes ~8) and ignores one outlier (a probe answer held through a tunnel would otherwise keep a
+        # recovered route "slow" for seconds). The spread is capped at one RTT for the same reason. A probe
+        # that timed out counts as a spread of several RTTs until one succeeds again.
+        rtt = est.recent_rtt_ms if est.recent_rtt_ms is not None else est.rtt_ms
+        jitter = min(est.rtt_var_ms or 0.0, rtt) + (3 * rtt if est.consecutive_failures else 0.0)
         return LinkView(rtt_ms=rtt, jitter_ms=jitter, up_bps=est.throughput_bps, up=est.up, age_s=est.age)
 
     def compute_ms(self, agent_id: str) -> float | None:

@@ -360,7 +360,7 @@ def test_the_telemetry_view_never_treats_an_unmeasured_or_dead_link_as_free() ->
     }
     tel = SimpleNamespace(link=lambda n: est.get(n), agent=lambda a: None)
     view = TelemetryView(tel, {"edge": "n-edge", "cloud": "n-cloud", "far": "n-far"})
-    assert view.path("edge").rtt_ms == 80.0  # a lasting rise in recent samples wins over the smoothed RTT
+    assert view.path("edge").rtt_ms == 80.0  # a lasting rise in recent samples counts before the smoothed RTT
     assert not view.path("cloud").up
     assert view.path("far").rtt_ms is None  # never measured
     c = PlanContext(

@@ -34,9 +34,12 @@ from aiflow_agents import (
     Message,
     Node,
     RequestTimeoutError,
+    Telemetry,
+    TelemetryRecord,
 )
 from aiflow_agents.agent import Accepts
 from aiflow_agents.builtin_agents import EchoAgent
+from aiflow_agents.probe import ProbeAnswer, make_probe, parse_answer
 from protocols import (
     TRAILER_SIZE,
     EncodeError,
@@ -402,7 +405,10 @@ async def test_tls_server_verification_and_client_certificates(
 def _acl(tmp_path: Path, nodes: list[str]) -> Path:
     """The shipped ACL plus the per-node block its "nodes" section asks for, for each node user."""
     shipped = (ROOT / "docs" / "mosquitto-acl.conf").read_text()
-    block = "# user <node user>\n# topic write aiflow/v1/+/clients/+/replies\n# topic read aiflow/v1/+/groups/+/inbox\n"
+    block = (
+        "# user <node user>\n# topic write aiflow/v1/+/clients/+/replies\n"
+        "# topic write aiflow/v1/+/clients/+/probes\n# topic read aiflow/v1/+/groups/+/inbox\n"
+    )
     assert block in shipped  # the template this fills in
     lines = block.replace("# ", "")
     path = tmp_path / "acl.conf"
@@ -509,3 +515,65 @@ async def test_acl_keeps_clients_out_of_replies_and_group_inboxes(brokers, tmp_p
         assert alice.stats["late_or_duplicate_replies"] == 0
         assert not [t for t in stolen if "/replies" in t or "/groups/" in t], stolen
         assert any("/presence/" in t for t in stolen)  # the ACL is not simply denying everything
+
+
+async def test_acl_lets_telemetry_through(brokers, tmp_path: Path, namespace: str) -> None:
+    """Telemetry under the shipped ACL (SPEC §11.4): a node's records reach a client and the client's
+    probes are answered, while a plain user can neither forge another node's record or a probe answer
+    into another client's probe topic, nor read another node's probes or another client's answers;
+    it may still probe a node itself and read its own answers."""
+    users = {"n1": "p1", "alice": "pa", "mallory": "pm"}
+    pw = _passwords(tmp_path / "passwd", users)
+    m = brokers(f"allow_anonymous false\npassword_file {pw}\nacl_file {_acl(tmp_path, ['n1'])}\n")
+    topics = Topics(namespace)
+    async with (
+        Node([EchoAgent("n1")], _url(m, "n1", "p1"), namespace=namespace, node_id="n1", telemetry_interval=0.3),
+        Client(_url(m, "alice", "pa"), namespace=namespace, client_id="alice") as alice,
+        Telemetry(alice) as tm,
+        aiomqtt.Client(
+            "127.0.0.1",
+            m.port,
+            username="mallory",
+            password="pm",
+            identifier="mallory",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            socket_options=NODELAY,
+        ) as mallory,  # fmt: skip
+    ):
+        records: list[TelemetryRecord] = []
+        tm.on_record.append(records.append)
+        await alice.wait_for_agents(["n1"], timeout=20)
+        for sub in (topics.probe("n1"), topics.probe_replies("alice"), topics.probe_replies("mallory"), "#"):
+            await mallory.subscribe(sub, qos=0)
+        seen: list[tuple[str, bytes]] = []
+
+        async def listen() -> None:
+            async for message in mallory.messages:
+                seen.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
+
+        listener = asyncio.create_task(listen())
+        forged = TelemetryRecord(node_id="n1", tier="forged", ts=time.time(), interval=0.3)
+        await mallory.publish(topics.telemetry("n1"), forged.to_bytes(), qos=0)
+        fake = ProbeAnswer(id="p0", node_id="n1", size=128).to_bytes()
+        await mallory.publish(topics.probe_replies("alice"), fake, qos=0)
+        # alice: one probe round trip and records from n1, through the ACL
+        rtt = await tm.ping("n1", timeout=5)
+        assert rtt is not None and tm.link("n1").up  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while len(records) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(records) >= 2 and not tm.is_stale("n1")
+        # mallory probes n1 itself and reads its own answer
+        await mallory.publish(topics.probe("n1"), make_probe("m1", topics.probe_replies("mallory"), 128, "n1"), qos=0)
+        deadline = time.monotonic() + 5
+        while not any(t == topics.probe_replies("mallory") for t, _ in seen) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        listener.cancel()
+        mine = [parse_answer(p) for t, p in seen if t == topics.probe_replies("mallory")]
+        assert mine and all(a == ProbeAnswer(id="m1", node_id="n1", size=128) for a in mine)  # once per matching sub
+        assert all(r.tier != "forged" and r.node_id == "n1" for r in records), records  # the forgery never arrived
+        assert tm.stats["bad_records"] == 0 and tm.stats["late_answers"] == 0 and tm.stats["bad_answers"] == 0
+        stolen = [t for t, _ in seen if "/probe/" in t or t == topics.probe_replies("alice")]
+        assert not stolen, stolen
+        assert any("/telemetry/nodes/n1" in t for t, _ in seen)  # records are for everyone to read

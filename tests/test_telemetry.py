@@ -135,6 +135,35 @@ def test_link_goes_down_after_consecutive_failures_and_up_on_a_success() -> None
     assert est.transfer_time(64_000) == pytest.approx(0.1 + 64_000 * 8 / est.throughput_bps)
 
 
+def test_probe_timeout_backs_off_after_each_loss_up_to_a_cap_and_resets_on_a_sample() -> None:
+    """RFC 6298-style: each lost probe doubles the next one's timeout (capped), so an RTT that jumped
+    past ``4 x RTT`` is still caught; any sample resets it."""
+    link = _Link()
+    assert link.timeout(128, 0.25) == pytest.approx(1.0)  # nothing known yet
+    link.sample(128, 0.020, 1.0)
+    waits = [link.timeout(128, 0.25)]
+    for _ in range(7):
+        link.lost()
+        waits.append(link.timeout(128, 0.25))
+    assert waits == pytest.approx([0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0])
+    assert link.failures == 7 and link.timeout(128, 0.25, cap=3.0) == pytest.approx(3.0)
+    link.sample(128, 0.4, 2.0)  # e.g. a late answer
+    assert link.failures == 0 and link.timeout(128, 0.25) == pytest.approx(4 * (0.020 + 0.125 * 0.38))
+    link.spb = 1e-4  # a large probe whose transfer alone exceeds the cap is still given its time
+    assert link.timeout(16 * 1024, 0.25) > 5.0
+
+
+def test_link_estimates_are_bounded_least_recently_used_first(mosquitto: BrokerURL) -> None:
+    """Link estimates keyed by node id cannot grow without bound (ids come from the network)."""
+    tm = Telemetry(Client(mosquitto), max_nodes=3)
+    for i in range(10):
+        tm.observe(f"n{i}", 100, 100, 0.01, 0.0)
+    tm.observe("n7", 100, 100, 0.01, 0.0)  # used again: kept over n8
+    tm.observe("n10", 100, 100, 0.01, 0.0)
+    tm.observe("not/an/id", 100, 100, 0.01, 0.0)
+    assert set(tm.links()) == {"n7", "n9", "n10"} and tm.link("n7").samples == 2  # type: ignore[union-attr]
+
+
 def test_records_validate_with_bounds() -> None:
     good = TelemetryRecord(node_id="n1", ts=1.0, interval=2.0, agents={"a": AgentLoad(calls=1)})
     assert TelemetryRecord.from_bytes(good.to_bytes()) == good
@@ -447,4 +476,136 @@ async def test_reply_meta_is_unchanged_by_telemetry(mosquitto: BrokerURL, namesp
             reply = await c.request("e", Envelope.request("x", meta={"k": 1}))
             assert reply.meta == {"k": 1} and reply.kind == Kind.REPLY
     finally:
+        await node.stop(grace=1)
+
+
+async def test_a_slower_link_reads_slow_not_down_and_a_blackhole_still_reads_down(
+    mosquitto: BrokerURL, namespace: str
+) -> None:
+    """Review H4: the node's link to the broker goes from 20 ms to 400 ms of RTT, far past the 4 x RTT
+    probe timeout. Lost probes back the timeout off and their late answers are samples, so the
+    estimate follows (rtt and recent rtt past 300 ms) and the link never reads down; a blackhole
+    (nothing comes back) still takes it down, and it comes back up when the link does."""
+    proxy = await LinkProxy((mosquitto.host, mosquitto.port), LinkProfile(rtt_ms=20)).start()
+    host, port = proxy.address
+    node = Node([create("echo:e")], BrokerURL(host=host, port=port), namespace=namespace, telemetry_interval=1.0)
+    await node.start()
+    nid = node.node_id
+    try:
+        async with Client(mosquitto, namespace=namespace) as c, Telemetry(c) as tm:
+            await c.wait_for_agents(["e"], timeout=10)
+            await tm.probe([nid], interval=0.2, large_every=1000)
+            before = await until(lambda: (e := tm.link(nid)) and e.samples >= 5 and e, 10, "20 ms estimates")
+            assert before.rtt_ms is not None and 20.0 <= before.rtt_ms < 200.0
+            downs: list[float] = []
+
+            async def watch() -> None:
+                while True:
+                    e = tm.link(nid)
+                    if e is not None and not e.up:
+                        downs.append(time.monotonic())
+                    await asyncio.sleep(0.02)
+
+            watcher = asyncio.create_task(watch())
+            t0 = time.monotonic()
+            proxy.set_profile(LinkProfile(rtt_ms=400))
+            slow = await until(
+                lambda: (e := tm.link(nid)) and e.rtt_ms > 300 and (e.recent_rtt_ms or 0) > 300 and e, 30, "400 ms"
+            )
+            took = time.monotonic() - t0
+            watcher.cancel()
+            print(
+                f"\n20 -> 400 ms: rtt {before.rtt_ms:.1f} -> {slow.rtt_ms:.1f} ms (recent {slow.recent_rtt_ms:.1f}) "
+                f"in {took:.1f}s; lost {tm.stats['probes_lost']}, late samples {tm.stats['late_samples']}"
+            )
+            assert downs == [] and slow.up  # slow, never down
+            assert tm.stats["late_samples"] >= 1  # the 4 x RTT timeout was overrun, and the answer still counted
+            assert slow.recent_rtt_ms < 400 + 300 and slow.rtt_ms < 400 + 300  # generous upper bounds
+            proxy.cut()
+            t0 = time.monotonic()
+            down = await until(lambda: (e := tm.link(nid)) and not e.up and e, 30, "down in a blackhole")
+            print(f"blackhole -> down after {time.monotonic() - t0:.1f}s ({down.consecutive_failures} failures)")
+            await asyncio.sleep(1.0)
+            assert not tm.link(nid).up  # type: ignore[union-attr]
+            proxy.set_profile(LinkProfile(rtt_ms=20))
+            proxy.restore()
+            t0 = time.monotonic()
+            await until(lambda: (e := tm.link(nid)) and e.up, 30, "up again after the blackhole")
+            print(f"restored -> up after {time.monotonic() - t0:.1f}s; stats {tm.stats}")
+    finally:
+        await node.stop(grace=1)
+        await proxy.stop()
+
+
+async def test_a_reply_stamped_with_another_nodes_id_is_not_believed(
+    mosquitto: BrokerURL, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review M6: a node stamps its replies with another node's id (and then with made-up ids). The
+    client believes a stamp only from a node presence lists as a host of the replying agent, so the
+    victim's link estimate is untouched and no estimate is made for the made-up ids."""
+    import aiflow_agents.node as node_module
+
+    honest_id, rogue_id = f"{namespace}-honest", f"{namespace}-rogue"
+    stamps = itertools.chain([honest_id, honest_id], (f"made-up-{i}" for i in itertools.count()))
+
+    def stamp(node_id: str, service_s: float) -> list[tuple[str, str]]:
+        return served_properties(next(stamps) if node_id == rogue_id else node_id, service_s)
+
+    monkeypatch.setattr(node_module, "served_properties", stamp)
+    honest = Node([create("echo:v")], mosquitto, namespace=namespace, node_id=honest_id)
+    rogue = Node([create("echo:r")], mosquitto, namespace=namespace, node_id=rogue_id)
+    await honest.start()
+    await rogue.start()
+    try:
+        async with Client(mosquitto, namespace=namespace) as c, Telemetry(c) as tm:
+            await c.wait_for_agents(["v", "r"], timeout=10)
+            for i in range(6):
+                ex = await c.exchange("r", f"q{i}")
+                assert ex.ok and ex.served_by is None
+            assert c.stats["served_by_rejected"] == 6
+            assert tm.links() == {} and tm.stats["traffic_samples"] == 0
+            ex = await c.exchange("v", "q")
+            assert ex.ok and ex.served_by == honest_id  # a genuine stamp still counts
+            assert set(tm.links()) == {honest_id} and tm.link(honest_id).samples == 1  # type: ignore[union-attr]
+    finally:
+        await rogue.stop(grace=1)
+        await honest.stop(grace=1)
+
+
+async def test_a_stuck_probe_answer_never_holds_up_requests(
+    mosquitto: BrokerURL, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review L8: the node's answers to probes cannot be written (a backed-up connection, here a
+    publish that never returns). Requests queued behind the probes are still served, and answers
+    waiting to be written are bounded: the rest of the probes are dropped and counted."""
+    from aiflow_agents import node as node_module
+
+    node = Node([create("echo:e")], mosquitto, namespace=namespace, telemetry_interval=0.5)
+    await node.start()
+    stuck = asyncio.Event()
+    publish = node.connection.publish
+
+    async def held(topic: str, *args: Any, **kwargs: Any) -> Any:
+        if topic.endswith("/probes"):
+            await stuck.wait()
+        return await publish(topic, *args, **kwargs)
+
+    monkeypatch.setattr(node.connection, "publish", held)
+    try:
+        async with Client(mosquitto, namespace=namespace) as c, Telemetry(c) as tm:
+            await c.wait_for_agents(["e"], timeout=10)
+            assert await tm.ping(node.node_id, timeout=0.5) is None  # its answer is stuck
+            reply = await c.request("e", "served behind a stuck probe answer", timeout=5)
+            assert reply.text == "served behind a stuck probe answer"
+            cap = node_module._MAX_PROBE_ANSWERS
+            topic, reply_to = node.topics.probe(node.node_id), tm.reply_topic
+            for i in range(cap + 20):  # one answer is stuck already: cap - 1 more are held, 21 dropped
+                await c.connection.publish(topic, make_probe(f"f{i}", reply_to, 128, node.node_id), qos=1)
+            assert (await c.request("e", "still served", timeout=5)).text == "still served"
+            await until(lambda: node.stats["probes_answered"] + node.stats["probes_dropped"] == cap + 21, 5, "probes")
+            assert node.stats["probes_answered"] == cap and node.stats["probes_dropped"] == 21
+            stuck.set()  # the connection drains: the answers held go out
+            await until(lambda: tm.stats["late_answers"] >= cap, 5, "the held answers")
+    finally:
+        stuck.set()
         await node.stop(grace=1)
