@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from aiflow_agents.testbed import compute
 from aiflow_agents.testbed.compute import (
     CpuQuota,
     CpuQuotaError,
@@ -137,9 +139,38 @@ def test_names_must_be_unique_and_plain() -> None:
         CpuQuota("tiny", 0.005)  # 500 us of a 100 ms period
     with pytest.raises(ValueError, match="positive"):
         CpuQuota("zero", 0)
+
+
+def test_a_name_in_use_is_refused_and_the_existing_group_left_alone(
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
     _quota_or_skip()
-    with CpuQuota(_name("dup"), 0.5), pytest.raises(CpuQuotaError, match="already exists"):
-        CpuQuota(_name("dup"), 0.5).create()
+    with CpuQuota(_name("dup"), 0.5) as first:
+        member = spawn()
+        first.add(member.pid)
+        with pytest.raises(CpuQuotaError, match="already exists"):
+            CpuQuota(_name("dup"), 0.5).create()
+        assert first.path is not None and first.path.is_dir()
+        assert first.pids() == [member.pid]
+
+
+def test_a_create_that_fails_halfway_removes_only_what_it_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    _quota_or_skip()
+
+    def refuse_quota(path: Path, value: str) -> None:
+        if path.name in ("cpu.cfs_quota_us", "cpu.max"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_write(path, value)
+
+    real_write = compute._write
+    monkeypatch.setattr(compute, "_write", refuse_quota)
+    quota = CpuQuota(_name("half"), 0.5)
+    with pytest.raises(CpuQuotaError, match="Invalid argument"):
+        quota.create()
+    monkeypatch.undo()
+    assert quota.path is None
+    with CpuQuota(_name("half"), 0.5) as again:  # the half-made group is gone, so its name is free
+        assert again.path is not None and again.path.is_dir()
 
 
 def test_add_refuses_the_calling_process_and_needs_create() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import statistics
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 from brokers import Server, bridge_conf, mosquitto_conf, need_binary
 
+import aiflow_agents.testbed as T
 from aiflow_agents import BrokerURL, Client
-from aiflow_agents.testbed.link import LinkProfile, LinkProxy, Outage, OutageMode, run_schedule
+from aiflow_agents.testbed.link import LinkProfile, LinkProxy, Outage
+from aiflow_agents.testbed.links import LinkHost, LinkHostError, LinkPlan, Schedule, oriented
 from aiflow_agents.testing import NodeProcess, free_port
 
 GO = struct.Struct("!I")  # the source server's command: "send me N bytes"
@@ -116,28 +119,6 @@ def test_outage_windows_and_validation() -> None:
     ):
         with pytest.raises(ValueError):
             Outage.from_dict(bad)
-
-
-class _Recorder:
-    """Stands in for a LinkProxy: records the cuts and restores a schedule applies."""
-
-    def __init__(self) -> None:
-        self.calls: list[OutageMode | None] = []
-
-    def cut(self, mode: OutageMode = "blackhole") -> None:
-        self.calls.append(mode)
-
-    def restore(self) -> None:
-        self.calls.append(None)
-
-
-async def test_overlapping_outages_keep_the_link_down_until_the_last_ends() -> None:
-    rec = _Recorder()
-    # blackhole [0, 0.2) twice every 0.3 s; a reset [0.1, 0.25) overlaps the first occurrence
-    outages = [Outage(0, 0.2, every_s=0.3, times=2), Outage(0.1, 0.15, mode="reset")]
-    await asyncio.wait_for(run_schedule(rec, outages), 5)
-    # 0: cut, 0.1: reset on top, 0.2: first ends (still reset), 0.25: reset ends -> up, 0.3: cut, 0.5: up
-    assert rec.calls == ["blackhole", "reset", "reset", None, "blackhole", None]
 
 
 # the link on real sockets
@@ -346,21 +327,122 @@ async def test_an_unreachable_target_closes_the_client() -> None:
         assert proxy.stats().refused == 1
 
 
-async def test_a_schedule_cuts_and_restores_the_link_periodically() -> None:
-    async with serving(_echo) as target, LinkProxy(target) as proxy:
-        task = proxy.schedule([Outage(start_s=0.2, duration_s=0.3, every_s=0.6, times=2)])
-        states = [proxy.is_up]
-        while not task.done():
-            if proxy.is_up != states[-1]:
-                states.append(proxy.is_up)
-            await asyncio.sleep(0.01)
-        states.append(proxy.is_up)
-        assert states == [True, False, True, False, True]
-        assert [mode for _, mode in proxy.history] == ["blackhole", None, "blackhole", None]
-        assert proxy.stats().outages == 2
-        # a periodic schedule without an end runs until the proxy stops
-        forever = proxy.schedule([Outage(start_s=0, duration_s=0.05, every_s=0.1, mode="reset")])
-    assert forever.cancelled()
+# the schedule and the link process (links.py)
+
+
+def _scenario(**extra: object) -> T.Scenario:
+    return T.load_scenario(
+        {
+            "name": "sched",
+            "tiers": {
+                "device": {"kind": "device", "parent": "cloud", "link": {"rtt_ms": 10, "up_mbps": 8, "down_mbps": 50}},
+                "cloud": {"kind": "cloud"},
+            },
+            **extra,
+        }
+    )
+
+
+async def test_the_schedule_applies_overlapping_outages_and_changes_and_undoes_them_on_stop() -> None:
+    sc = _scenario(
+        # blackhole [0, 0.2) twice every 0.3 s; a reset [0.1, 0.25) overlaps the first occurrence
+        outages=[
+            {"link": "device", "start_s": 0, "duration_s": 0.2, "every_s": 0.3, "times": 2},
+            {"link": "device", "start_s": 0.1, "duration_s": 0.15, "mode": "reset"},
+        ],
+        changes=[{"link": "device", "at_s": 0.4, "duration_s": 0.4, "profile": {"rtt_ms": 300, "up_mbps": 1}}],
+    )
+    base = sc.tiers["device"].link.profile()  # type: ignore[union-attr]
+    congested = LinkProfile(rtt_ms=300, up_mbps=1)
+    proxy = LinkProxy(("127.0.0.1", 9), base)
+    schedule = Schedule(sc, {"device": proxy}, {"device": LinkPlan("device", ("127.0.0.1", 0), ("127.0.0.1", 9))})
+    seen = []
+    for t in (0, 0.1, 0.2, 0.25, 0.3, 0.45, 0.5, 0.8):
+        schedule.apply(t)
+        seen.append((proxy.mode, proxy.profile == congested))
+    # the last-listed outage's mode while both are in force; down until the last one ends
+    assert seen == [
+        ("blackhole", False),
+        ("reset", False),
+        ("reset", False),
+        (None, False),
+        ("blackhole", False),
+        ("blackhole", True),
+        (None, True),
+        (None, False),
+    ]
+    assert proxy.profile == base
+    assert [(e.t, e.what) for e in schedule.events] == [
+        (0, "down"),
+        (0.1, "mode reset"),
+        (0.25, "up"),
+        (0.3, "down"),
+        (0.45, "profile 0"),
+        (0.5, "up"),
+        (0.8, "profile base"),
+    ]
+    # stopped during an outage and a change: the link comes back, with its base profile
+    schedule.apply(0.45)
+    assert proxy.mode == "blackhole" and proxy.profile == congested
+    await schedule.stop()
+    assert proxy.is_up and proxy.profile == base
+
+
+def test_a_reversed_link_swaps_the_directions() -> None:
+    p = LinkProfile(rtt_ms=50, up_mbps=1, down_mbps=20)
+    assert oriented(p, True) == LinkProfile(rtt_ms=50, up_mbps=20, down_mbps=1)
+    assert oriented(p, False) == p
+
+
+async def test_a_link_process_that_cannot_start_is_gone_and_says_why() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        plan = LinkPlan("device", busy.getsockname(), ("127.0.0.1", 9))
+        host = LinkHost(_scenario(), [plan])
+        with pytest.raises(LinkHostError, match="in use") as caught:
+            await host.start()
+    assert isinstance(caught.value, T.TestbedError)  # what the testbed and its CLI report
+    assert host.proc is None and host.pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(host.pid, 0)  # exited and reaped: no orphan keeps listening sockets
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
+
+    async def drain(self) -> None:
+        pass
+
+
+class _StubProcess:
+    """Stands in for the link process: the test writes its answers."""
+
+    def __init__(self) -> None:
+        self.stdin = _Sink()
+        self.stdout = asyncio.StreamReader()
+        self.returncode = None
+
+
+async def test_a_late_answer_is_not_taken_for_the_next_one() -> None:
+    host = LinkHost(_scenario(), [], timeout=0.2)
+    stub = _StubProcess()
+    host.proc = stub  # type: ignore[assignment]
+    with pytest.raises(LinkHostError, match="did not answer 'stats'"):
+        await host.stats()
+    # the stats answer arrives after its request timed out, then the answer to the next request
+    ids = [json.loads(line)["id"] for line in stub.stdin.lines]
+    stub.stdout.feed_data(json.dumps({"id": ids[0], "ok": True, "stats": {}}).encode() + b"\n")
+    events = asyncio.create_task(host.events())
+    await asyncio.sleep(0.01)
+    request = json.loads(stub.stdin.lines[-1])
+    assert request["op"] == "events" and request["id"] != ids[0]
+    stub.stdout.feed_data(json.dumps({"id": request["id"], "ok": True, "events": []}).encode() + b"\n")
+    assert await events == []
 
 
 # a Mosquitto bridge through the link

@@ -39,12 +39,15 @@ _EXPORTS: dict[str, str] = {
     "load_scenario": "scenario",
     "shipped_scenarios": "scenario",
     "Testbed": "testbed",
-    "testbed": "testbed",
+    "TierRuntime": "testbed",
+    "LinkEvent": "links",
+    "LinkHostError": "links",
 }
 
 if TYPE_CHECKING:
     from .compute import CpuQuota, CpuQuotaError, DutyCycleLimiter, QuotaUsage, cpu_quota_unavailable
     from .link import LinkProfile, LinkProxy, LinkStats, Outage, OutageMode
+    from .links import LinkEvent, LinkHostError
     from .mosquitto import MosquittoProcess, TestbedError
     from .netns import NetNamespace, NetNamespaceError, free_subnet_index, netns_unavailable, shaping_unavailable
     from .scenario import (
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
         load_scenario,
         shipped_scenarios,
     )
-    from .testbed import Testbed, testbed
+    from .testbed import Testbed, TierRuntime
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __all__ = [
@@ -66,6 +69,8 @@ __all__ = [
     "CpuQuota",
     "CpuQuotaError",
     "DutyCycleLimiter",
+    "LinkEvent",
+    "LinkHostError",
     "LinkOutage",
     "LinkProfile",
     "LinkProxy",
@@ -81,6 +86,7 @@ __all__ = [
     "ScenarioError",
     "Testbed",
     "TestbedError",
+    "TierRuntime",
     "TierSpec",
     "Workload",
     "cpu_quota_unavailable",
@@ -89,5 +95,4 @@ __all__ = [
     "netns_unavailable",
     "shaping_unavailable",
     "shipped_scenarios",
-    "testbed",
 ]

@@ -50,12 +50,20 @@ def show(scenario: ScenarioArg) -> None:
         t.add_row(name, tier.kind, str(tier.cores or "-"), tier.parent or "-", json.dumps(link), ", ".join(tier.agents))
     console.print(t)
     for o in sc.outages:
-        console.print(
-            f"outage: {o.link} uplink {o.mode} from {o.start_s:g} s for {o.duration_s:g} s every {o.every_s} s"
-        )
+        when = _when(o.start_s, o.duration_s, o.every_s, o.times)
+        console.print(f"outage: {o.link} uplink {o.mode} {when}")
     for c in sc.changes:
-        console.print(f"change: {c.link} uplink -> {c.profile.model_dump(exclude_none=True)} at {c.at_s:g} s")
+        when = _when(c.at_s, c.duration_s, c.every_s, None)
+        console.print(f"change: {c.link} uplink -> {c.profile.model_dump(exclude_none=True)} {when}")
     console.print(f"workload: {sc.workload.model_dump()}")
+
+
+def _when(start_s: float, duration_s: float | None, every_s: float | None, times: int | None) -> str:
+    """``from 5 s for 4 s, every 12 s (3 times)``; a one-off says no period, a lasting change no duration."""
+    out = f"from {start_s:g} s" + (f" for {duration_s:g} s" if duration_s is not None else " on")
+    if every_s is not None:
+        out += f", every {every_s:g} s" + (f" ({times} times)" if times is not None else "")
+    return out
 
 
 @testbed_app.command("check")

@@ -3,9 +3,10 @@
 A device tier has a fraction of a core, a cloud tier several: :class:`CpuQuota` makes that real with the
 CFS bandwidth controller (cgroup v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``, or v2 ``cpu.max``), so a
 tier's processes are throttled by the kernel however many threads they run. The groups live under
-``<cpu hierarchy>/aiflow-testbed/<name>``. :class:`DutyCycleLimiter` is the fallback for machines without
-a writable cgroup (no root): it pauses and resumes a process tree with SIGSTOP/SIGCONT, the way ``cpulimit``
-does, which holds the average but not the shape (a process runs at full speed in the slices it is let run).
+``<cpu hierarchy>/aiflow-testbed/<name>``. :class:`DutyCycleLimiter` limits one process tree where no cgroup
+is writable (no root): it pauses and resumes it with SIGSTOP/SIGCONT, the way ``cpulimit`` does, which holds
+the average but not the shape (a process runs at full speed in the slices it is let run, and a paused one
+answers nothing). The testbed does not use it: without cgroups it runs without quotas and says so.
 """
 
 from __future__ import annotations
@@ -194,14 +195,19 @@ class CpuQuota:
         found = _hierarchy()
         assert not isinstance(found, str)
         self._hier = found
+        made: list[tuple[Path, Path]] = []  # (hierarchy root, group) of each directory this call created
         try:
             if found.version == 1:
-                self._create_v1(found)
+                self._create_v1(found, made)
             else:
-                self._create_v2(found)
+                self._create_v2(found, made)
         except OSError as e:
-            self.remove()
             self._hier = None
+            for root, group in reversed(made):  # only ours: an existing group of that name is someone else's
+                try:
+                    _dissolve(root, group)
+                except CpuQuotaError as cleanup:
+                    e.add_note(str(cleanup))
             if e.errno == errno.EEXIST:
                 raise CpuQuotaError(
                     f"cgroup {GROUP_PARENT}/{self.name} already exists: names must be unique per testbed "
@@ -213,18 +219,20 @@ class CpuQuota:
             raise CpuQuotaError(f"cannot create cgroup {GROUP_PARENT}/{self.name}: {e}{hint}") from e
         return self
 
-    def _create_v1(self, found: _Hierarchy) -> None:
+    def _create_v1(self, found: _Hierarchy, made: list[tuple[Path, Path]]) -> None:
         assert self.path is not None
         self.path.parent.mkdir(exist_ok=True)
         self.path.mkdir()
+        made.append((found.cpu, self.path))
         _write(self.path / "cpu.cfs_period_us", str(self.period_us))
         _write(self.path / "cpu.cfs_quota_us", str(self.quota_us))
         acct = self._acct_path
-        if acct is not None:
+        if acct is not None and found.cpuacct is not None:
             acct.parent.mkdir(exist_ok=True)
             acct.mkdir()
+            made.append((found.cpuacct, acct))
 
-    def _create_v2(self, found: _Hierarchy) -> None:
+    def _create_v2(self, found: _Hierarchy, made: list[tuple[Path, Path]]) -> None:
         assert self.path is not None
         root_control = found.cpu / "cgroup.subtree_control"
         if "cpu" not in _read(root_control, "").split():
@@ -233,6 +241,7 @@ class CpuQuota:
         if "cpu" not in _read(self.path.parent / "cgroup.subtree_control", "").split():
             _write(self.path.parent / "cgroup.subtree_control", "+cpu")
         self.path.mkdir()
+        made.append((found.cpu, self.path))
         _write(self.path / "cpu.max", f"{self.quota_us} {self.period_us}")
 
     def add(self, pid: int) -> None:

@@ -23,8 +23,8 @@ Timing model, per pipe (times from the event loop's monotonic clock):
 Outages (:meth:`LinkProxy.cut`): ``"blackhole"`` keeps connections open but delivers nothing either
 way until :meth:`LinkProxy.restore` (then the held bytes arrive, as TCP retransmission would deliver
 them); a connection opened during it is accepted and held too. ``"reset"`` closes every connection
-now (RST) and every new one on accept until restore. :class:`Outage` and :func:`run_schedule` apply
-periodic outages (a vehicle driving through tunnels).
+now (RST) and every new one on accept until restore. :class:`Outage` describes periodic outages (a vehicle
+driving through tunnels); the testbed's schedule (:mod:`aiflow_agents.testbed.links`) applies them.
 
 Both sockets get TCP_NODELAY, and TCP_QUICKACK re-armed after every read: Mosquitto 2.0.11 keeps Nagle's
 algorithm on for a bridge's outgoing socket, so without quick ACKs every small message through the proxy
@@ -38,17 +38,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import math
 import random
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-__all__ = ["LinkProfile", "LinkProxy", "LinkStats", "Outage", "OutageMode", "Switchable", "run_schedule"]
+__all__ = ["LinkProfile", "LinkProxy", "LinkStats", "Outage", "OutageMode"]
 
 OutageMode = Literal["blackhole", "reset"]
 
@@ -354,7 +353,6 @@ class LinkProxy:
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
-        self._schedules: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._mode: OutageMode | None = None
@@ -366,7 +364,6 @@ class LinkProxy:
         self._bytes = [0, 0]  # down, up
         self._held = 0
         self._lost = 0
-        self.history: deque[tuple[float, OutageMode | None]] = deque(maxlen=1000)  # (loop time, mode or None=up)
 
     # lifecycle
     async def start(self) -> LinkProxy:
@@ -384,7 +381,7 @@ class LinkProxy:
         return self
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._accept_task, *self._conns, *self._schedules) if t is not None]
+        tasks = [t for t in (self._accept_task, *self._conns) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -437,7 +434,6 @@ class LinkProxy:
             self._down_since = loop.time()
         self._mode = mode
         self._flowing.clear()
-        self.history.append((loop.time(), mode))
         if mode == "reset":
             for t in list(self._conns):
                 t.cancel()
@@ -452,14 +448,6 @@ class LinkProxy:
             self._down_since = None
         self._mode = None
         self._flowing.set()
-        self.history.append((loop.time(), None))
-
-    def schedule(self, outages: Sequence[Outage]) -> asyncio.Task[None]:
-        """Run :func:`run_schedule` from now as a task; :meth:`stop` cancels it."""
-        task = asyncio.create_task(run_schedule(self, outages), name=f"{self.name}-outages")
-        self._schedules.add(task)
-        task.add_done_callback(self._schedules.discard)
-        return task
 
     def stats(self) -> LinkStats:
         outage_s = self._outage_s
@@ -583,52 +571,3 @@ class LinkProxy:
                 _quickack(sock)
             return sock
         return None
-
-
-class Switchable(Protocol):
-    """What a schedule drives: a :class:`LinkProxy`, or anything else that can be cut and restored."""
-
-    def cut(self, mode: OutageMode = "blackhole") -> None: ...
-
-    def restore(self) -> None: ...
-
-
-async def run_schedule(proxy: Switchable, outages: Sequence[Outage], t0: float | None = None) -> None:
-    """Cut and restore ``proxy`` as ``outages`` say, counting from ``t0`` (loop time; default now).
-
-    Overlapping outages keep the link down until the last one ends (the latest-started one's mode applies).
-    Returns when no outage is left (never, with a periodic one without ``times``): run it as a task.
-    """
-    loop = asyncio.get_running_loop()
-    origin = loop.time() if t0 is None else t0
-    # every outage's windows merged in time order, lazily (a periodic one is infinite)
-    starts: list[tuple[float, int, float, Iterator[tuple[float, float]]]] = []  # (start, index, end, the rest)
-    for i, outage in enumerate(outages):
-        windows = outage.windows()
-        first = next(windows, None)
-        if first is not None:
-            starts.append((first[0], i, first[1], windows))
-    heapq.heapify(starts)
-    ends: list[tuple[float, int]] = []
-    active: list[int] = []  # outages in progress, in start order
-    while starts or ends:
-        start_at = starts[0][0] if starts else math.inf
-        end_at = ends[0][0] if ends else math.inf
-        delay = origin + min(start_at, end_at) - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if end_at <= start_at:
-            _, i = heapq.heappop(ends)
-            active.remove(i)
-            if active:
-                proxy.cut(outages[active[-1]].mode)
-            else:
-                proxy.restore()
-        else:
-            _, i, end, windows = heapq.heappop(starts)
-            active.append(i)
-            proxy.cut(outages[i].mode)
-            heapq.heappush(ends, (end, i))
-            following = next(windows, None)
-            if following is not None:
-                heapq.heappush(starts, (following[0], i, following[1], windows))

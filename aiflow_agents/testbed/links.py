@@ -4,7 +4,8 @@ The link proxies emulate the network, so they must not share an event loop with 
 client (an evaluation with many requests in flight) would delay their timers and add latency that no link
 has. :class:`LinkHost` starts ``python -m aiflow_agents.testbed.links`` (at a higher scheduling priority
 where allowed) and drives it with JSON lines over its stdin/stdout — never pickle — to read counters, cut
-or restore a link, change a profile, and start the schedule's clock.
+or restore a link, change a profile, and start the schedule's clock. :class:`Schedule` is the one place
+where outages and profile changes are applied over time.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .link import LinkProfile, LinkProxy, LinkStats
+from .link import LinkProfile, LinkProxy, LinkStats, OutageMode
+from .mosquitto import TestbedError
 from .scenario import Scenario
 
 #: Niceness of the link process where the OS allows it (root): the links are the network, not a workload.
 LINK_NICENESS = -10
+#: How often the schedule looks at the clock: outages and changes take effect within this many seconds.
+SCHEDULE_TICK_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -38,32 +42,42 @@ class LinkEvent:
 @dataclass(frozen=True)
 class LinkPlan:
     """One link of the testbed: the uplink of tier ``name``, listening at ``listen``, reaching ``target``.
-    ``kernel_bandwidth``: the kernel shapes its bandwidth (netns + tbf), so the proxy only delays."""
+
+    ``reverse``: the proxy's clients sit on the parent's side of the uplink (a shared broker at a child tier,
+    reached by its parent), so the proxy's client -> target direction is the uplink's *down* direction."""
 
     name: str
     listen: tuple[str, int]
     target: tuple[str, int]
-    kernel_bandwidth: bool = False
+    reverse: bool = False
 
 
-def proxy_profile(profile: LinkProfile, kernel_bandwidth: bool) -> LinkProfile:
-    if kernel_bandwidth:
-        return LinkProfile(rtt_ms=profile.rtt_ms, jitter_ms=profile.jitter_ms, loss=profile.loss)
-    return profile
+def oriented(profile: LinkProfile, reverse: bool) -> LinkProfile:
+    """``profile`` (in the uplink's terms) in the proxy's terms: up and down swapped for a reversed plan."""
+    return replace(profile, up_mbps=profile.down_mbps, down_mbps=profile.up_mbps) if reverse else profile
 
 
 class Schedule:
-    """Applies the scenario's outages and profile changes to the proxies, from ``start()`` on."""
+    """Applies the scenario's outages and profile changes to the proxies, from :meth:`start` on.
+
+    Overlapping outages of one link keep it down until the last one ends; while several are in force, the
+    mode of the one listed last in the scenario applies. Of overlapping changes, the one listed last applies.
+    :meth:`stop` undoes what the schedule did: links it cut come back, links it changed get their base
+    profile. A cut or profile made by hand (:class:`LinkHost`) is the schedule's to override at its next
+    transition of that link, and is not undone by :meth:`stop`."""
 
     def __init__(self, scenario: Scenario, proxies: dict[str, LinkProxy], plans: dict[str, LinkPlan]) -> None:
         self.scenario, self.proxies, self.plans = scenario, proxies, plans
         self.events: list[LinkEvent] = []
         self.t0: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._down: dict[str, OutageMode] = {}  # links the schedule has cut, and how
+        self._changed: dict[str, int] = {}  # links with a change in force: its index in scenario.changes
 
     def start(self) -> None:
         if self._task is None:
             self.t0 = time.monotonic()
+            self.events = []
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -72,42 +86,60 @@ class Schedule:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for p in self.proxies.values():
-            if not p.is_up:
-                p.restore()
+        for name in self._down:
+            self.proxies[name].restore()
+        for name in self._changed:
+            self.proxies[name].set_profile(self.profile(name, None))
+        self._down.clear()
+        self._changed.clear()
 
     def elapsed(self) -> float:
         return 0.0 if self.t0 is None else time.monotonic() - self.t0
 
-    def _profile(self, name: str, profile: LinkProfile | None) -> LinkProfile:
-        spec = self.scenario.tiers[name].link
-        assert spec is not None
-        return proxy_profile(profile or spec.profile(), self.plans[name].kernel_bandwidth)
+    def profile(self, name: str, change: int | None) -> LinkProfile:
+        """The proxy's profile for link ``name`` with change ``change`` in force (None: the base profile)."""
+        if change is None:
+            spec = self.scenario.tiers[name].link
+            assert spec is not None
+            base = spec.profile()
+        else:
+            base = self.scenario.changes[change].profile.profile()
+        return oriented(base, self.plans[name].reverse)
+
+    def apply(self, t: float) -> None:
+        """Bring every scheduled link to its state at ``t`` seconds, recording what changed."""
+        sc = self.scenario
+        for name in {o.link for o in sc.outages}:
+            active = [o for o in sc.outages if o.link == name and o.down_at(t)]
+            want = active[-1].mode if active else None
+            have = self._down.get(name)
+            if want == have:
+                continue
+            if want is None:
+                self.proxies[name].restore()
+                del self._down[name]
+                what = "up"
+            else:
+                self.proxies[name].cut(want)
+                self._down[name] = want
+                what = "down" if have is None else f"mode {want}"
+            self.events.append(LinkEvent(round(t, 3), name, what))
+        for name in {c.link for c in sc.changes}:
+            idx = [i for i, c in enumerate(sc.changes) if c.link == name and c.active_at(t)]
+            now = idx[-1] if idx else None
+            if now == self._changed.get(name):
+                continue
+            self.proxies[name].set_profile(self.profile(name, now))
+            if now is None:
+                del self._changed[name]
+            else:
+                self._changed[name] = now
+            self.events.append(LinkEvent(round(t, 3), name, f"profile {'base' if now is None else now}"))
 
     async def _run(self) -> None:
-        sc = self.scenario
-        down: dict[str, bool] = {}
-        current: dict[str, int | None] = {}
         while True:
-            t = self.elapsed()
-            for name in {o.link for o in sc.outages}:
-                active = [o for o in sc.outages if o.link == name and o.down_at(t)]
-                if bool(active) != down.get(name, False):
-                    if active:
-                        self.proxies[name].cut(active[-1].mode)
-                    else:
-                        self.proxies[name].restore()
-                    down[name] = bool(active)
-                    self.events.append(LinkEvent(round(t, 3), name, "down" if active else "up"))
-            for name in {c.link for c in sc.changes}:
-                idx = [i for i, c in enumerate(sc.changes) if c.link == name and c.active_at(t)]
-                now = idx[-1] if idx else None
-                if now != current.get(name):
-                    prof = sc.changes[now].profile.profile() if now is not None else None
-                    self.proxies[name].set_profile(self._profile(name, prof))
-                    current[name] = now
-                    self.events.append(LinkEvent(round(t, 3), name, f"profile {'base' if now is None else now}"))
-            await asyncio.sleep(0.01)
+            self.apply(self.elapsed())
+            await asyncio.sleep(SCHEDULE_TICK_S)
 
 
 # -- the child process ------------------------------------------------------------------------------
@@ -116,60 +148,72 @@ async def _serve() -> None:
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
-    def say(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
+    def say(rid: object, obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps({"id": rid, **obj}) + "\n")
         sys.stdout.flush()
 
     config = json.loads(await reader.readline())
-    scenario = Scenario.model_validate(config["scenario"])
-    plans = {
-        p["name"]: LinkPlan(p["name"], tuple(p["listen"]), tuple(p["target"]), p["kernel_bandwidth"])  # type: ignore[arg-type]
-        for p in config["links"]
-    }
     proxies: dict[str, LinkProxy] = {}
-    for name, plan in plans.items():
-        spec = scenario.tiers[name].link
-        assert spec is not None
-        proxies[name] = LinkProxy(
-            plan.target, proxy_profile(spec.profile(), plan.kernel_bandwidth), listen=plan.listen, name=name
-        )
-        await proxies[name].start()
-    schedule = Schedule(scenario, proxies, plans)
-    say({"ok": True, "pid": os.getpid()})
+    try:
+        scenario = Scenario.model_validate(config["scenario"])
+        plans = {
+            p["name"]: LinkPlan(
+                p["name"], (p["listen"][0], p["listen"][1]), (p["target"][0], p["target"][1]), p["reverse"]
+            )
+            for p in config["links"]
+        }
+        schedule = Schedule(scenario, proxies, plans)
+        for name, plan in plans.items():
+            proxies[name] = LinkProxy(plan.target, schedule.profile(name, None), listen=plan.listen, name=name)
+            await proxies[name].start()
+    except Exception as e:  # answered, so the parent reports why instead of waiting for a line that never comes
+        for p in proxies.values():
+            await p.stop()
+        say(config.get("id"), {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        return
+    say(config.get("id"), {"ok": True, "pid": os.getpid()})
+
+    def stats(name: str) -> dict[str, Any]:
+        s = proxies[name].stats()
+        if plans[name].reverse:  # counted in the uplink's terms
+            s = replace(s, bytes_up=s.bytes_down, bytes_down=s.bytes_up)
+        return asdict(s)
+
     while line := await reader.readline():
+        rid = None
         try:
             cmd = json.loads(line)
-            op = cmd["op"]
+            rid, op = cmd.get("id"), cmd["op"]
             if op == "stats":
-                say({"ok": True, "stats": {n: asdict(p.stats()) for n, p in proxies.items()}})
+                say(rid, {"ok": True, "stats": {n: stats(n) for n in proxies}})
             elif op == "clock":
                 schedule.start()
-                say({"ok": True})
+                say(rid, {"ok": True})
             elif op == "stop_clock":
                 await schedule.stop()
-                say({"ok": True})
+                say(rid, {"ok": True})
             elif op == "events":
-                say({"ok": True, "events": [asdict(e) for e in schedule.events], "elapsed": schedule.elapsed()})
+                events = [asdict(e) for e in schedule.events]
+                say(rid, {"ok": True, "events": events, "elapsed": schedule.elapsed()})
             elif op == "cut":
                 proxies[cmd["link"]].cut(cmd.get("mode", "blackhole"))
-                say({"ok": True})
+                say(rid, {"ok": True})
             elif op == "restore":
                 proxies[cmd["link"]].restore()
-                say({"ok": True})
+                say(rid, {"ok": True})
             elif op == "profile":
                 prof = LinkProfile.from_dict(cmd["profile"])
-                proxies[cmd["link"]].set_profile(proxy_profile(prof, plans[cmd["link"]].kernel_bandwidth))
-                say({"ok": True})
+                proxies[cmd["link"]].set_profile(oriented(prof, plans[cmd["link"]].reverse))
+                say(rid, {"ok": True})
             elif op == "stop":
                 break
             else:
-                say({"ok": False, "error": f"unknown op {op!r}"})
+                say(rid, {"ok": False, "error": f"unknown op {op!r}"})
         except Exception as e:  # a bad command is answered, never fatal
-            say({"ok": False, "error": f"{type(e).__name__}: {e}"})
+            say(rid, {"ok": False, "error": f"{type(e).__name__}: {e}"})
     await schedule.stop()
     for p in proxies.values():
         await p.stop()
-    say({"ok": True, "stopped": True})
 
 
 def main() -> None:
@@ -179,21 +223,29 @@ def main() -> None:
 
 
 # -- the parent's handle ----------------------------------------------------------------------------
-class LinkHostError(RuntimeError):
-    """The link process failed or answered with an error."""
+class LinkHostError(TestbedError):
+    """The link process failed, did not answer in time, or answered with an error."""
 
 
 class LinkHost:
-    """The testbed's links in their own process (see the module docstring)."""
+    """The testbed's links in their own process (see the module docstring).
 
-    def __init__(self, scenario: Scenario, plans: list[LinkPlan], *, log_path: str | None = None) -> None:
+    Every request carries an id and the child echoes it, so an answer that comes after its request timed
+    out is recognised and dropped instead of being taken for the answer to the next request."""
+
+    def __init__(
+        self, scenario: Scenario, plans: list[LinkPlan], *, log_path: str | None = None, timeout: float = 10.0
+    ) -> None:
         self.scenario, self.plans = scenario, plans
         self.log_path = log_path
+        self.timeout = timeout  # how long a command waits for its answer
         self.proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
+        self._next_id = 0
         self.pid: int | None = None
 
     async def start(self, timeout: float = 30.0) -> LinkHost:
+        """Start the process and its proxies; on any failure the process is gone before this raises."""
         err = Path(self.log_path).open("ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: ASYNC230
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -207,32 +259,50 @@ class LinkHost:
         finally:
             if not isinstance(err, int):
                 err.close()
+        self.pid = self.proc.pid
         config = {
+            "op": "start",
             "scenario": self.scenario.model_dump(mode="json"),
             "links": [
-                {
-                    "name": p.name,
-                    "listen": list(p.listen),
-                    "target": list(p.target),
-                    "kernel_bandwidth": p.kernel_bandwidth,
-                }
+                {"name": p.name, "listen": list(p.listen), "target": list(p.target), "reverse": p.reverse}
                 for p in self.plans
             ],
         }
-        first = await self._send(config, timeout)
-        self.pid = int(first.get("pid", 0)) or None
+        try:
+            await self._send(config, timeout)
+        except BaseException:
+            await self.stop()
+            raise
         return self
 
-    async def _send(self, obj: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    async def _send(self, obj: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        timeout = self.timeout if timeout is None else timeout
         async with self._lock:
-            if self.proc is None or self.proc.stdin is None or self.proc.stdout is None:
+            proc = self.proc
+            if proc is None or proc.stdin is None or proc.stdout is None:
                 raise LinkHostError("the link process is not running")
-            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-            await self.proc.stdin.drain()
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise LinkHostError(f"the link process exited (code {self.proc.returncode}); see {self.log_path}")
-        answer = json.loads(line)
+            self._next_id += 1
+            rid = self._next_id
+            try:
+                proc.stdin.write((json.dumps({**obj, "id": rid}) + "\n").encode())
+                await proc.stdin.drain()
+            except OSError as e:
+                raise LinkHostError(f"the link process is gone ({e}); see {self.log_path}") from None
+            deadline = loop.time() + timeout
+            while True:
+                try:
+                    line = await asyncio.wait_for(proc.stdout.readline(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise LinkHostError(
+                        f"the link process did not answer {obj.get('op')!r} within {timeout:g} s; see {self.log_path}"
+                    ) from None
+                if not line:
+                    await proc.wait()
+                    raise LinkHostError(f"the link process exited (code {proc.returncode}); see {self.log_path}")
+                answer = json.loads(line)
+                if answer.get("id") == rid:
+                    break  # anything else answers a request that timed out
         if not answer.get("ok"):
             raise LinkHostError(str(answer.get("error")))
         return dict(answer)
@@ -257,6 +327,7 @@ class LinkHost:
         await self._send({"op": "restore", "link": link})
 
     async def set_profile(self, link: str, profile: LinkProfile) -> None:
+        """Change ``link``'s profile, given in the uplink's terms (up: child -> parent)."""
         await self._send({"op": "profile", "link": link, "profile": profile.to_dict()})
 
     async def stop(self) -> None:

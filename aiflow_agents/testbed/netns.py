@@ -4,8 +4,10 @@ Processes started with :meth:`NetNamespace.exec_prefix` see only their loopback 
 (``10.213.<subnet_index>.0/30``: host side ``.1``, namespace side ``.2``). No default route and no other
 address, so the only way out is to the host side of the pair: what a tier reaches is what the testbed
 chose to expose on :attr:`NetNamespace.host_address`. :meth:`NetNamespace.shape` adds kernel bandwidth
-limits (``tbf``) per direction; this kernel has no ``netem``, so delay and loss come from the user-space
-link proxies, not from here.
+limits (``tbf``) per direction of the pair, for everything the namespace sends or receives. The testbed does
+not shape here: a tier's pair also carries traffic that crosses no link (the requester reaching the device's
+broker, a child's link reaching its parent's broker), so its links emulate bandwidth, delay and loss per link
+in the user-space proxies (this kernel has no ``netem`` anyway).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A scenario is TOML (``tomllib``; the shipped ones live in ``aiflow_agents/testbe
 tree: each tier but the root names its ``parent`` and the link to it. With ``brokers = "per-tier"``
 (default) every tier runs its own Mosquitto and a child's broker bridges to its parent's through the link;
 with ``brokers = "shared"`` one broker runs at ``broker_at`` and every other tier's processes reach it
-through their own link (only tiers linked directly to ``broker_at``).
+through their own link (only tiers linked directly to ``broker_at``; not with ``isolation = "netns"``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class TierSpec(_Model):
     """One place: a kind (device, edge or cloud), a CPU quota, the agents its node hosts."""
 
     kind: Kind
-    cores: float | None = Field(None, gt=0, description="CPU quota in cores (None: unlimited)")
+    cores: float | None = Field(
+        None, ge=0.01, description="CPU quota in cores (None: unlimited; at least 0.01: 1 ms per 100 ms)"
+    )
     agents: list[str] = Field(default_factory=list, description="aiflow node --agent specs")
     parent: str | None = None
     link: LinkSpec | None = None
@@ -159,6 +161,11 @@ class Scenario(_Model):
             if o.link not in self.tiers or self.tiers[o.link].parent is None:
                 raise ValueError(f"{o.link!r} is not a tier with an uplink (outages and changes name the child tier)")
         if self.brokers == "shared":
+            if self.isolation == "netns":
+                raise ValueError(
+                    "brokers = 'shared' cannot run with isolation = 'netns': the shared broker and its links listen "
+                    "on the host's loopback, which processes in a tier's namespace cannot reach (use per-tier brokers)"
+                )
             at = self.broker_at or self.root
             if at not in self.tiers:
                 raise ValueError(f"broker_at {at!r} is not a tier")
@@ -189,16 +196,6 @@ class Scenario(_Model):
         while (p := self.tiers[out[-1]].parent) is not None:
             out.append(p)
         return out
-
-    def tier_of(self, agent_id: str) -> str | None:
-        from ..registry import AgentSpec
-
-        for n, t in self.tiers.items():
-            for a in t.agents:
-                spec = AgentSpec.parse(a)
-                if (spec.agent_id or spec.type_name) == agent_id:
-                    return n
-        return None
 
 
 def shipped_scenarios() -> dict[str, Path]:
