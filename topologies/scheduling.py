@@ -498,8 +498,11 @@ class NetworkAware:
         if self.fallback and not all_local and local:
             fb = max((p for p in local if cost(p)[0] <= budget), key=lambda p: p.expected_accuracy, default=None)
             if fb is not None:
-                # start the local exit when only its own (tail) run time and a margin are left
-                after = max(0.0, ctx.deadline_s - (fb.tail_ms * 1.5 + 20.0) / 1e3)
+                # start the local exit when only its own (tail) run time and a margin are left; the margin
+                # (50 ms or a tenth of the deadline) covers what the estimate does not see: the event loop,
+                # the local broker, a model that was swapped out
+                margin = max(0.05, 0.1 * ctx.deadline_s)
+                after = max(0.0, ctx.deadline_s - fb.tail_ms * 1.5 / 1e3 - margin)
                 best = replace(best, fallback=fb.stages[0], fallback_after_s=after)
         return best
 

@@ -1,6 +1,7 @@
 """A tier's own Mosquitto, optionally bridged up to its parent's broker through the tier's link.
 
-The bridge carries the whole protocol tree both ways (docs/deployment.md). ``keepalive_interval`` is short
+The bridge carries the protocol tree (docs/deployment.md); the testbed narrows it so that a request to an
+agent crosses only the links on its way (see :func:`bridge_topics`). ``keepalive_interval`` is short
 so a link that goes dark is noticed in seconds, and ``restart_timeout`` is short so the bridge returns soon
 after the link does.
 """
@@ -46,6 +47,7 @@ class MosquittoProcess:
         *,
         host: str = "127.0.0.1",
         bridge_to: tuple[str, int] | None = None,
+        bridge_topics: Sequence[str] = ("aiflow/v1/# both 1",),
         bridge_keepalive: int = 5,
         prefix: Sequence[str] = (),
     ) -> None:
@@ -66,7 +68,7 @@ class MosquittoProcess:
             lines += [
                 f"connection {name}-up",
                 f"address {bridge_to[0]}:{bridge_to[1]}",
-                "topic aiflow/v1/# both 1",
+                *(f"topic {t}" for t in bridge_topics),
                 "bridge_protocol_version mqttv50",
                 "try_private true",
                 "cleansession true",
@@ -105,3 +107,23 @@ class MosquittoProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+def bridge_topics(
+    inside_agents: Sequence[str],
+    outside_agents: Sequence[str],
+    inside_nodes: Sequence[str],
+    outside_nodes: Sequence[str],
+) -> list[str]:
+    """The bridge of a tier whose subtree hosts ``inside_*``: requests (inboxes) and probes travel up only for
+    agents and nodes outside the subtree, and down only for those inside, so a request to a local agent never
+    crosses the uplink. Replies, presence, telemetry, groups, events and errors cross both ways (their
+    readers can be anywhere; a client's id says nothing about where it runs)."""
+    base = "aiflow/v1/+"
+    topics = [f"{base}/agents/{a}/inbox out 1" for a in outside_agents]
+    topics += [f"{base}/agents/{a}/inbox in 1" for a in inside_agents]
+    topics += [f"{base}/probe/{n} out 0" for n in outside_nodes]
+    topics += [f"{base}/probe/{n} in 0" for n in inside_nodes]
+    for shared in ("clients/#", "presence/#", "telemetry/#", "groups/#", "events/#", "errors/#"):
+        topics.append(f"{base}/{shared} both 1")
+    return topics

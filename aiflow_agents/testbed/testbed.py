@@ -30,7 +30,7 @@ from ..registry import AgentSpec
 from .compute import CpuQuota, CpuQuotaError, cpu_quota_unavailable
 from .link import LinkProfile, LinkStats
 from .links import LinkEvent, LinkHost, LinkPlan
-from .mosquitto import MosquittoProcess, TestbedError, mosquitto_binary
+from .mosquitto import MosquittoProcess, TestbedError, bridge_topics, mosquitto_binary
 from .netns import NetNamespace, NetNamespaceError, free_subnet_index, netns_unavailable
 from .scenario import Scenario, TierSpec, load_scenario
 
@@ -163,9 +163,12 @@ class Testbed:
                 await self._delete_namespaces()
         self._degrade(f"network namespaces not used: {why}")
 
+    def _node_id(self, rt: TierRuntime) -> str:
+        return f"{self.namespace}-{rt.name}"
+
     def _start_node(self, rt: TierRuntime) -> None:
         sc = self.scenario
-        rt.node_id = f"{self.namespace}-{rt.name}"
+        rt.node_id = self._node_id(rt)
         rt.node = NodeProcess(
             rt.agents,
             rt.url,
@@ -201,6 +204,18 @@ class Testbed:
     def _runtimes(self) -> list[tuple[TierRuntime, TierSpec]]:
         return [(rt, self.scenario.tiers[name]) for name, rt in self.tiers.items()]
 
+    def _bridge_topics(self, tier: str) -> list[str]:
+        """What tier's bridge carries: requests only towards the subtree that hosts their agent."""
+        sc = self.scenario
+        subtree = {tier}
+        while grown := {n for n, t in sc.tiers.items() if t.parent in subtree} - subtree:
+            subtree |= grown
+        inside = [self.tiers[n] for n in sc.tiers if n in subtree]
+        outside = [self.tiers[n] for n in sc.tiers if n not in subtree]
+        agents = lambda rts: [_agent_id(a) for rt in rts for a in rt.agents]  # noqa: E731
+        nodes = lambda rts: [self._node_id(rt) for rt in rts if rt.agents]  # noqa: E731
+        return bridge_topics(agents(inside), agents(outside), nodes(inside), nodes(outside))
+
     def _plan_per_tier_brokers(self) -> None:
         """Each tier's Mosquitto (not started yet) and, for a child tier, the link its bridge crosses."""
         for rt, t in self._runtimes():  # top-down: a parent's broker is planned before its children's
@@ -219,6 +234,7 @@ class Testbed:
                 self.workdir,
                 host=host,
                 bridge_to=bridge_to,
+                bridge_topics=self._bridge_topics(rt.name),
                 prefix=rt.netns.exec_prefix() if rt.netns else (),
             )
             rt.url = BrokerURL(host=host, port=port, protocol="5")
