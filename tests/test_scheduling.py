@@ -389,3 +389,13 @@ def test_bytes_are_attributed_to_every_link_a_message_crosses() -> None:
     r = SimpleNamespace(trace=trace)
     out = _bytes_by_link(r, sc, {"device": "device", "edge": "edge", "cloud": "cloud"})
     assert out == {"device": 5000 + 300 + 50, "edge": 5000 + 300}
+
+
+def test_a_cascade_is_never_estimated_faster_than_sending_its_last_stage_the_text() -> None:
+    from topologies.scheduling import Plan
+
+    for v in (view(60, 40, up_bps=3e6), view(5, 10, up_bps=None), view(20, 300, up_bps=1e6, jitter=50)):
+        c = ctx(v)
+        text = estimate(c, remote_only("cloud").plan(c))
+        chain = estimate(c, Plan("k", "cascade", ("device", "cloud"), (0.99,), "text"))
+        assert chain.tail_ms >= text.tail_ms and chain.mean_ms >= text.mean_ms - 1e-9

@@ -292,7 +292,7 @@ def estimate(ctx: PlanContext, plan: Plan) -> Plan:
             if k > 0 and plan.encoding != "text":
                 payload += cal.hidden_bytes.get(plan.encoding, 0)
             elapsed += abs(v.rtt - prev_rtt) / 2 + _tx_ms(payload, v) + _compute(ctx, m.agent_id)
-            done = elapsed + v.rtt / 2
+            done = elapsed + v.rtt / 2 + _tx_ms(TEXT_FRAME_BYTES, v)  # the reply comes back from this stage
             mean += share[k] * done
             if reached > 0.05:  # the deepest stage more than 5% of items reach sets the tail
                 tail = done + 2 * v.jitter
