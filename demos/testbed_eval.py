@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import math
+import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -256,13 +257,19 @@ async def run_testbed_eval(
             rows: list[Row] = []
             names = list(patterns)
             jobs = [(i, names[(i + k) % len(names)]) for i in range(n) for k in range(len(names))]
-            sem = asyncio.Semaphore(conc)
+            # Closed loop (``concurrency`` in flight) by default; with ``rate``, open loop: task i arrives at a
+            # Poisson time and all policies get it then, however slow the earlier ones are (no coordinated
+            # omission: a policy that queues pays for it in its own latency).
+            arrivals = _poisson_arrivals(n, wl.rate, seed) if wl.rate else None
+            sem = asyncio.Semaphore(conc if arrivals is None else len(jobs))
             await tb.start_clock()
             t_start = time.monotonic()
             done = 0
 
             async def one(i: int, name: str) -> None:
                 nonlocal done
+                if arrivals is not None:
+                    await asyncio.sleep(max(0.0, arrivals[i] - (time.monotonic() - t_start)))
                 async with sem:
                     t_rel = tb.elapsed()
                     out = [o for o in sc.outages]
@@ -291,7 +298,8 @@ async def run_testbed_eval(
             "testbed": info,
             "n_tasks": n,
             "seed": seed,
-            "concurrency": conc,
+            "concurrency": conc if not wl.rate else None,
+            "rate_per_s": wl.rate,
             "deadline_s": wl.deadline_s,
             "accuracy_target": target,
             "calibration": cal.to_dict(),
@@ -304,6 +312,16 @@ async def run_testbed_eval(
         }
     )
     return report
+
+
+def _poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each of ``n`` tasks arrives, ``rate`` per second on average."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
 
 
 def _overhead(o: Any) -> dict[str, Any]:

@@ -4,6 +4,7 @@ delays; we assert the choice, never a time), and the Scheduled pattern running p
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 
 import pytest
@@ -399,3 +400,14 @@ def test_a_cascade_is_never_estimated_faster_than_sending_its_last_stage_the_tex
         text = estimate(c, remote_only("cloud").plan(c))
         chain = estimate(c, Plan("k", "cascade", ("device", "cloud"), (0.99,), "text"))
         assert chain.tail_ms >= text.tail_ms and chain.mean_ms >= text.mean_ms - 1e-9
+
+
+def test_open_loop_arrivals_are_poisson_and_reproducible() -> None:
+    from demos.testbed_eval import _poisson_arrivals
+
+    a = _poisson_arrivals(2000, 20.0, seed=7)
+    assert a == _poisson_arrivals(2000, 20.0, seed=7) and a[0] == 0.0
+    gaps = [y - x for x, y in itertools.pairwise(a)]
+    assert all(g >= 0 for g in gaps)
+    assert 0.045 < sum(gaps) / len(gaps) < 0.055  # mean gap 1/rate
+    assert sum(g < 0.05 for g in gaps) / len(gaps) > 0.55  # exponential: most gaps below the mean (1 - 1/e)

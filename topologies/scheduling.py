@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -677,8 +677,3 @@ class Scheduled(Pattern):
             for t in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-
-
-def members_from(specs: Iterable[tuple[str, str, str, str, int]], local_tier: str) -> list[Member]:
-    """Members from ``(agent_id, tier, kind, exit, depth)`` rows; those on ``local_tier`` are local."""
-    return [Member(a, t, k, e, d, local=t == local_tier) for a, t, k, e, d in specs]

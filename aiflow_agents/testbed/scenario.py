@@ -113,7 +113,8 @@ class Workload(_Model):
     #: Accuracy (0-1) the adaptive policy must expect to reach; None: the deepest exit's minus ``tolerance``.
     accuracy_target: float | None = Field(None, ge=0, le=1)
     tolerance: float = Field(0.01, ge=0, le=1)
-    #: Requests per second offered (open loop); None: closed loop at ``concurrency``.
+    #: Tasks per second arriving (open loop, Poisson; every policy gets each task when it arrives); None: closed
+    #: loop at ``concurrency``.
     rate: float | None = Field(None, gt=0)
 
 
