@@ -220,8 +220,11 @@ async def test_plans_run_their_stages_with_the_chosen_encoding(memory, namespace
         assert fwd16 and fwd_text
         # float16 ships the device's hidden states (5 KB); "text" ships the prompt only
         assert fwd16[0].bytes > 5000 > fwd_text[0].bytes
-        hedge = await mgr.run(Scheduled(NetworkAware(), members, cal, view(10, 15), deadline_s=5), "12+30", timeout=5)
-        assert hedge.ok and hedge.answer == "42"
+        adaptive = await mgr.run(
+            Scheduled(NetworkAware(), members, cal, view(10, 15), deadline_s=5), "12+30", timeout=5
+        )
+        assert adaptive.ok and adaptive.answer == "42"
+        assert adaptive.outcome.details["answered_by"] in {"device", "edge", "cloud"}
     finally:
         await mgr.__aexit__(None, None, None)
 
@@ -309,6 +312,10 @@ async def test_every_plan_kind_runs_and_flags_what_it_had_to_give_up(memory, nam
         # hedge: a confident shallow answer stands at once
         h = await _run_plan(mgr, Plan("hedge", "hedge", ("edge", "cloud-a"), (0.8,)))
         assert h.answer == "7" and h.outcome.details["answered_by"] == "edge" and not h.outcome.details["degraded"]
+        # hedge whose shallow tier is slow: the deeper answer stands as soon as it is back
+        slow = await _run_plan(mgr, Plan("hedge", "hedge", ("cloud-a", "cloud-b"), (0.5,)))
+        # (cloud-a's answer, confident, would stand if the hedge waited for the shallow tier first)
+        assert slow.answer == "2" and slow.outcome.details["answered_by"] == "cloud-b"
         # hedge whose deeper tier fails: the unconfident shallow answer, flagged degraded
         d = await _run_plan(mgr, Plan("hedge", "hedge", ("edge", "cloud"), (0.95,)))
         assert d.answer == "7" and d.outcome.details["degraded"] and "cloud failed" in d.outcome.details["reason"]
@@ -327,9 +334,10 @@ async def test_a_failing_fallback_does_not_throw_away_a_remote_answer_in_time(me
     )
     try:
         # the fallback starts after 0.1 s and fails at once; the remote answer arrives at 0.4 s, in time
-        plan = Plan("text", "text", ("cloud-a",), fallback="dev", fallback_after_s=2.9)
+        plan = Plan("text", "text", ("cloud-a",), fallback="dev", fallback_after_s=0.1)
         r = await _run_plan(mgr, plan, deadline=3.0)
         assert r.ok and r.answer == "1" and not r.outcome.details["degraded"]
+        assert [e.kind for e in r.trace.events if e.sender == "dev"] == ["error"]  # the fallback ran, and failed
     finally:
         await mgr.__aexit__(None, None, None)
 

@@ -636,24 +636,34 @@ class Scheduled(Pattern):
         raise GraphError(f"unknown plan kind {plan.kind!r}")
 
     async def _hedge(self, plan: Plan, task: Envelope, rt: Runtime, label: str) -> Outcome:
-        a, b = (asyncio.ensure_future(self._ask(rt, s, task, f"{label} {s}", {"threshold": 0.0})) for s in plan.stages)
+        """Both tiers at once: the shallow answer stands if confident, the deeper one as soon as it is back
+        (it is the more accurate); an unconfident shallow answer only if the deeper tier fails (degraded)."""
+        shallow, deep = plan.stages
+        a = asyncio.ensure_future(self._ask(rt, shallow, task, f"{label} {shallow}", {"threshold": 0.0}))
+        b = asyncio.ensure_future(self._ask(rt, deep, task, f"{label} {deep}", {"threshold": 0.0}))
+        pending: set[asyncio.Future[Outcome]] = {a, b}
         try:
-            ra = await a
-            if ra.ok and ra.confidence is not None and ra.confidence >= plan.thresholds[0]:
-                ra.details = {**ra.details, "answered_by": plan.stages[0]}
-                return ra
-            rb = await b
-            if rb.ok:
-                rb.details = {**rb.details, "answered_by": plan.stages[1]}
-                return rb
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if b in done and b.result().ok:
+                    rb = b.result()
+                    rb.details = {**rb.details, "answered_by": deep}
+                    return rb
+                if a in done:
+                    ra = a.result()
+                    if ra.ok and ra.confidence is not None and ra.confidence >= plan.thresholds[0]:
+                        ra.details = {**ra.details, "answered_by": shallow}
+                        return ra
+            ra = a.result()
             if ra.ok:  # the deeper tier failed: the shallower, unconfident answer is better than none
-                ra.details = {**ra.details, "answered_by": plan.stages[0], "degraded_by": f"{plan.stages[1]} failed"}
+                ra.details = {**ra.details, "answered_by": shallow, "degraded_by": f"{deep} failed"}
             return ra
         finally:
-            if not b.done():
-                b.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await b
+            for t in (a, b):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
 
     async def _race(self, plan: Plan, task: Envelope, rt: Runtime, label: str) -> Outcome:
         tasks = {
