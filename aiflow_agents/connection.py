@@ -226,6 +226,7 @@ class Connection:
         self._retry_v5: set[int] = set()  # members learnt as 3.1.1 only from a close: try MQTT 5 again later
         self._version = MQTT_311 if url.protocol == "3.1.1" else MQTT_5
         self._subs: dict[str, int] = {}
+        self._retries: set[asyncio.Task[None]] = set()  # background SUBSCRIBEs of filters a broker refused
         self._routes: list[tuple[str, MessageHandler]] = []
         self._match_cache: dict[str, list[MessageHandler]] = {}
         self._on_connect: list[Hook] = []
@@ -317,7 +318,7 @@ class Connection:
         if session is not None and not session.is_closed:
             with contextlib.suppress(Exception):
                 await session.disconnect(timeout=2.0)
-        for task in (self._task, self._dispatcher):
+        for task in (self._task, self._dispatcher, *self._retries):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -528,9 +529,10 @@ class Connection:
             await asyncio.sleep(max(next(delays), wait or 0.0))
 
     async def _restore(self, session: Session | MemorySession) -> None:
-        """Subscribe again after a reconnect. A filter the broker now refuses (an ACL change) is dropped,
-        logged and counted; only when every one is refused is the connection failed (connected but deaf: a
-        NATS member whose JetStream is not back yet refuses every SUBSCRIBE with 0x80)."""
+        """Subscribe again after a reconnect. A filter the broker now refuses is kept and retried in the
+        background with backoff (a NATS member whose JetStream is coming back refuses some SUBSCRIBEs with 0x80
+        for a while; an ACL change refuses it for good, which costs one SUBSCRIBE per 30 s), logged and counted;
+        only when every one is refused is the connection failed (connected but deaf)."""
         if not self._subs:
             return
         subs = list(self._subs.items())
@@ -545,14 +547,37 @@ class Connection:
         refused = [f for (f, _), c in zip(subs, codes, strict=True) if c >= 0x80]
         if len(refused) == len(subs):
             raise ConnectionClosedError(f"broker refused all our subscriptions on connect: {why}")
-        for f in refused:
-            self._subs.pop(f, None)
         self.refused_subscriptions += len(refused)
         self.log.error(
-            "the broker refused subscriptions after a reconnect: dropped",
+            "the broker refused subscriptions after a reconnect: retrying them",
             refused=refused,
             refused_subscriptions=self.refused_subscriptions,
         )
+        task = asyncio.get_running_loop().create_task(self._retry_refused(session, refused))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry_refused(self, session: Session | MemorySession, refused: list[str]) -> None:
+        """Subscribe ``refused`` again on this session, 0.5 s then doubling up to 30 s, until it takes them, the
+        filter is unsubscribed, or the session ends (a new one restores every filter anyway)."""
+        delay = 0.5
+        while refused and not session.closed.done():
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
+            wanted = [(f, self._subs[f]) for f in refused if f in self._subs]
+            if not wanted or session.closed.done():
+                return
+            try:
+                await session.subscribe(wanted, timeout=self._op_timeout)
+                codes = [0] * len(wanted)
+            except AckError as e:
+                codes = e.reason_codes if len(e.reason_codes) == len(wanted) else [0x80] * len(wanted)
+            except (ConnectionClosedError, TimeoutError):
+                return
+            refused = [f for (f, _), c in zip(wanted, codes, strict=True) if c >= 0x80]
+            taken = [f for (f, _), c in zip(wanted, codes, strict=True) if c < 0x80]
+            if taken:
+                self.log.info("a refused subscription was taken on retry", restored=taken)
 
     async def _run_hooks(self, hooks: list[Hook], what: str) -> None:
         for hook in list(hooks):
