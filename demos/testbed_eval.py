@@ -28,11 +28,11 @@ from protocols import Envelope
 from topologies import RunResult, TopologyManager
 from topologies.scheduling import (
     Calibration,
-    LinkView,
     Member,
     NetworkAware,
     Policy,
     Scheduled,
+    TelemetryView,
     confidence_cascade,
     fixed_split,
     local_only,
@@ -133,36 +133,6 @@ def policies_for(members: list[Member]) -> list[Policy]:
             pols.append(confidence_cascade([m.agent_id for m in chain], th, "float16", name="cascade"))
     pols.append(NetworkAware())
     return pols
-
-
-# -- the telemetry seen by the scheduler -------------------------------------------------------------
-class TelemetryView:
-    """:class:`topologies.scheduling.NetworkView` over the client's live telemetry: per tier, the link
-    estimate of that tier's node (probes plus real replies), per agent its nodes' records."""
-
-    def __init__(self, telemetry: Any, node_of_tier: dict[str, str]) -> None:
-        self.telemetry, self.node_of_tier = telemetry, node_of_tier
-
-    def path(self, tier: str) -> LinkView:
-        node = self.node_of_tier.get(tier)
-        est = self.telemetry.link(node) if node else None
-        if est is None or est.rtt_ms is None:
-            return LinkView()
-        # The median of the last 3 samples: it follows a lasting change within two samples (the smoothed RTT
-        # takes ~8) and ignores one outlier (a probe answer held through a tunnel would otherwise keep a
-        # recovered route "slow" for seconds). The spread is capped at one RTT for the same reason. A probe
-        # that timed out counts as a spread of several RTTs until one succeeds again.
-        rtt = est.recent_rtt_ms if est.recent_rtt_ms is not None else est.rtt_ms
-        jitter = min(est.rtt_var_ms or 0.0, rtt) + (3 * rtt if est.consecutive_failures else 0.0)
-        return LinkView(rtt_ms=rtt, jitter_ms=jitter, up_bps=est.throughput_bps, up=est.up, age_s=est.age)
-
-    def compute_ms(self, agent_id: str) -> float | None:
-        a = self.telemetry.agent(agent_id)
-        return None if a is None or a.stale else a.service_ms
-
-    def queued(self, agent_id: str) -> int:
-        a = self.telemetry.agent(agent_id)
-        return 0 if a is None or a.stale else int(a.in_flight + a.queued)
 
 
 # -- one run -------------------------------------------------------------------------------------------
@@ -272,12 +242,11 @@ async def run_testbed_eval(
                     await asyncio.sleep(max(0.0, arrivals[i] - (time.monotonic() - t_start)))
                 async with sem:
                     t_rel = tb.elapsed()
-                    out = [o for o in sc.outages]
-                    during = any(o.down_at(t_rel) for o in out)
+                    during = any(o.down_at(t_rel) for o in sc.outages)
                     r = await mgr.run(
                         patterns[name], Envelope.request(items[i].prompt), timeout=wl.deadline_s, check_online=False
                     )
-                    during = during or any(o.down_at(tb.elapsed()) for o in out)
+                    during = during or any(o.down_at(tb.elapsed()) for o in sc.outages)
                 rows.append(_row(name, i, items[i], r, wl.deadline_s, during, _bytes_by_link(r, sc, tier_of)))
                 done += 1
                 if not quiet and done % max(1, len(jobs) // 10) == 0:

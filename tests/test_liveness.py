@@ -10,11 +10,9 @@ generous bounds only where the issue names a time."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -26,22 +24,10 @@ from aiflow_agents import (
     Client,
     RequestTimeoutError,
 )
-from aiflow_agents.testing import NodeProcess
+from aiflow_agents.testing import frozen
 from topologies import TopologyManager, ensemble
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@contextlib.contextmanager
-def frozen(proc: NodeProcess) -> Iterator[None]:
-    """SIGSTOP a node process; it is always resumed (SIGCONT) afterwards."""
-    assert proc.pid is not None
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)
 
 
 def _lost_clock(c: Client) -> dict[str, float]:

@@ -345,7 +345,7 @@ async def test_a_failing_fallback_does_not_throw_away_a_remote_answer_in_time(me
 def test_the_telemetry_view_never_treats_an_unmeasured_or_dead_link_as_free() -> None:
     from types import SimpleNamespace
 
-    from demos.testbed_eval import TelemetryView
+    from topologies.scheduling import TelemetryView
 
     est = {
         "n-edge": SimpleNamespace(

@@ -461,6 +461,19 @@ async def test_acl_keeps_an_agent_out_of_another_inbox(brokers, tmp_path: Path, 
         assert mgr.presence.is_online("b") and not mgr.presence.is_online("evil")
 
 
+def _mallory(port: int) -> aiomqtt.Client:
+    """A stock MQTT 5 client logged in as the plain user ``mallory`` (password ``pm``)."""
+    return aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        username="mallory",
+        password="pm",
+        identifier="mallory",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        socket_options=NODELAY,
+    )
+
+
 async def test_acl_keeps_clients_out_of_replies_and_group_inboxes(brokers, tmp_path: Path, namespace: str) -> None:
     """Issue 11 defect 3, with the shipped ACL and no signing: a plain client user can neither read
     another client's replies or a group inbox, nor publish a forged answer into another client's
@@ -473,15 +486,7 @@ async def test_acl_keeps_clients_out_of_replies_and_group_inboxes(brokers, tmp_p
         Node([EchoAgent("n1")], _url(m, "n1", "p1"), namespace=namespace, node_id="n1"),
         Node([EchoAgent("n2")], _url(m, "n2", "p2"), namespace=namespace, node_id="n2"),
         Client(_url(m, "alice", "pa"), namespace=namespace, client_id="alice") as alice,
-        aiomqtt.Client(
-            "127.0.0.1",
-            m.port,
-            username="mallory",
-            password="pm",
-            identifier="mallory",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            socket_options=NODELAY,
-        ) as mallory,  # fmt: skip
+        _mallory(m.port) as mallory,
     ):
         await alice.wait_for_agents(["n1", "n2"], timeout=20)
         for sub in (topics.replies("alice"), f"{topics.base}/clients/+/replies", topics.group_filter, "#"):
@@ -530,15 +535,7 @@ async def test_acl_lets_telemetry_through(brokers, tmp_path: Path, namespace: st
         Node([EchoAgent("n1")], _url(m, "n1", "p1"), namespace=namespace, node_id="n1", telemetry_interval=0.3),
         Client(_url(m, "alice", "pa"), namespace=namespace, client_id="alice") as alice,
         Telemetry(alice) as tm,
-        aiomqtt.Client(
-            "127.0.0.1",
-            m.port,
-            username="mallory",
-            password="pm",
-            identifier="mallory",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            socket_options=NODELAY,
-        ) as mallory,  # fmt: skip
+        _mallory(m.port) as mallory,
     ):
         records: list[TelemetryRecord] = []
         tm.on_record.append(records.append)

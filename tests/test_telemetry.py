@@ -11,13 +11,10 @@ upper bounds generous."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-import os
-import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -34,7 +31,7 @@ from aiflow_agents.telemetry import (
     served_properties,
 )
 from aiflow_agents.testbed.link import LinkProfile, LinkProxy
-from aiflow_agents.testing import NodeProcess
+from aiflow_agents.testing import frozen
 from protocols import Envelope, Kind, Topics, ops
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,18 +61,6 @@ async def until(check: Callable[[], Any], timeout: float, what: str, step: float
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(step)
-
-
-@contextlib.contextmanager
-def frozen(proc: NodeProcess) -> Iterator[None]:
-    """SIGSTOP a node process; it is always resumed (SIGCONT) afterwards."""
-    assert proc.pid is not None
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)
 
 
 @pytest_asyncio.fixture

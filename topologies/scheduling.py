@@ -158,6 +158,35 @@ class StaticView:
         return self._queued.get(agent_id, 0)
 
 
+class TelemetryView:
+    """:class:`NetworkView` over a client's live :class:`aiflow_agents.Telemetry`: per tier, the link
+    estimate of that tier's node (probes plus real replies), per agent its nodes' records."""
+
+    def __init__(self, telemetry: Any, node_of_tier: dict[str, str]) -> None:
+        self.telemetry, self.node_of_tier = telemetry, node_of_tier
+
+    def path(self, tier: str) -> LinkView:
+        node = self.node_of_tier.get(tier)
+        est = self.telemetry.link(node) if node else None
+        if est is None or est.rtt_ms is None:
+            return LinkView()
+        # The median of the last 3 samples: it follows a lasting change within two samples (the smoothed RTT
+        # takes ~8) and ignores one outlier (a probe answer held through a tunnel would otherwise keep a
+        # recovered route "slow" for seconds). The spread is capped at one RTT for the same reason. A probe
+        # that timed out counts as a spread of several RTTs until one succeeds again.
+        rtt = est.recent_rtt_ms if est.recent_rtt_ms is not None else est.rtt_ms
+        jitter = min(est.rtt_var_ms or 0.0, rtt) + (3 * rtt if est.consecutive_failures else 0.0)
+        return LinkView(rtt_ms=rtt, jitter_ms=jitter, up_bps=est.throughput_bps, up=est.up, age_s=est.age)
+
+    def compute_ms(self, agent_id: str) -> float | None:
+        a = self.telemetry.agent(agent_id)
+        return None if a is None or a.stale else a.service_ms
+
+    def queued(self, agent_id: str) -> int:
+        a = self.telemetry.agent(agent_id)
+        return 0 if a is None or a.stale else int(a.in_flight + a.queued)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What to do with one request, and why (the estimates are kept for the report)."""
