@@ -28,6 +28,8 @@ NODES = [
 MEMBERS = ["device", "edge", "cloud", "peer-a", "peer-b"]
 TIER = {"device": "device", "edge": "edge", "cloud": "cloud", "peer-a": "cloud", "peer-b": "cloud"}
 TRIO = ["cloud", "peer-a", "peer-b"]
+#: A gain over the best member counts as emergent only below this McNemar p-value (paired items).
+EMERGENT_ALPHA = 0.05
 
 
 def relay_thresholds() -> list[float]:
@@ -85,7 +87,7 @@ class Scored:
                     for t, x in zip(self.tasks, rounds, strict=True)
                 ]  # type: ignore[arg-type]
                 per_round.append(sum(hits) / max(1, len(hits)))
-        return {
+        out = {
             "name": self.name,
             "n": n,
             "correct": k,
@@ -101,6 +103,47 @@ class Scored:
             "errors": sum(1 for r in self.results if r.error),
             "per_round": per_round,
         }
+        if rounds and all(rounds):
+            out["changes"] = answer_changes(self.tasks, rounds)  # type: ignore[arg-type]
+        return out
+
+
+def answer_changes(tasks: Sequence[Task], rounds: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per pair of consecutive debate rounds: how many agents changed their answer, and whether that
+    fixed or broke it. A debate whose agents never change their answers is cross-scoring with extra
+    calls, whatever its accuracy says."""
+    out: list[dict[str, Any]] = []
+    for i in range(1, max((len(x) for x in rounds), default=0)):
+        compared = changed = to_wrong = to_right = tasks_changed = 0
+        for t, x in zip(tasks, rounds, strict=True):
+            if i >= len(x):
+                continue
+            before, after = x[i - 1]["answers"], x[i]["answers"]
+            moved = 0
+            for agent, a in after.items():
+                b = before.get(agent)
+                if a is None or b is None:
+                    continue  # an agent that failed in either round has nothing to compare
+                compared += 1
+                if a == b:
+                    continue
+                moved += 1
+                was, now = check_answer(t, b), check_answer(t, a)
+                to_wrong += int(was and not now)
+                to_right += int(now and not was)
+            changed += moved
+            tasks_changed += int(moved > 0)
+        out.append(
+            {
+                "rounds": f"{i}->{i + 1}",
+                "agent_answers_compared": compared,
+                "changed": changed,
+                "right_to_wrong": to_wrong,
+                "wrong_to_right": to_right,
+                "tasks_with_a_change": tasks_changed,
+            }
+        )
+    return out
 
 
 def score(name: str, tasks: Sequence[Task], results: Sequence[RunResult]) -> Scored:
@@ -142,6 +185,13 @@ async def evaluate(
         any_right = [any(singles[m].correct[i] for m in mine) for i in range(len(tasks))]
         b = sum(1 for x, y in zip(sc.correct, singles[best].correct, strict=True) if x and not y)
         c = sum(1 for x, y in zip(sc.correct, singles[best].correct, strict=True) if y and not x)
+        # a pattern that always answers like one member (an aggregator that keeps its own answer) is that member
+        same = {
+            m: sum(1 for r, q in zip(sc.results, singles[m].results, strict=True) if r.answer == q.answer)
+            / max(1, len(tasks))
+            for m in mine
+        }
+        p_value = mcnemar_p(b, c)
         entry = sc.summary()
         entry.update(
             {
@@ -149,20 +199,34 @@ async def evaluate(
                 "best_member": best,
                 "best_member_accuracy": singles[best].accuracy,
                 "gain_points": 100 * (sc.accuracy - singles[best].accuracy),
-                "paired_vs_best": {"pattern_only_right": b, "best_only_right": c, "mcnemar_p": mcnemar_p(b, c)},
+                "paired_vs_best": {"pattern_only_right": b, "best_only_right": c, "mcnemar_p": p_value},
+                "same_answer_as": same,
                 "any_member_right_ceiling": sum(any_right) / max(1, len(tasks)),
             }
         )
+        se_accuracy = None
         if self_ensemble:
             k = max(1, round(entry["model_calls_mean"]))
             se = await self_ensemble_baseline(mgr, best, tasks, k, concurrency=concurrency, quiet=quiet)
             entry["self_ensemble"] = se
-            beats_se = sc.accuracy > se["accuracy"]
-        else:
-            beats_se = True
-        entry["emergent"] = bool(sc.accuracy > singles[best].accuracy and beats_se)
+            se_accuracy = se["accuracy"]
+        entry["emergent"], entry["verdict"] = emergence(sc.accuracy, singles[best].accuracy, p_value, se_accuracy)
         report["patterns"][n] = entry
     return report
+
+
+def emergence(accuracy: float, best: float, p_value: float, self_ensemble: float | None) -> tuple[bool, str]:
+    """Whether a pattern's gain is emergent, and why (not): it must beat its best member, by more than
+    chance on the paired items (McNemar p < ``EMERGENT_ALPHA``), and the best member's self-ensemble
+    at the same number of calls (None: that baseline was not run)."""
+    p = f"p={p_value:.2g}"
+    if accuracy <= best:
+        return False, f"no gain ({100 * (accuracy - best):+.1f} pts)"
+    if not p_value < EMERGENT_ALPHA:
+        return False, f"not significant ({p})"
+    if self_ensemble is not None and accuracy <= self_ensemble:
+        return False, f"not above the self-ensemble ({100 * self_ensemble:.1f}%)"
+    return True, f"emergent ({p})" + ("" if self_ensemble is not None else "; no self-ensemble run")
 
 
 async def self_ensemble_baseline(

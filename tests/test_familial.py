@@ -286,3 +286,32 @@ async def test_int8_latent_parts_and_foreign_latents() -> None:
     # ... while the same hidden state under the device's own feature space is taken up and answered
     own = await agents["edg"].handle(Envelope.request(t.prompt, *pack_latent(h, agents["dev"].space)), bus)  # type: ignore[arg-type]
     assert own.kind == Kind.REPLY and own.error is None and own.text
+
+
+async def test_temperature_samples_seeded_and_zero_stays_greedy() -> None:
+    """A self-ensemble of one member is a baseline only if asking again can answer differently."""
+    agent = FamilialAgent("cld", exit="cloud")
+    bus = _Bus({"cld": agent})
+    items = T.generate_tasks(8, seed=78)
+    greedy = agent.model.generate([t.prompt for t in items], "cloud")
+
+    async def ask(prompt: str, **meta: Any) -> tuple[str, float]:
+        r = await agent.handle(Envelope.request(prompt, meta=meta), bus)  # type: ignore[arg-type]
+        return r.meta[O.ANSWER], r.meta[O.CONFIDENCE]
+
+    varied = 0
+    for t, ans, conf in zip(items, greedy.answers, greedy.confidence.tolist(), strict=True):
+        assert await ask(t.prompt) == await ask(t.prompt, temperature=0.0, seed=3) == (ans, pytest.approx(conf))
+        drawn = [await ask(t.prompt, temperature=1.5, seed=s) for s in range(6)]
+        assert drawn == [await ask(t.prompt, temperature=1.5, seed=s) for s in range(6)]  # a seed reproduces
+        varied += len({a for a, _ in drawn}) > 1
+        for a, c in drawn:
+            assert a.isdigit() and 0 < c <= conf + 1e-6  # a drawn digit is never likelier than the top one
+            if a == ans:
+                assert c == pytest.approx(conf)
+    assert varied > 0
+    hot = FamilialAgent("hot", exit="cloud", temperature=1.5, seed=1)
+    r = await hot.handle(Envelope.request(items[0].prompt), _Bus({"hot": hot}))  # type: ignore[arg-type]
+    assert r.meta[O.ANSWER] == (await ask(items[0].prompt, temperature=1.5, seed=1))[0]  # config = meta
+    with pytest.raises(AgentError, match="temperature"):
+        await agent.handle(Envelope.request(items[0].prompt, meta={"temperature": "warm"}), bus)  # type: ignore[arg-type]

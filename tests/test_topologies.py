@@ -112,6 +112,40 @@ async def test_ensemble_cross_scoring_beats_the_vote_when_scores_say_so(
         assert len(score_reqs) == 1
 
 
+async def test_every_model_call_is_counted_in_the_cost(memory: BrokerURL, namespace: str, local_nodes) -> None:
+    """Scoring, judging and aggregating are model calls too: a cost that counted only the proposals
+    would make cross-scoring look as cheap as a vote (and shrink the self-ensemble baseline's budget)."""
+    vocab = '["A","B","<eos>"]'
+    async with start(
+        local_nodes,
+        memory,
+        namespace,
+        [
+            'scripted:k1?answer=7&scores={"7":-1,"5":-3}',
+            'scripted:k2?answer=5&scores={"7":-1,"5":-4}',
+            'scripted:k3?answer=5&scores={"7":-1,"5":-2.5}',
+        ],
+        ["scripted:same1?answer=4", "scripted:same2?answer=4", "scripted:kj?judge_pick=5"],
+        [f"scripted:l{i}?answer=A&vocab={vocab}&dist=[0.6,0.4,0]" for i in range(3)],
+    ) as mgr:
+
+        async def calls(pattern) -> int:
+            r = await mgr.run(pattern, "x", timeout=20)
+            assert r.ok, r.error
+            return r.outcome.cost.model_calls
+
+        trio = ["k1", "k2", "k3"]
+        assert await calls(ensemble(trio, "vote")) == 3
+        assert await calls(ensemble(trio, "cross_score")) == 3 + 3  # proposals, then one score call each
+        assert await calls(ensemble(["same1", "same2"], "cross_score")) == 2  # unanimous: nothing to score
+        assert await calls(ensemble(trio, "judge", judge="kj")) == 3 + 1
+        assert await calls(debate(trio, rounds=2, aggregate="cross_score")) == 3 + 3 + 3
+        assert await calls(debate(trio, rounds=2, aggregate="judge", judge="kj")) == 3 + 3 + 1
+        assert await calls(mixture_of_agents([trio], aggregator="kj")) == 3 + 1
+        # latent: every member is asked once per decoding step (token A, then end of sequence)
+        assert await calls(ensemble(["l0", "l1", "l2"], "latent")) == 3 * 2
+
+
 async def test_latent_averaging_differs_from_text_voting(memory: BrokerURL, namespace: str, local_nodes) -> None:
     vocab = '["A","B","<eos>"]'
     async with start(

@@ -21,6 +21,7 @@ class Aggregate(StrEnum):
     JUDGE = "judge"
     CROSS_SCORE = "cross_score"
     LATENT = "latent"  # average token distributions of members sharing a feature space
+    AVERAGE = "average"  # average the members' distributions over a multiple-choice item's options
 
     @classmethod
     def parse(cls, value: str | Aggregate) -> Aggregate:
@@ -70,17 +71,37 @@ async def cross_score(
     rt: Runtime, scorers: Sequence[Any], task: Envelope, proposals: Sequence[Outcome], *, label: str = "cross-score"
 ) -> tuple[str | None, dict[str, Any]]:
     """Every scorer scores every distinct proposal by its own log-likelihood; the highest sum wins.
-    Works across tokenizers: each member scores in its own."""
+    Works across tokenizers: each member scores in its own. ``details["cost"]`` is what the score
+    calls cost (one model call per scorer that answered; nothing when the proposals agree), for the
+    caller to add to its own."""
     candidates = list(dict.fromkeys(o.answer for o in proposals if o.ok and o.answer is not None))
     if not candidates:
-        return None, {"candidates": [], "scores": {}}
+        return None, {"candidates": [], "scores": {}, "cost": ops.Cost(model_calls=0)}
     if len(candidates) == 1:
-        return candidates[0], {"candidates": candidates, "scores": {}, "unanimous": True}
-    per_member = await rt.score(scorers, task, candidates, label=label)
+        return candidates[0], {
+            "candidates": candidates,
+            "scores": {},
+            "unanimous": True,
+            "cost": ops.Cost(model_calls=0),
+        }
+    meta = {ops.OP: ops.Op.SCORE, ops.CANDIDATES: candidates}
+    outs = await rt.ask_many(scorers, task, label=label, meta=meta)  # what rt.score does, keeping the costs
+    cost = ops.Cost(model_calls=0)
+    per_member: dict[str, list[float] | None] = {}
+    for o in outs:
+        cost = cost.add(o.cost)
+        scores = o.reply.meta.get(ops.SCORES) if (o.reply is not None and o.error is None) else None
+        ok = isinstance(scores, list) and len(scores) == len(candidates)
+        per_member[o.source] = [float(s) for s in scores] if ok else None  # type: ignore[union-attr]
     usable = {m: s for m, s in per_member.items() if s is not None}
     if not usable:
         winner, _ = vote(proposals)
-        return winner, {"candidates": candidates, "scores": {}, "fallback": "vote: no member could score"}
+        return winner, {
+            "candidates": candidates,
+            "scores": {},
+            "fallback": "vote: no member could score",
+            "cost": cost,
+        }
     totals = [sum(s[i] for s in usable.values()) for i in range(len(candidates))]
     best = max(range(len(candidates)), key=lambda i: (totals[i], -i))
     return candidates[best], {
@@ -88,6 +109,7 @@ async def cross_score(
         "scores": usable,
         "totals": totals,
         "failed_scorers": sorted(m for m, s in per_member.items() if s is None),
+        "cost": cost,
     }
 
 
@@ -157,3 +179,35 @@ def _distribution(reply: Envelope) -> TensorPart | None:
     except compression.CompressionError:
         return None
     return next((p for p in parts if isinstance(p, TensorPart) and p.role == TensorRole.TOKEN_DISTRIBUTION), None)
+
+
+def average(
+    task: Envelope, outcomes: Sequence[Outcome], weights: Mapping[str, float] | None = None
+) -> tuple[str | None, float | None, dict[str, Any]]:
+    """(answer, its averaged probability, details): a weighted mean of the members' probabilities over
+    a multiple-choice item's options (``choose`` replies' ``probs``). Each member scored in its own
+    tokenizer, so this mixes models that share nothing but the options; a member without a
+    distribution is left out (and named), and with none at all the answers are voted."""
+    options = task.meta.get(ops.CANDIDATES)
+    if not isinstance(options, list) or not options:
+        raise GraphError("aggregate='average' needs a multiple-choice task: meta.candidates lists the options")
+    total = [0.0] * len(options)
+    mass = 0.0
+    used: dict[str, float] = {}
+    missing: list[str] = []
+    for o in outcomes:
+        probs = o.reply.meta.get(ops.PROBS) if (o.ok and o.reply is not None) else None
+        if not (isinstance(probs, list) and len(probs) == len(options)):
+            missing.append(o.source)
+            continue
+        w = float((weights or {}).get(o.source, 1.0))
+        for i, p in enumerate(probs):
+            total[i] += w * float(p)
+        mass += w
+        used[o.source] = w
+    if mass <= 0:
+        winner, extra = vote(outcomes)
+        return winner, None, {**extra, "without_distribution": missing, "fallback": "vote: no member sent probs"}
+    mean = [t / mass for t in total]
+    best = max(range(len(options)), key=lambda i: (mean[i], -i))
+    return str(options[best]), mean[best], {"probs": mean, "weights": used, "without_distribution": missing}

@@ -7,7 +7,7 @@ from typing import Any
 
 from protocols import Envelope, ops
 
-from .aggregate import Aggregate, cross_score, judged, vote
+from .aggregate import Aggregate, average, cross_score, judged, vote
 from .graph import AgentGraph, AgentRef, GraphError
 from .pattern import Outcome, Pattern, Runtime, as_member
 
@@ -32,7 +32,13 @@ class Debate(Pattern):
             raise GraphError(f"debate {self.name!r}: rounds must be >= 1, got {rounds}")
         self.rounds = rounds
         self.aggregate = Aggregate.parse(aggregate)
-        if self.aggregate not in (Aggregate.VOTE, Aggregate.WEIGHTED, Aggregate.JUDGE, Aggregate.CROSS_SCORE):
+        if self.aggregate not in (
+            Aggregate.VOTE,
+            Aggregate.WEIGHTED,
+            Aggregate.JUDGE,
+            Aggregate.CROSS_SCORE,
+            Aggregate.AVERAGE,
+        ):
             raise GraphError(f"debate {self.name!r}: aggregate must be vote, weighted, judge or cross_score")
         self.judge = as_member(judge) if judge is not None else None
         if self.aggregate == Aggregate.JUDGE and self.judge is None:
@@ -70,7 +76,7 @@ class Debate(Pattern):
         for r in range(1, self.rounds + 1):
             meta = {ops.PEERS: peers} if peers is not None else None
             # each round gets its share of the time left, so one silent agent cannot eat the run
-            share = rt.remaining() / (self.rounds - r + 1 + (self.aggregate != Aggregate.VOTE))
+            share = rt.remaining() / (self.rounds - r + 1 + (self.aggregate not in (Aggregate.VOTE, Aggregate.AVERAGE)))
             results = await rt.ask_many(active, task, label=f"{self.name} round {r}", meta=meta, timeout=share)
             out.children.extend(results)
             for res in results:
@@ -91,9 +97,13 @@ class Debate(Pattern):
             last = ok
         if self.aggregate == Aggregate.CROSS_SCORE:
             out.answer, extra = await cross_score(rt, active, task, last, label=f"{self.name} cross-score")
+            out.cost = out.cost.add(extra.pop("cost"))  # the score calls are model calls too
+        elif self.aggregate == Aggregate.AVERAGE:
+            out.answer, out.confidence, extra = average(task, last)
         elif self.aggregate == Aggregate.JUDGE:
             out.answer, extra, verdict = await judged(rt, self.judge, task, last, label=f"{self.name} judge")
             out.children.append(verdict)
+            out.cost = out.cost.add(verdict.cost)
         else:
             out.answer, extra = vote(last, by_confidence=self.aggregate == Aggregate.WEIGHTED)
         out.details = {"aggregate": str(self.aggregate), "rounds": rounds, "dropped": dropped, **extra}

@@ -8,7 +8,7 @@ from typing import Any
 
 from protocols import Envelope
 
-from .aggregate import Aggregate, cross_score, judged, latent_average, vote
+from .aggregate import Aggregate, average, cross_score, judged, latent_average, vote
 from .graph import AgentGraph, AgentRef, GraphError
 from .pattern import Outcome, Pattern, Runtime, as_member
 
@@ -103,12 +103,20 @@ class Ensemble(Pattern):
             out.answer, extra = vote(ok)
         elif self.aggregate == Aggregate.WEIGHTED:
             out.answer, extra = vote(ok, self.weights or None, by_confidence=not self.weights)
+        elif self.aggregate == Aggregate.AVERAGE:
+            out.answer, conf, extra = average(task, ok, self.weights or None)
+            out.details.update(extra)
+            out.confidence = conf
+            out.text = out.answer or ""
+            return out
         elif self.aggregate == Aggregate.CROSS_SCORE:
             scorers = [m for m in self._members if m.agent_id in {p.source for p in ok}]  # type: ignore[union-attr]
             out.answer, extra = await cross_score(rt, scorers, task, ok, label=f"{self.name} cross-score")
+            out.cost = out.cost.add(extra.pop("cost"))  # the score calls are model calls too
         else:  # judge
             out.answer, extra, verdict = await judged(rt, self.judge, task, ok, label=f"{self.name} judge")
             out.children.append(verdict)
+            out.cost = out.cost.add(verdict.cost)
         out.details.update(extra)
         backers = [p.confidence for p in ok if p.answer == out.answer and p.confidence is not None]
         out.confidence = sum(backers) / len(ok) if backers else None

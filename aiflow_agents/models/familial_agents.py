@@ -21,8 +21,13 @@ from text. Replies carry ``meta.answer``, ``meta.confidence``, ``meta.cost``, an
 Config (keyword or ``?key=value`` on ``aiflow node --agent``): ``model`` (shipped name, default
 ``familial``) or ``path`` (a safetensors file), ``exit`` (name or index), ``next`` (agent id),
 ``threshold`` (min confidence to answer here; default: the thresholds tuned for the shipped family
-in weights/metrics.json), ``encoding`` (wire encoding), ``timeout``, ``threads``.
-Per request, ``meta.threshold`` and ``meta.encoding`` override the agent's own.
+in weights/metrics.json), ``encoding`` (wire encoding), ``timeout``, ``threads``, ``temperature``
+(0 = greedy, the default) and ``seed`` (as for the ``hf`` agent).
+Per request, ``meta.threshold``, ``meta.encoding``, ``meta.temperature`` and ``meta.seed`` override the
+agent's own. With a temperature above 0 each answer digit is drawn from the exit's tempered digit
+distribution with a generator seeded by ``seed`` (the same seed gives the same answer), so a
+self-ensemble of one member is a real baseline; ``meta.confidence`` is then the lowest probability
+(untempered) of the digits drawn, as it is the lowest top probability when decoding greedily.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ from ..agent import Accepts, Agent, AgentContext, Reply
 from ..errors import AgentError, RemoteAgentError
 from .familial import (
     ALPHABET,
+    DIGITS,
     FamilialModel,
     load_model,
     load_shipped,
     shipped_thresholds,
 )
-from .tasks import canonical_prompt, extract_expression
+from .tasks import answer_from_target, canonical_prompt, extract_expression
 
 #: Used when neither the config nor the shipped metrics give a threshold.
 FALLBACK_THRESHOLD = 0.9
@@ -80,6 +86,10 @@ class FamilialAgent(Agent):
         if (self.encoding not in C.ENCODINGS or self.encoding == C.TOPK) and self.encoding != TEXT:
             raise ValueError(f"encoding must be one of {C.PLAIN}, {C.INT8_ROWWISE} or {TEXT!r}")
         self.timeout = float(cfg.get("timeout", 30.0))
+        self.temperature = float(cfg.get("temperature", 0.0))
+        self.seed = int(cfg.get("seed", 0))
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
         torch.set_num_threads(int(cfg.get("threads", 1)))
         self.space = FeatureSpace(
             family=mc.family, model=mc.name, layer=self.depth, hidden_size=mc.d_model, tokenizer=mc.tokenizer
@@ -98,6 +108,7 @@ class FamilialAgent(Agent):
             "depth": self.depth,
             "next": self.next,
             "threshold": self.threshold,
+            "temperature": self.temperature,
         }
 
     # -- ops --------------------------------------------------------------------------------
@@ -174,7 +185,7 @@ class FamilialAgent(Agent):
         with torch.no_grad():
             logits, h = self.model.continue_from(hidden, layer, self.exit)
             dec = self.model.decode_logits(logits, h)
-        answer, conf = dec.answers[0], float(dec.confidence[0])
+        answer, conf = self._pick(dec.probs[0], dec.answers[0], float(dec.confidence[0]), request)
         ran = self.depth - layer
         threshold = float(request.meta.get("threshold", self.threshold))
         here = {
@@ -210,7 +221,7 @@ class FamilialAgent(Agent):
         encoding = str(request.meta.get("encoding", self.encoding))
         parts = [] if encoding == TEXT else pack_latent(h, self.space, encoding)
         meta = {O.OP: O.Op.GENERATE.value, "encoding": encoding, "relay_from": self.agent_id}
-        for key in ("threshold", O.RETURN):
+        for key in ("threshold", O.RETURN, "temperature", "seed"):
             if key in request.meta:
                 meta[key] = request.meta[key]
         fwd = Envelope.request(prompt, *parts, sender=self.agent_id, meta=meta, trace_id=request.trace_id)
@@ -232,6 +243,24 @@ class FamilialAgent(Agent):
         meta["answered_by"] = rm.get("answered_by", reply.sender)
         meta["exit"] = rm.get("exit")
         return request.reply(*reply.parts, sender=self.agent_id, meta=meta)
+
+    def _pick(self, probs: torch.Tensor, greedy: str, greedy_conf: float, request: Envelope) -> tuple[str, float]:
+        """The greedy answer, or with ``temperature > 0`` one drawn digit by digit (seeded) from the
+        tempered distribution ``probs`` (W, 10); confidence: the lowest probability of a digit drawn."""
+        raw_t, raw_seed = request.meta.get("temperature"), request.meta.get("seed")
+        try:
+            temp = self.temperature if raw_t is None else float(raw_t)
+            seed = self.seed if raw_seed is None else int(raw_seed)
+        except (TypeError, ValueError):
+            raise AgentError("meta.temperature must be a number and meta.seed an integer", code="bad_request") from None
+        if not temp > 0:  # 0, absent (or NaN): greedy
+            return greedy, greedy_conf
+        gen = torch.Generator().manual_seed(seed)
+        weights = probs.float().clamp_min(1e-30).log().div(temp).softmax(-1)
+        idx = torch.multinomial(weights, 1, generator=gen).squeeze(-1)  # (W,) one draw per answer digit
+        chosen = probs.gather(-1, idx[:, None]).squeeze(-1)
+        answer = answer_from_target("".join(DIGITS[int(j)] for j in idx))
+        return answer, float(chosen.min())
 
     def _reconsider(self, prompt: str, answer: str, conf: float, peers: list[dict[str, Any]]) -> tuple[str, float]:
         """Debate / mixture-of-agents for a model that cannot read prose: weigh its own answer against
