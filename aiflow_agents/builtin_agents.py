@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 from collections import Counter
@@ -39,7 +40,8 @@ class ScriptedAgent(Agent):
     - ``fail``: raise (code ``scripted_failure``); ``crash``: kill the whole node process (SIGKILL)
     - ``crash_after``: serve this many requests, then SIGKILL the node on the next one
     - ``fail_on``: fail only when the request text contains this string
-    - ``scores``: dict answer -> log-likelihood for ``score`` (default: 0 for its own answer, -10 else)
+    - ``scores``: dict answer -> log-likelihood for ``score`` and ``choose`` (default: 0 for its own
+      answer, -10 else); ``choose`` picks the best-scored option and sends the softmax as ``probs``
     - ``judge_pick``: the candidate a ``judge`` request returns (default: the majority candidate)
     - ``accept_answers``: answers a ``verify`` request accepts (default: its own answer only)
     - ``vocab`` + ``dist``: a vocabulary and the next-token distribution ``next`` returns for the first
@@ -86,6 +88,18 @@ class ScriptedAgent(Agent):
             cands = [str(c) for c in request.meta.get(ops.CANDIDATES, [])]
             scores = [float(table.get(c, 0.0 if c == own else -10.0)) for c in cands]
             return request.reply(sender=self.agent_id, meta={**base, ops.SCORES: scores})
+        if op == ops.Op.CHOOSE:  # the options scored as for ``score``; the best one chosen
+            table = cfg.get("scores") or {}
+            cands = [str(c) for c in request.meta.get(ops.CANDIDATES, [])]
+            if len(cands) < 2:
+                raise AgentError("choose needs meta.candidates: at least two options", code="bad_request")
+            scores = [float(table.get(c, 0.0 if c == own else -10.0)) for c in cands]
+            top = max(scores)
+            weights = [math.exp(x - top) for x in scores]
+            probs = [w / sum(weights) for w in weights]
+            pick = max(range(len(cands)), key=lambda i: (scores[i], -i))
+            meta = {**base, ops.CHOICE: pick, ops.ANSWER: cands[pick], ops.CONFIDENCE: probs[pick]}
+            return request.reply(cands[pick], sender=self.agent_id, meta={**meta, ops.SCORES: scores, ops.PROBS: probs})
         if op == ops.Op.JUDGE:
             cands = [str(c) for c in request.meta.get(ops.CANDIDATES, [])]
             pick = cfg.get("judge_pick")

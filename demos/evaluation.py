@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,7 +76,7 @@ def print_report(report: dict[str, Any]) -> None:
             f"{p['layers_mean']:.0f}",
             f"{p['bytes_mean']:.0f}",
             f"{p['latency_ms_p50']:.1f}",
-            "[green]emergent[/]" if p["emergent"] else "[red]not emergent[/]",
+            _verdict(p),
         )
     console.print(t)
     bands = sorted({b for s in [*report["members"].values(), *report["patterns"].values()] for b in s["by_band"]})
@@ -85,6 +87,11 @@ def print_report(report: dict[str, Any]) -> None:
     for name, s in [*report["members"].items(), *report["patterns"].items()]:
         t.add_row(name, *[pct(s["by_band"].get(b, float("nan"))) for b in bands])
     console.print(t)
+
+
+def _verdict(p: dict[str, Any]) -> str:
+    why = p.get("verdict") or ("emergent" if p["emergent"] else "not emergent")  # reports before the reason
+    return f"[green]{why}[/]" if p["emergent"] else f"[red]{why}[/]"
 
 
 async def _run(
@@ -124,9 +131,31 @@ def eval_command(
             "device-edge-cloud links instead (tasks, deadline and concurrency default to the scenario's)",
         ),
     ] = None,
+    bench: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bench",
+            help="public multiple-choice benchmark(s) with real LMs instead (arc-easy, arc-challenge, sciq, "
+            "openbookqa, ...; 'goals' = the three of the README); repeat or comma-separate",
+        ),
+    ] = None,
+    models: Annotated[
+        str | None,
+        typer.Option("--models", help="with --bench: agents to deploy (default smollm2,gemma,qwen0_5b,qwen1_5b)"),
+    ] = None,
+    items: Annotated[
+        int | None, typer.Option("--items", help="with --bench: report at most N items per benchmark (default all)")
+    ] = None,
+    tune: Annotated[
+        int, typer.Option("--tune", help="with --bench: first N items of each split tune thresholds; never reported")
+    ] = 100,
 ) -> None:
-    """Evaluate patterns against every member alone on a fresh held-out task set, or (--testbed) static and
-    adaptive scheduling policies on a device-edge-cloud testbed."""
+    """Evaluate patterns against every member alone on a fresh held-out task set, (--bench) real LMs on public
+    multiple-choice benchmarks, or (--testbed) static and adaptive scheduling policies on a device-edge-cloud
+    testbed."""
+    if bench:
+        _bench(bench, models, items, tune, as_json, out, broker, concurrency)
+        return
     if testbed is not None:
         from aiflow_agents import configure_logging
         from aiflow_agents.testbed import ScenarioError, TestbedError
@@ -135,31 +164,83 @@ def eval_command(
 
         from .testbed_eval import finite, print_testbed_report, run_testbed_eval, write_testbed_report
 
-        try:
-            report = asyncio.run(
-                run_testbed_eval(
-                    testbed, tasks=tasks, seed=seed, concurrency=concurrency, policies=pattern, quiet=as_json
+        stdout = sys.stdout
+        with _only_json_on_stdout(as_json):
+            try:
+                report = asyncio.run(
+                    run_testbed_eval(
+                        testbed, tasks=tasks, seed=seed, concurrency=concurrency, policies=pattern, quiet=as_json
+                    )
                 )
-            )
-        except (ScenarioError, TestbedError, ValueError) as e:
-            console.print(f"[bold red]error:[/] {e}")
-            raise typer.Exit(1) from None
+            except (ScenarioError, TestbedError, ValueError) as e:
+                console.print(f"[bold red]error:[/] {e}")
+                raise typer.Exit(1) from None
+            if not as_json:
+                print_testbed_report(report)
+            write_testbed_report(report, out)
         if as_json:
-            print(json.dumps(finite(report), indent=2, default=str, allow_nan=False))
-        else:
-            print_testbed_report(report)
-        write_testbed_report(report, out)
+            print(json.dumps(finite(report), indent=2, default=str, allow_nan=False), file=stdout)
         return
     tasks = 300 if tasks is None else tasks
     seed = 7 if seed is None else seed
     concurrency = 8 if concurrency is None else concurrency
     names = pattern or list(patterns())
-    report = asyncio.run(_run(names, tasks, seed, broker, concurrency, quiet=as_json))
+    stdout = sys.stdout
+    with _only_json_on_stdout(as_json):
+        report = asyncio.run(_run(names, tasks, seed, broker, concurrency, quiet=as_json))
+        if not as_json:
+            print_report(report)
+        write_report(report, out, "eval", f"aiflow eval: {tasks} tasks, seed {seed}")
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print_report(report)
-    write_report(report, out, "eval", f"aiflow eval: {tasks} tasks, seed {seed}")
+        print(json.dumps(report, indent=2, default=str), file=stdout)
+
+
+def _bench(
+    benches: list[str],
+    models: str | None,
+    items: int | None,
+    tune: int,
+    as_json: bool,
+    out: Path | None,
+    broker: str | None,
+    concurrency: int | None,
+) -> None:
+    from aiflow_agents import configure_logging
+    from aiflow_agents.models.benchmarks import BenchmarkError
+
+    from .bench_eval import DEFAULT_BENCHES, POOL, BenchConfig, print_bench_report, run_bench, write_bench_report
+
+    configure_logging("warning")
+    names = [b.strip() for arg in benches for b in arg.split(",") if b.strip()]
+    names = [n for b in names for n in (DEFAULT_BENCHES if b == "goals" else (b,))]
+    chosen = tuple(m.strip() for m in models.split(",")) if models else tuple(POOL)
+    cfg = BenchConfig(
+        benches=tuple(names),
+        models=chosen,
+        items=items,
+        tune=tune,
+        concurrency=concurrency or 6,
+        quiet=as_json,
+        checkpoint=out / "bench.partial.json" if out is not None else None,
+    )
+    stdout = sys.stdout
+    with _only_json_on_stdout(as_json):
+        try:
+            report = asyncio.run(run_bench(cfg, broker))
+        except (BenchmarkError, ValueError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(1) from None
+        if not as_json:
+            print_bench_report(report)
+        write_bench_report(report, out)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str), file=stdout)
+
+
+def _only_json_on_stdout(as_json: bool) -> contextlib.AbstractContextManager[Any]:
+    """With --json, whatever else would be printed (where the report was written, notes) goes to
+    stderr, so stdout is one JSON document a pipe can parse."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 def _demo(
@@ -260,7 +341,26 @@ def debate_demo(
 ) -> None:
     """Multi-agent debate on arithmetic: accuracy per round."""
     report = _demo(["debate"], "debate", tasks, seed, out, broker, concurrency, testbed=testbed)
-    console.print(f"per-round majority accuracy: {report['patterns']['debate'].get('per_round', 'see JSON')}")
+    p = report["patterns"]["debate"]
+    console.print(f"per-round majority accuracy: {', '.join(pct(x) for x in p.get('per_round', []))} %")
+    t = Table(title="answer changes between rounds (agents that revised after seeing their peers)")
+    for col in ("rounds", "agent answers", "changed", "right -> wrong", "wrong -> right", "tasks with a change"):
+        t.add_column(col)
+    for ch in p.get("changes", []):
+        t.add_row(
+            ch["rounds"],
+            str(ch["agent_answers_compared"]),
+            str(ch["changed"]),
+            str(ch["right_to_wrong"]),
+            str(ch["wrong_to_right"]),
+            str(ch["tasks_with_a_change"]),
+        )
+    console.print(t)
+    if p.get("changes") and not any(ch["changed"] for ch in p["changes"]):
+        console.print(
+            "no agent changed its answer in any round: this debate decided exactly what cross-scoring the "
+            "first round would have"
+        )
 
 
 def moa_demo(

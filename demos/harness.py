@@ -69,13 +69,41 @@ async def deployment(
         try:
             async with TopologyManager(url, namespace=ns) as mgr:
                 ids = [AgentSpec.parse(a).agent_id or AgentSpec.parse(a).type_name for n in nodes for a in n.agents]
-                await mgr.client.wait_for_agents(ids, timeout=ready_timeout)
+                await _until_online(mgr, ids, procs, nodes, ready_timeout, logdir)
                 if not quiet:
                     for n, p in zip(nodes, procs, strict=True):
                         console.print(f"  [cyan]{n.tier:>6}[/] node {n.name!r} (pid {p.pid}): {', '.join(n.agents)}")
                 yield mgr, url
         finally:
             await asyncio.gather(*(p.astop() for p in procs))
+
+
+async def _until_online(
+    mgr: TopologyManager,
+    ids: list[str],
+    procs: Sequence[NodeProcess],
+    nodes: Sequence[NodeSpec],
+    timeout: float,
+    logdir: Path,
+) -> None:
+    """Wait for every agent, but stop at once when a node process exits (a bad agent spec, a model
+    that does not load) instead of waiting out the timeout; the error quotes the node's log."""
+    waiting = asyncio.ensure_future(mgr.client.wait_for_agents(ids, timeout=timeout))
+    try:
+        while not waiting.done():
+            dead = [(n, p) for n, p in zip(nodes, procs, strict=True) if not p.alive]
+            if dead:
+                n, p = dead[0]
+                log = logdir / f"{n.name}.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-6:] if log.is_file() else []
+                raise RuntimeError(
+                    f"node {n.name!r} exited (code {p.proc.returncode if p.proc else '?'}) before its agents came "
+                    f"online; its log ({log}):\n" + "\n".join(tail)
+                )
+            await asyncio.wait({waiting}, timeout=0.5)
+        waiting.result()
+    finally:
+        waiting.cancel()
 
 
 @contextlib.asynccontextmanager

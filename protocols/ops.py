@@ -22,6 +22,12 @@ cascades, ensembles, debates and cross-scoring implements them:
 
 Optional operations (agents that do not implement them answer ``unsupported_op``):
 
+``choose``
+    request text = a multiple-choice question, ``meta.candidates`` = its options (optionally
+    ``context``, ``options_order``, ``peers``, ``temperature``, ``seed``). Reply ``meta.choice`` =
+    the chosen index, ``meta.answer`` = that option, ``meta.scores`` (length-normalised) and
+    ``meta.probs`` over all options, so an ensemble can average distributions across tokenizers.
+
 ``judge``
     request text = the task, ``meta.candidates`` = proposals. Reply ``meta.answer`` = the chosen one.
 ``verify``
@@ -57,6 +63,7 @@ class Op(StrEnum):
     JUDGE = "judge"
     VERIFY = "verify"
     JOIN_GROUP = "join_group"
+    CHOOSE = "choose"
 
 
 OP = "op"
@@ -77,6 +84,12 @@ PEERS = "peers"
 GROUP = "group"
 LAST_STEP = "last_step"
 ANSWER_ORDER = "answer_order"
+# multiple choice (``choose``, and ``score`` on a multiple-choice item)
+MC = "mc"  # the request is a multiple-choice item: render its prompt, length-normalise scores
+CONTEXT = "context"  # a passage printed before the question
+OPTIONS_ORDER = "options_order"  # list the options, lettered, in this order (a permutation)
+CHOICE = "choice"  # reply: index of the chosen option
+PROBS = "probs"  # reply: the agent's probability of every option
 
 
 class Cost(BaseModel):
@@ -215,6 +228,23 @@ class VerifyReply(Answer):
     accepted: bool
 
 
+class ChooseRequest(_Meta):
+    op: str = Op.CHOOSE.value
+    candidates: list[str] = Field(min_length=2)
+    context: str = ""
+    options_order: list[int] | None = None
+    peers: list[Peer] = Field(default_factory=list)
+    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
+    seed: int = 0
+
+
+class ChooseReply(Answer):
+    choice: Annotated[int, Field(ge=0)]
+    scores: list[float]
+    probs: list[Confidence]
+    token_counts: list[int] | None = None
+
+
 class JoinGroupRequest(_Meta):
     op: str = Op.JOIN_GROUP.value
     group: str = Field(min_length=1)
@@ -233,6 +263,7 @@ MESSAGES: dict[Op, tuple[type[_Meta], type[_Meta]]] = {
     Op.JUDGE: (JudgeRequest, Answer),
     Op.VERIFY: (VerifyRequest, VerifyReply),
     Op.JOIN_GROUP: (JoinGroupRequest, JoinGroupReply),
+    Op.CHOOSE: (ChooseRequest, ChooseReply),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -507,7 +508,10 @@ def test_catalog_fetch_converts_once_and_lists(folders, tmp_path: Path, monkeypa
     monkeypatch.setenv(catalog.ENV_CACHE, str(tmp_path / "cache"))
     assert catalog.cache_root() == tmp_path / "cache"
     assert catalog.get("smol").name == "smollm2-135m" and catalog.get("Gemma3").name == "gemma3-270m"
-    with pytest.raises(catalog.CatalogError, match="available: gemma3-270m, smollm2-135m"):
+    with pytest.raises(
+        catalog.CatalogError,
+        match=re.escape("available: gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m"),
+    ):
         catalog.get("gpt-5")
     entry = catalog.CatalogEntry(
         name="tiny-test",
@@ -520,7 +524,7 @@ def test_catalog_fetch_converts_once_and_lists(folders, tmp_path: Path, monkeypa
     monkeypatch.setitem(catalog.CATALOG, entry.name, entry)
     runner = CliRunner()
     listed = runner.invoke(catalog.models_app, ["list"], env={"COLUMNS": "200"})
-    assert listed.exit_code == 0 and listed.output.count("not fetched") == 3
+    assert listed.exit_code == 0 and listed.output.count("not fetched") == len(catalog.CATALOG)
     assert runner.invoke(catalog.models_app, ["path", "tiny-test"]).exit_code == 1
     entry.pkg_dir.mkdir(parents=True)  # "installed": no pip run for a package-less entry
 
@@ -535,7 +539,7 @@ def test_catalog_fetch_converts_once_and_lists(folders, tmp_path: Path, monkeypa
     path = runner.invoke(catalog.models_app, ["path", "tiny-test"])
     assert path.exit_code == 0 and path.output.strip() == str(entry.model_dir)
     listed = runner.invoke(catalog.models_app, ["list"], env={"COLUMNS": "200"})
-    assert "ready" in listed.output and listed.output.count("not fetched") == 2
+    assert "ready" in listed.output and listed.output.count("not fetched") == len(catalog.CATALOG) - 1
     agent = TransformersAgent("cat", model="tiny-test", max_new_tokens=8).load()
     assert agent.space is not None and agent.space.family == "tiny" and agent.space.model == "tiny-test"
     assert agent.space.tokenizer is not None and agent.space.tokenizer.startswith("tiny-")
@@ -558,3 +562,70 @@ def test_catalog_fetch_converts_once_and_lists(folders, tmp_path: Path, monkeypa
     # and an agent told not to fetch says how to (the cache here is empty)
     with pytest.raises(AgentError, match="aiflow models fetch smollm2-135m"):
         TransformersAgent("nofetch", model="smollm2-135m", fetch=False).load()
+
+
+# -- multiple choice: one batched pass per item, a prompt that shows peers, sampling honoured -----
+async def test_batched_option_scores_equal_one_forward_per_option(llama: TransformersAgent, gpt2) -> None:
+    for agent in (llama, gpt2):
+        prefix, options = agent.mc_ids(FRANCE, ["paris", "rome", "grass tokyo", "the capital is paris"], {})
+        agent._scores.clear()
+        batched = agent.option_logprobs(prefix, options)
+        assert agent._last_passes == 2  # the prefix once, then every option together
+        naive = agent.option_logprobs(prefix, options)  # cached: no forward at all
+        assert agent._last_passes == 0 and naive == batched
+        agent._scores.clear()
+        reference = agent.option_logprobs(prefix, options, batched=False)
+        assert agent._last_passes == len(options)
+        assert [len(x) for x in batched] == [len(o) for o in options]
+        for b, r in zip(batched, reference, strict=True):
+            assert b == pytest.approx(r, abs=2e-4)
+    # options of one token need no second pass
+    llama._scores.clear()
+    prefix, options = llama.mc_ids(FRANCE, ["paris", "rome"], {})
+    if all(len(o) == 1 for o in options):
+        llama.option_logprobs(prefix, options)
+        assert llama._last_passes == 1
+
+
+async def test_choose_picks_an_option_and_reports_its_distribution(llama: TransformersAgent) -> None:
+    opts = ["grass tokyo", "paris", "rome"]
+    reply = await ask(llama, FRANCE, op="choose", candidates=opts)
+    O.check_reply(O.Op.CHOOSE, reply.meta)
+    probs, scores = reply.meta[O.PROBS], reply.meta[O.SCORES]
+    assert len(probs) == len(scores) == 3 and sum(probs) == pytest.approx(1.0)
+    best = max(range(3), key=lambda i: scores[i])
+    assert reply.meta[O.CHOICE] == best and reply.text == opts[best] == reply.meta[O.ANSWER]
+    assert reply.meta[O.CONFIDENCE] == pytest.approx(probs[best])
+    # score with mc=true agrees with choose (same prompt, same length normalisation), and is cached
+    s = await ask(llama, FRANCE, op="score", mc=True, candidates=[opts[2], opts[0]])
+    assert s.meta[O.SCORES] == pytest.approx([scores[2], scores[0]])
+    assert s.meta[O.COST]["cached"] is True
+    # peers and a listed option order change the prompt, so the scores
+    shown = await ask(llama, FRANCE, op="choose", candidates=opts, peers=[{"agent": "b", "answer": "rome"}])
+    listed = await ask(llama, FRANCE, op="choose", candidates=opts, options_order=[2, 0, 1])
+    assert shown.meta[O.SCORES] != scores and listed.meta[O.SCORES] != scores
+    p_shown, _ = llama.mc_ids(FRANCE, opts, {O.PEERS: [{"agent": "b", "answer": "rome", O.CONFIDENCE: 0.5}]})
+    assert '"rome" (50% sure)' in llama.tokenizer.decode(p_shown)  # type: ignore[union-attr]
+    with pytest.raises(AgentError, match="options_order"):
+        await ask(llama, FRANCE, op="choose", candidates=opts, options_order=[0, 0, 1])
+    with pytest.raises(AgentError, match="at least two"):
+        await ask(llama, FRANCE, op="choose", candidates=["paris"])
+
+
+async def test_choose_samples_with_temperature_reproducibly(llama: TransformersAgent) -> None:
+    opts = ["paris", "rome", "grass tokyo", "blue"]
+    greedy = await ask(llama, FRANCE, op="choose", candidates=opts)
+    picks = [
+        (await ask(llama, FRANCE, op="choose", candidates=opts, temperature=5.0, seed=s)).meta[O.CHOICE]
+        for s in range(12)
+    ]
+    again = [
+        (await ask(llama, FRANCE, op="choose", candidates=opts, temperature=5.0, seed=s)).meta[O.CHOICE]
+        for s in range(12)
+    ]
+    assert picks == again  # seeded
+    assert len(set(picks)) > 1  # a hot temperature really samples
+    zero = [
+        (await ask(llama, FRANCE, op="choose", candidates=opts, temperature=0, seed=s)).meta[O.CHOICE] for s in range(3)
+    ]
+    assert set(zero) == {greedy.meta[O.CHOICE]}

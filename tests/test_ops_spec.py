@@ -51,7 +51,7 @@ def test_op_vector_is_a_canonical_frame_with_a_valid_op_message(name: str) -> No
         assert env.kind == Kind.EVENT and set(env.meta["hop"]) >= HOP_KEYS
 
 
-@pytest.mark.parametrize("op", ["generate", "generate_peers", "score", "judge", "verify", "next"])
+@pytest.mark.parametrize("op", ["generate", "generate_peers", "score", "choose", "judge", "verify", "next"])
 async def test_reference_agent_replies_match_the_op_messages(op: str) -> None:
     """The scripted reference agent, given each request vector, answers what OPS.md says."""
     request, expected, _ = _load(f"{op}_request")

@@ -34,6 +34,7 @@ import inspect
 import math
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -90,6 +91,8 @@ class HFConfig:
     tokenizer_name: str | None = None
     fetch: bool = True
     threads: int | None = None
+    #: (prompt, option) scores kept, so a debate round or a cross-scoring pass over the same item is free
+    score_cache: int = 4096
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> HFConfig:
@@ -208,6 +211,9 @@ class TransformersAgent(Agent):
         self._cache_arg = "past_key_values"
         self._keep_logits = False
         self._last_positions = 0
+        self._last_passes = 0
+        self._scores: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = OrderedDict()
+        self._score_cache_size = int(self.cfg.score_cache)
 
     # -- loading ----------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -418,29 +424,126 @@ class TransformersAgent(Agent):
             stopped_by=stopped_by,
         )
 
-    @torch.inference_mode()
+    # -- scoring answers: every option of an item in one batched pass over a shared prefix ---------
     def score(self, prompt: str, candidates: list[str], *, system: str | None = None) -> tuple[list[float], list[int]]:
         """Sum log-likelihood of each candidate as the answer to ``prompt`` (same prompt ids as
         ``generate``), so members can cross-score each other's answers in their own tokenizer."""
-        model, tok, _ = self._ready()
+        _, tok, _ = self._ready()
         before, _ = self.prompt_ids(prompt, system=system)
-        scores: list[float] = []
-        counts: list[int] = []
-        self._last_positions = 0
-        for cand in candidates:
-            cand_ids = list(tok(str(cand), add_special_tokens=False).input_ids)
-            if not cand_ids:
-                scores.append(0.0)
-                counts.append(0)
-                continue
-            ids = torch.tensor([before + cand_ids], device=self.device)
-            logits = model(input_ids=ids).logits[0, len(before) - 1 : -1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            target = torch.tensor(cand_ids, device=self.device)
-            scores.append(float(logp.gather(1, target[:, None]).sum().item()))
-            counts.append(len(cand_ids))
+        cand_ids = [list(tok(str(c), add_special_tokens=False).input_ids) for c in candidates]
+        per_token = self.option_logprobs(before, cand_ids)
+        return [float(sum(lp)) for lp in per_token], [len(c) for c in cand_ids]
+
+    def mc_ids(self, question: str, options: list[str], meta: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
+        """Token ids of a multiple-choice prompt and of each option as its continuation.
+
+        The prompt is plain text, never a chat template: ``[context]\nQuestion: q\n[lettered options]
+        \n[other agents' answers]\nAnswer:``, each option scored as `` option``. ``options_order``
+        lists the options, lettered, in that order (an option-order-permutation baseline changes
+        only this); ``peers`` shows what other agents answered and how sure they were, so an agent
+        in a debate or an aggregator in a mixture can revise on reading them.
+        """
+        _, tok, _ = self._ready()
+        lines: list[str] = []
+        context = str(meta.get(O.CONTEXT) or "").strip()
+        if context:
+            lines.append(context)
+        lines.append(f"Question: {question.strip()}")
+        order = meta.get(O.OPTIONS_ORDER)
+        if order is not None:
+            if sorted(int(i) for i in order) != list(range(len(options))):
+                raise AgentError(f"options_order must permute 0..{len(options) - 1}", code="bad_request")
+            lines += [f"{chr(65 + k)}. {options[int(i)]}" for k, i in enumerate(order)]
+        peers = meta.get(O.PEERS)
+        if isinstance(peers, list) and peers:
+            said = []
+            for p in peers:
+                if not isinstance(p, dict) or p.get(O.ANSWER) is None:
+                    continue
+                conf = p.get(O.CONFIDENCE)
+                sure = f" ({100 * float(conf):.0f}% sure)" if isinstance(conf, (int, float)) else ""
+                reason = str(p.get("reason") or "").strip()
+                said.append(f'"{p[O.ANSWER]}"{sure}' + (f" because {reason}" if reason else ""))
+            if said:
+                lines.append("Other answers: " + "; ".join(said) + ".")
+        lines.append("Answer:")
+        ids = list(tok("\n".join(lines)).input_ids)
+        if not ids and tok.bos_token_id is not None:
+            ids = [int(tok.bos_token_id)]
+        return ids, [list(tok(" " + str(o).strip(), add_special_tokens=False).input_ids) for o in options]
+
+    @torch.inference_mode()
+    def option_logprobs(
+        self, prefix: list[int], options: list[list[int]], *, batched: bool = True
+    ) -> list[list[float]]:
+        """Log-probability of every token of each option continuing ``prefix``.
+
+        The prefix runs once; its key/value cache is repeated over the batch of options, which run
+        together, right-padded (causal attention: padding after a token never changes it). Scores
+        are kept per (prefix, option), so the same item asked again by a debate round, a
+        cross-scoring pass or a baseline costs no forward pass. ``batched=False`` is the naive
+        reference: one full forward per option.
+        """
+        model, tok, _ = self._ready()
+        if not prefix:
+            raise AgentError("cannot score after an empty prompt", code="bad_request")
+        pkey = tuple(prefix)
+        wanted = list(dict.fromkeys(tuple(o) for o in options if o))
+        missing = [o for o in wanted if (pkey, o) not in self._scores]
+        self._last_positions = self._last_passes = 0
+        if missing:
+            found = self._forward_options(model, tok, prefix, missing) if batched else None
+            if found is None:
+                found = self._forward_each(model, prefix, missing)
+            for o, lp in zip(missing, found, strict=True):
+                self._scores[(pkey, o)] = lp
+                if len(self._scores) > self._score_cache_size:
+                    self._scores.popitem(last=False)
+        out = []
+        for o in options:
+            key = (pkey, tuple(o))
+            if key in self._scores:
+                self._scores.move_to_end(key)
+            out.append(list(self._scores[key]) if o else [])
+        return out
+
+    def _forward_options(
+        self, model: Any, tok: Any, prefix: list[int], options: list[tuple[int, ...]]
+    ) -> list[list[float]] | None:
+        dev = self.device
+        first = model(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
+        head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+        width = max(len(o) for o in options) - 1
+        self._last_positions, self._last_passes = len(prefix), 1
+        if width == 0:
+            return [[float(head[o[0]])] for o in options]
+        cache = _cache_of(first)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None  # a model without a repeatable cache: score one option at a time
+        if len(options) > 1:
+            cache.batch_repeat_interleave(len(options))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else options[0][0]
+        rest = torch.tensor([list(o[:-1]) + [pad] * (width - len(o) + 1) for o in options], device=dev)
+        mask = torch.ones(len(options), len(prefix) + width, dtype=torch.long, device=dev)
+        nxt = model(input_ids=rest, attention_mask=mask, use_cache=True, **{self._cache_arg: cache})
+        logp = torch.log_softmax(nxt.logits.float(), dim=-1)
+        self._last_positions += len(options) * width
+        self._last_passes += 1
+        found = []
+        for j, o in enumerate(options):
+            tail = [float(logp[j, t - 1, o[t]]) for t in range(1, len(o))]
+            found.append([float(head[o[0]]), *tail])
+        return found
+
+    def _forward_each(self, model: Any, prefix: list[int], options: list[tuple[int, ...]]) -> list[list[float]]:
+        found = []
+        for o in options:
+            ids = torch.tensor([prefix + list(o)], device=self.device)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prefix) - 1 : -1].float(), dim=-1)
+            found.append([float(logp[t, o[t]]) for t in range(len(o))])
             self._last_positions += ids.shape[1]
-        return scores, counts
+            self._last_passes += 1
+        return found
 
     @torch.inference_mode()
     def next_distribution(
@@ -546,6 +649,8 @@ class TransformersAgent(Agent):
         t0 = time.perf_counter()
         if op == O.Op.SCORE:
             reply = self._op_score(request)
+        elif op == O.Op.CHOOSE:
+            reply = self._op_choose(request)
         elif op == O.Op.NEXT:
             reply = self._op_next(request)
         else:
@@ -668,17 +773,55 @@ class TransformersAgent(Agent):
         candidates = request.meta.get(O.CANDIDATES)
         if not isinstance(candidates, list) or not candidates:
             raise AgentError("score needs meta.candidates: a non-empty list of answers", code="bad_request")
-        scores, counts = self.score(request.text, [str(c) for c in candidates], system=request.meta.get("system"))
+        cands = [str(c) for c in candidates]
+        if request.meta.get(O.MC):  # a multiple-choice item: its prompt, length-normalised scores
+            scores, counts = self._mc_scores(request.text, cands, request.meta)
+        else:
+            scores, counts = self.score(request.text, cands, system=request.meta.get("system"))
         best = max(range(len(scores)), key=lambda i: scores[i])
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
         meta = {
             O.SCORES: scores,
             O.TOKEN_COUNTS: counts,
-            O.ANSWER: self.normalise(str(candidates[best])),
+            O.ANSWER: self.normalise(cands[best]),
             O.CONFIDENCE: float(probs[best].item()),
-            O.COST: self._cost(self._last_positions, len(candidates)),
+            O.COST: self._cost(self._last_positions, self._last_passes, cached=not self._last_passes),
         }
-        return request.reply(str(candidates[best]), sender=self.agent_id, meta=meta)
+        return request.reply(cands[best], sender=self.agent_id, meta=meta)
+
+    def _mc_scores(self, question: str, options: list[str], meta: dict[str, Any]) -> tuple[list[float], list[int]]:
+        """Mean log-likelihood per token of each option: longer options are not penalised for length."""
+        prefix, ids = self.mc_ids(question, options, meta)
+        per_token = self.option_logprobs(prefix, ids)
+        scores = [sum(lp) / len(lp) if lp else -1e9 for lp in per_token]
+        return scores, [len(i) for i in ids]
+
+    def _op_choose(self, request: Envelope) -> Envelope:
+        """Pick one option of a multiple-choice item (greedy, or sampled with ``temperature``)."""
+        meta = request.meta
+        options = meta.get(O.CANDIDATES)
+        if not isinstance(options, list) or len(options) < 2:
+            raise AgentError("choose needs meta.candidates: a list of at least two options", code="bad_request")
+        opts = [str(o) for o in options]
+        scores, counts = self._mc_scores(request.text, opts, meta)
+        probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
+        temp = float(meta.get("temperature", self.cfg.temperature) or 0.0)
+        if temp > 0:
+            gen = torch.Generator().manual_seed(int(meta.get("seed", self.cfg.seed)))
+            tempered = torch.softmax(torch.tensor(scores, dtype=torch.float64) / temp, 0)
+            choice = int(torch.multinomial(tempered, 1, generator=gen).item())
+        else:
+            choice = int(torch.argmax(probs).item())
+        out_meta = {
+            O.ANSWER: opts[choice],
+            O.CONFIDENCE: float(probs[choice]),
+            O.CHOICE: choice,
+            O.SCORES: scores,
+            O.PROBS: [float(p) for p in probs],
+            O.TOKEN_COUNTS: counts,
+            O.COST: self._cost(self._last_positions, self._last_passes, cached=not self._last_passes),
+        }
+        return request.reply(opts[choice], sender=self.agent_id, meta=out_meta)
 
     def _op_next(self, request: Envelope) -> Envelope:
         _, tok, _ = self._ready()

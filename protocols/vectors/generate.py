@@ -1047,6 +1047,32 @@ def ops_exchanges() -> dict[str, tuple[str, str, str, Envelope]]:
         "reply",
         final,
     )
+    r = req(
+        "Which gas do plants take in for photosynthesis?",
+        {
+            "op": "choose",
+            "candidates": ["oxygen", "carbon dioxide", "nitrogen"],
+            "peers": [{"agent": "agent-b", "answer": "oxygen", "confidence": 0.5}],
+        },
+    )
+    exchange(
+        "choose",
+        "choose",
+        "choose: a multiple-choice item; the reply names the chosen option's index and answer, with the "
+        "length-normalised score and probability of every option (peers: what others chose last round).",
+        r,
+        rep(
+            r,
+            TextPart(text="carbon dioxide"),
+            choice=1,
+            answer="carbon dioxide",
+            confidence=0.625,
+            scores=[-1.5, -0.75, -2.5],
+            probs=[0.25, 0.625, 0.125],
+            token_counts=[1, 2, 1],
+            cost=cost,
+        ),
+    )
     return out
 
 

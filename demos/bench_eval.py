@@ -1,0 +1,623 @@
+"""``aiflow eval --bench NAME``: real language models on public multiple-choice benchmarks.
+
+Each model runs as an agent in its own node process (the small ones on the device and edge tiers,
+the 1.5B in the cloud) and answers with the ``choose`` op: every option of an item scored in one
+batched pass over a shared prefix. Patterns compose them over the bus — vote, cross-scoring,
+distribution averaging, a debate in which agents read the others' answers and may revise, a
+mixture of agents with the 1.5B as aggregator, and cascades small → 1.5B — and every pattern is
+compared, on the same items, with each member alone, the "any member right" ceiling and the best
+member's own ensembles at equal calls (self-consistency at a temperature, option-order
+permutations). A gain is called significant only with McNemar p < 0.05.
+
+Thresholds and weights are tuned on the first items of each split (the tuning slice), which are
+never part of the reported numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiflow_agents.models.benchmarks import MCItem, get_benchmark, load_benchmark, tuning_slice
+from protocols import Envelope, ops
+from topologies import Pattern, RunResult, TopologyManager, cascade, debate, ensemble, mixture_of_agents
+
+from .harness import NodeSpec, console, deployment, run_all
+from .stats import mcnemar_p, wilson
+
+#: agent id -> (hf agent config: a catalog model or a path, tier). One node process per model.
+POOL: dict[str, tuple[str, str]] = {
+    "smollm2": ("model=smollm2-135m", "device"),
+    "gemma": ("model=gemma3-270m", "device"),
+    "qwen0_5b": ("model=qwen2.5-coder-0.5b", "edge"),
+    "qwen1_5b": ("model=qwen2.5-coder-1.5b", "cloud"),
+}
+LARGE = "qwen1_5b"
+DEFAULT_BENCHES = ("arc-easy", "arc-challenge", "sciq")
+TEMPERATURE = 0.7  # self-consistency samples
+ALPHA = 0.05
+
+
+def nodes_for(pool: dict[str, tuple[str, str]], models: Sequence[str], threads: int = 1) -> list[NodeSpec]:
+    return [NodeSpec(m, pool[m][1], [f"hf:{m}?{pool[m][0]}&threads={threads}&score_cache=20000"]) for m in models]
+
+
+def task_of(item: MCItem, *, with_context: bool = False, **meta: Any) -> Envelope:
+    """The item as a ``choose`` request. Closed book unless the passage is part of the task (BoolQ,
+    Social IQa): SciQ's support paragraph would hand the answer over."""
+    if with_context and item.context:
+        meta[ops.CONTEXT] = item.context
+    return Envelope.request(
+        item.question, meta={ops.OP: ops.Op.CHOOSE, ops.CANDIDATES: list(item.options), ops.MC: True, **meta}
+    )
+
+
+def fetching_loader(name: str) -> list[MCItem]:
+    """The benchmark's items, downloading the data package on first use."""
+    return load_benchmark(name, fetch=True)
+
+
+def needs_context(name: str) -> bool:
+    try:
+        return get_benchmark(name).context_required
+    except Exception:  # a caller's own loader: its items say
+        return False
+
+
+# -- what one run says ------------------------------------------------------------------------------
+def choice_of(item: MCItem, r: RunResult) -> int | None:
+    if not r.ok or r.answer is None:
+        return None
+    try:
+        return list(item.options).index(r.answer)
+    except ValueError:
+        return None
+
+
+def probs_of(r: RunResult) -> list[float] | None:
+    reply = r.outcome.reply
+    if reply is None:
+        kids = [c for c in r.outcome.children if c.reply is not None]
+        reply = kids[0].reply if len(kids) == 1 else None
+    p = reply.meta.get(ops.PROBS) if reply is not None else None
+    return [float(x) for x in p] if isinstance(p, list) else None
+
+
+def compute_seconds(r: RunResult) -> float:
+    """Seconds the agents spent on this run (sum over every reply in the outcome tree)."""
+    total = 0.0
+
+    def walk(o: Any) -> None:
+        nonlocal total
+        if o.reply is not None:
+            c = o.reply.meta.get(ops.COST) or {}
+            total += float(c.get("seconds", 0.0) or 0.0)
+        for ch in o.children:
+            walk(ch)
+
+    walk(r.outcome)
+    return total
+
+
+def agent_calls(r: RunResult, agent: str) -> int:
+    n = 0
+
+    def walk(o: Any) -> None:
+        nonlocal n
+        if o.kind == "agent" and o.source == agent and (o.reply is not None or o.error):
+            n += 1
+        for ch in o.children:
+            walk(ch)
+
+    walk(r.outcome)
+    for hop in (r.outcome.details.get("hops") or []) if isinstance(r.outcome.details, dict) else []:
+        if isinstance(hop, dict) and hop.get("agent") == agent:
+            n += 1
+    return n
+
+
+@dataclass
+class Scored:
+    """One member, pattern or baseline over the reported items."""
+
+    name: str
+    correct: list[bool]
+    calls: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    large_calls: list[float] = field(default_factory=list)
+    errors: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(1, len(self.correct))
+
+    def summary(self) -> dict[str, Any]:
+        n, k = len(self.correct), sum(self.correct)
+        out: dict[str, Any] = {
+            "n": n,
+            "correct": k,
+            "accuracy": k / max(1, n),
+            "ci95": list(wilson(k, n)),
+            "calls_per_item": statistics.fmean(self.calls) if self.calls else 0.0,
+            "seconds_per_item": statistics.fmean(self.seconds) if self.seconds else 0.0,
+            "errors": self.errors,
+        }
+        if self.large_calls:
+            out["large_calls_per_item"] = statistics.fmean(self.large_calls)
+        out.update(self.extra)
+        return out
+
+
+def paired(a: Scored, b: Scored) -> dict[str, Any]:
+    """McNemar's exact test of ``a`` against ``b`` on the same items."""
+    only_a = sum(1 for x, y in zip(a.correct, b.correct, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a.correct, b.correct, strict=True) if y and not x)
+    return {"vs": b.name, "only_this_right": only_a, "only_other_right": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)}
+
+
+def score_runs(name: str, items: Sequence[MCItem], runs: Sequence[RunResult], large: str | None = None) -> Scored:
+    correct = [choice_of(it, r) == it.answer for it, r in zip(items, runs, strict=True)]
+    return Scored(
+        name,
+        correct,
+        calls=[float(r.outcome.cost.model_calls) for r in runs],
+        seconds=[compute_seconds(r) for r in runs],
+        large_calls=[float(agent_calls(r, large)) for r in runs] if large else [],
+        errors=sum(1 for r in runs if not r.ok),
+    )
+
+
+# -- tuning on the tuning slice (offline, from the members' own distributions) ----------------------
+def mix(probs: Sequence[Sequence[float] | None], weights: Sequence[float]) -> list[float] | None:
+    usable = [(p, w) for p, w in zip(probs, weights, strict=True) if p is not None]
+    if not usable:
+        return None
+    n = len(usable[0][0])
+    total = sum(w for _, w in usable) or 1.0
+    return [sum(w * p[i] for p, w in usable) / total for i in range(n)]
+
+
+def tune_weights(
+    items: Sequence[MCItem], member_probs: dict[str, list[list[float] | None]], members: Sequence[str]
+) -> dict[str, float]:
+    """Weights (steps of 0.1) of a weighted sum of the members' option distributions that answer the
+    tuning slice best; ties go to the most even weights."""
+    best: tuple[float, float, tuple[float, ...]] = (-1.0, 0.0, tuple(1.0 for _ in members))
+    steps = [i / 10 for i in range(11)]
+    for w in itertools.product(steps, repeat=len(members)):
+        if abs(sum(w) - 1.0) > 1e-9:
+            continue
+        hits = 0
+        for j, it in enumerate(items):
+            p = mix([member_probs[m][j] for m in members], w)
+            hits += p is not None and max(range(len(p)), key=p.__getitem__) == it.answer
+        evenness = -max(w)
+        if (hits, evenness) > best[:2]:
+            best = (hits, evenness, w)
+    return {m: float(x) for m, x in zip(members, best[2], strict=True)}
+
+
+def tune_threshold(
+    correct_small: Sequence[bool], conf: Sequence[float], correct_large: Sequence[bool], keep: float = 0.95
+) -> dict[str, Any]:
+    """The lowest confidence threshold below which items go to the large model such that the cascade
+    keeps ``keep`` of the large model's accuracy on the tuning slice (fewest escalations)."""
+    n = len(conf)
+    large_acc = sum(correct_large) / max(1, n)
+    for t in sorted({0.0, *conf, 1.01}):
+        acc = sum((s if c >= t else g) for s, c, g in zip(correct_small, conf, correct_large, strict=True)) / max(1, n)
+        share = sum(1 for c in conf if c < t) / max(1, n)
+        if acc >= keep * large_acc:
+            return {
+                "threshold": float(t),
+                "tune_accuracy": acc,
+                "tune_escalated": share,
+                "tune_large_accuracy": large_acc,
+            }
+    return {"threshold": 1.01, "tune_accuracy": large_acc, "tune_escalated": 1.0, "tune_large_accuracy": large_acc}
+
+
+# -- the run ----------------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    benches: Sequence[str] = DEFAULT_BENCHES
+    models: Sequence[str] = tuple(POOL)
+    items: int | None = None  # cap on reported items per benchmark (None: the whole split minus tuning)
+    tune: int = 100
+    concurrency: int = 6
+    timeout: float = 600.0
+    quiet: bool = False
+    debate_rounds: int = 2
+    pool: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(POOL))
+    large: str | None = LARGE  # the big model of the "with the 1.5B" comparisons (None: small pool only)
+    loader: Callable[[str], list[MCItem]] = fetching_loader
+    #: where each finished benchmark's report is written at once (a long run keeps what it finished)
+    checkpoint: Path | None = None
+
+
+async def run_bench(cfg: BenchConfig, broker: str | None = None) -> dict[str, Any]:
+    unknown = [m for m in cfg.models if m not in cfg.pool]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(cfg.pool)}")
+    small = [m for m in cfg.models if m != cfg.large]
+    large = cfg.large if cfg.large in cfg.models else None
+    if len(small) < 2:
+        raise ValueError("need at least two small models for the ensembles")
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": _machine(),
+        "models": {m: cfg.pool[m][0] for m in cfg.models},
+        "small_pool": small,
+        "large": large,
+        "tune_items": cfg.tune,
+        "benchmarks": {},
+    }
+    t_all = time.perf_counter()
+    async with deployment(nodes_for(cfg.pool, cfg.models), broker, quiet=cfg.quiet, ready_timeout=900.0) as (mgr, url):
+        report["broker"] = str(url)
+        for bench in cfg.benches:
+            t0 = time.perf_counter()
+            report["benchmarks"][bench] = await _one_bench(mgr, bench, cfg, small, large)
+            report["benchmarks"][bench]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            if cfg.checkpoint is not None:
+                cfg.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                cfg.checkpoint.write_text(json.dumps(report, indent=2, default=str))
+    report["wall_seconds"] = round(time.perf_counter() - t_all, 1)
+    return report
+
+
+async def _run(
+    mgr: TopologyManager, jobs: list[tuple[str, Pattern, Any]], cfg: BenchConfig, what: str
+) -> dict[str, list[RunResult]]:
+    return await run_all(mgr, jobs, concurrency=cfg.concurrency, timeout=cfg.timeout, description=what, quiet=cfg.quiet)
+
+
+async def _one_bench(
+    mgr: TopologyManager, bench: str, cfg: BenchConfig, small: list[str], large: str | None
+) -> dict[str, Any]:
+    items = cfg.loader(bench)
+    ctx = needs_context(bench)
+    tune, rest = tuning_slice(items, cfg.tune)
+    evals = rest[: cfg.items] if cfg.items else rest
+    members = [*small, *([large] if large else [])]
+    if not cfg.quiet:
+        console.print(f"[bold]{bench}[/]: {len(tune)} tuning items, {len(evals)} reported items, members {members}")
+
+    # 1. every member alone, on the tuning slice and the reported items
+    both = [*tune, *evals]
+    jobs = [(m, ensemble([m], name=m), task_of(it, with_context=ctx)) for m in members for it in both]
+    raw = await _run(mgr, jobs, cfg, f"{bench}: members alone")
+    nt = len(tune)
+    member_probs = {m: [probs_of(r) for r in raw[m]] for m in members}
+    singles = {m: score_runs(m, evals, raw[m][nt:], large) for m in members}
+    tune_correct = {
+        m: [choice_of(it, r) == it.answer for it, r in zip(tune, raw[m][:nt], strict=True)] for m in members
+    }
+    best_small = max(small, key=lambda m: (singles[m].accuracy, -small.index(m)))
+
+    # 2. tuning (first items only): ensemble weights, cascade thresholds
+    tuning: dict[str, Any] = {
+        "weights": tune_weights(tune, {m: member_probs[m][:nt] for m in small}, small),
+        "member_accuracy": {m: sum(v) / max(1, nt) for m, v in tune_correct.items()},
+    }
+    if large:
+        avg_tune = [mix([member_probs[m][j] for m in small], [1.0] * len(small)) for j in range(nt)]
+        conf = [max(p) if p else 0.0 for p in avg_tune]
+        ens_right = [p is not None and p.index(max(p)) == it.answer for p, it in zip(avg_tune, tune, strict=True)]
+        tuning["cascade_ensemble"] = tune_threshold(ens_right, conf, tune_correct[large])
+        q = "qwen0_5b" if "qwen0_5b" in small else best_small
+        qconf = [max(p) if p else 0.0 for p in member_probs[q][:nt]]
+        tuning["cascade_single"] = {"member": q, **tune_threshold(tune_correct[q], qconf, tune_correct[large])}
+
+    # 3. patterns on the reported items
+    pats: dict[str, tuple[Pattern, str]] = {
+        "vote": (ensemble(small, "vote", name="vote"), "small"),
+        "cross-score": (ensemble(small, "cross_score", name="cross-score"), "small"),
+        "average": (ensemble(small, "average", name="average"), "small"),
+        "weighted": (ensemble(small, "average", weights=tuning["weights"], name="weighted"), "small"),
+        "debate": (debate(small, rounds=cfg.debate_rounds, aggregate="average", name="debate"), "small"),
+    }
+    if large:
+        thr = tuning["cascade_ensemble"]["threshold"]
+        pats["moa"] = (mixture_of_agents([small], aggregator=large, name="moa"), "large")
+        pats["cascade"] = (
+            cascade([ensemble(small, "average", name="small-average"), large], accept=[min(thr, 1.0)], name="cascade"),
+            "large",
+        )
+        one = tuning["cascade_single"]
+        pats["cascade-single"] = (
+            cascade([one["member"], large], accept=[min(one["threshold"], 1.0)], name="cascade-single"),
+            "large",
+        )
+        pats["average-all"] = (ensemble(members, "average", name="average-all"), "large")
+    jobs = [(n, p, task_of(it, with_context=ctx)) for n, (p, _) in pats.items() for it in evals]
+    raw_p = await _run(mgr, jobs, cfg, f"{bench}: patterns")
+
+    # 4. the best small member's own ensembles at the small ensembles' calls
+    k = len(small)
+    base_jobs: list[tuple[str, Pattern, Any]] = []
+    solo = ensemble([best_small], name=f"{best_small}-self")
+    for i in range(k):
+        base_jobs += [(f"sc#{i}", solo, task_of(it, with_context=ctx, temperature=TEMPERATURE, seed=i)) for it in evals]
+        base_jobs += [
+            (f"perm#{i}", solo, task_of(it, with_context=ctx, options_order=_rotation(len(it.options), i)))
+            for it in evals
+        ]
+    raw_b = await _run(mgr, base_jobs, cfg, f"{bench}: baselines of {best_small}")
+
+    # 5. statistics
+    out: dict[str, Any] = {
+        "items": len(evals),
+        "tuning_items": len(tune),
+        "tuning": tuning,
+        "members": {m: s.summary() for m, s in singles.items()},
+        "best_small": best_small,
+        "baselines": {},
+        "patterns": {},
+    }
+    sc_correct, perm_correct = [], []
+    for j, it in enumerate(evals):
+        votes = Counter(choice_of(it, raw_b[f"sc#{i}"][j]) for i in range(k))
+        votes.pop(None, None)
+        sc_correct.append(bool(votes) and votes.most_common(1)[0][0] == it.answer)
+        avg = mix([probs_of(raw_b[f"perm#{i}"][j]) for i in range(k)], [1.0] * k)
+        perm_correct.append(avg is not None and avg.index(max(avg)) == it.answer)
+    sc = Scored(f"self-consistency {best_small} x{k} (T={TEMPERATURE})", sc_correct, calls=[float(k)] * len(evals))
+    perm = Scored(f"option-permutation {best_small} x{k}", perm_correct, calls=[float(k)] * len(evals))
+    varied = sum(1 for j in range(len(evals)) if len({choice_of(evals[j], raw_b[f"sc#{i}"][j]) for i in range(k)}) > 1)
+    out["baselines"] = {
+        "self_consistency": {**sc.summary(), "items_with_varied_samples": varied, **paired(sc, singles[best_small])},
+        "permutation": {**perm.summary(), **paired(perm, singles[best_small])},
+    }
+    any_small = Scored("any small member right", [any(singles[m].correct[j] for m in small) for j in range(len(evals))])
+    out["ceilings"] = {"any_small_right": any_small.summary()}
+    if large:
+        any_all = Scored("any member right", [any(singles[m].correct[j] for m in members) for j in range(len(evals))])
+        out["ceilings"]["any_member_right"] = any_all.summary()
+    out["per_item"] = {
+        "ids": [it.id for it in evals],
+        "answer": [it.answer for it in evals],
+        "members": {m: [choice_of(it, r) for it, r in zip(evals, raw[m][nt:], strict=True)] for m in members},
+        "member_probs": {m: member_probs[m][nt:] for m in members},
+        "patterns": {n: [choice_of(it, r) for it, r in zip(evals, raw_p[n], strict=True)] for n in pats},
+        "self_consistency": sc_correct,
+        "permutation": perm_correct,
+    }
+    for name, (_, pool) in pats.items():
+        s = score_runs(name, evals, raw_p[name], large)
+        entry = s.summary()
+        entry["pool"] = pool
+        ref = singles[best_small] if pool == "small" else singles[large]  # type: ignore[index]
+        entry["vs_reference"] = paired(s, ref)
+        entry["gain_points"] = 100 * (s.accuracy - ref.accuracy)
+        if pool == "small":
+            beats_base = s.accuracy > sc.accuracy and s.accuracy > perm.accuracy
+            entry["vs_self_consistency"] = paired(s, sc)
+            entry["vs_permutation"] = paired(s, perm)
+            sig = entry["vs_reference"]["mcnemar_p"] < ALPHA and s.accuracy > ref.accuracy
+            entry["verdict"] = _verdict(sig, beats_base, entry["vs_reference"]["mcnemar_p"])
+        else:
+            entry.update(_large_verdict(s, ref, name))
+        if name == "debate":
+            entry["changes"] = debate_changes(evals, raw_p[name])
+        if name.startswith("cascade"):
+            entry["escalated_share"] = statistics.fmean(s.large_calls) if s.large_calls else 0.0
+        out["patterns"][name] = entry
+    return out
+
+
+def _rotation(n: int, i: int) -> list[int]:
+    return [(j + i) % n for j in range(n)]
+
+
+def _verdict(significant: bool, beats_baselines: bool, p: float) -> str:
+    if significant and beats_baselines:
+        return f"beats its best member (p={p:.3g}) and its self-ensembles"
+    if significant:
+        return f"beats its best member (p={p:.3g}) but not its self-ensembles at equal calls"
+    return f"no significant gain over its best member (p={p:.3g})"
+
+
+def _large_verdict(s: Scored, large: Scored, name: str) -> dict[str, Any]:
+    p = paired(s, large)["mcnemar_p"]
+    lo, hi = wilson(sum(large.correct), len(large.correct))
+    share = statistics.fmean(s.large_calls) if s.large_calls else 1.0
+    within = lo <= s.accuracy <= hi
+    kept = s.accuracy / large.accuracy if large.accuracy else float("nan")
+    if s.accuracy > large.accuracy and p < ALPHA:
+        v = f"beats the 1.5B (p={p:.3g})"
+    elif within and share < 0.5:
+        v = f"matches the 1.5B (inside its 95% CI) with {100 * share:.0f}% of its calls"
+    elif within:
+        v = f"matches the 1.5B but calls it on {100 * share:.0f}% of items"
+    else:
+        v = f"below the 1.5B's 95% CI ({100 * s.accuracy:.1f}% vs {100 * lo:.1f}-{100 * hi:.1f}%)"
+    out = {"verdict": v, "kept_of_large": kept, "within_large_ci": within}
+    if name == "cascade":
+        out["goal_95pct_with_half_calls"] = bool(kept >= 0.95 and share <= 0.5)
+    return out
+
+
+def debate_changes(items: Sequence[MCItem], runs: Sequence[RunResult]) -> dict[str, Any]:
+    """How often agents changed their answer between rounds, and in which direction."""
+    changed = right_to_wrong = wrong_to_right = wrong_to_wrong = answers = 0
+    per_agent: dict[str, Counter[str]] = {}
+    for it, r in zip(items, runs, strict=True):
+        rounds = (r.outcome.details or {}).get("rounds") or []
+        for a, b in itertools.pairwise(rounds):
+            for agent, before in (a.get("answers") or {}).items():
+                after = (b.get("answers") or {}).get(agent)
+                if before is None or after is None:
+                    continue
+                answers += 1
+                c = per_agent.setdefault(agent, Counter())
+                if before == after:
+                    continue
+                changed += 1
+                c["changed"] += 1
+                was = before == it.options[it.answer]
+                now = after == it.options[it.answer]
+                if was and not now:
+                    right_to_wrong += 1
+                    c["right_to_wrong"] += 1
+                elif now and not was:
+                    wrong_to_right += 1
+                    c["wrong_to_right"] += 1
+                else:
+                    wrong_to_wrong += 1
+    return {
+        "answers_compared": answers,
+        "changed": changed,
+        "change_rate": changed / max(1, answers),
+        "right_to_wrong": right_to_wrong,
+        "wrong_to_right": wrong_to_right,
+        "wrong_to_other_wrong": wrong_to_wrong,
+        "per_agent": {a: dict(c) for a, c in per_agent.items()},
+    }
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+# -- output -----------------------------------------------------------------------------------------
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def print_bench_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    for bench, b in report["benchmarks"].items():
+        t = Table(title=f"{bench}: {b['items']} items (tuning slice of {b['tuning_items']} excluded), {report['date']}")
+        for col in (
+            "who",
+            "acc %",
+            "95% CI",
+            "vs",
+            "p (McNemar)",
+            "calls/item",
+            "1.5B calls/item",
+            "s/item",
+            "verdict",
+        ):
+            t.add_column(col)
+        for m, s in b["members"].items():
+            t.add_row(
+                m,
+                pct(s["accuracy"]),
+                _ci(s),
+                "",
+                "",
+                f"{s['calls_per_item']:.1f}",
+                "",
+                f"{s['seconds_per_item']:.2f}",
+                "",
+            )
+        for name, s in b["ceilings"].items():
+            t.add_row(f"[dim]{name}[/]", pct(s["accuracy"]), _ci(s), "", "", "", "", "", "ceiling")
+        for name, s in b["baselines"].items():
+            t.add_row(
+                f"[dim]{name}[/]",
+                pct(s["accuracy"]),
+                _ci(s),
+                s["vs"],
+                f"{s['mcnemar_p']:.3g}",
+                f"{s['calls_per_item']:.1f}",
+                "",
+                "",
+                "baseline",
+            )
+        for name, s in b["patterns"].items():
+            ref = s["vs_reference"]
+            t.add_row(
+                name,
+                pct(s["accuracy"]),
+                _ci(s),
+                ref["vs"],
+                f"{ref['mcnemar_p']:.3g}",
+                f"{s['calls_per_item']:.1f}",
+                f"{s.get('large_calls_per_item', 0.0):.2f}",
+                f"{s['seconds_per_item']:.2f}",
+                s["verdict"],
+            )
+        console.print(t)
+        if "debate" in b["patterns"]:
+            c = b["patterns"]["debate"]["changes"]
+            console.print(
+                f"debate: {c['changed']} of {c['answers_compared']} answers changed between rounds "
+                f"({pct(c['change_rate'])}%): {c['wrong_to_right']} wrong→right, {c['right_to_wrong']} right→wrong, "
+                f"{c['wrong_to_other_wrong']} wrong→another wrong"
+            )
+
+
+def _ci(s: dict[str, Any]) -> str:
+    return f"{pct(s['ci95'][0])}-{pct(s['ci95'][1])}"
+
+
+def draw_bench_chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = list(report["benchmarks"].items())
+    fig, axes = plt.subplots(len(benches), 1, figsize=(12, 3.6 * len(benches)), squeeze=False)
+    for ax, (bench, b) in zip(axes[:, 0], benches, strict=True):
+        rows = [(m, s, "#8ecae6") for m, s in b["members"].items()]
+        rows += [(n, s, "#bbbbbb") for n, s in b["baselines"].items()]
+        rows += [(n, s, "#fb8500") for n, s in b["patterns"].items()]
+        names = [r[0] for r in rows]
+        acc = [100 * r[1]["accuracy"] for r in rows]
+        err = [
+            [100 * (r[1]["accuracy"] - r[1]["ci95"][0]) for r in rows],
+            [100 * (r[1]["ci95"][1] - r[1]["accuracy"]) for r in rows],
+        ]
+        ax.bar(names, acc, yerr=err, color=[r[2] for r in rows], capsize=3)
+        ax.set_ylabel("accuracy % (95% CI)")
+        ax.set_title(f"{bench} ({b['items']} items)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_bench_report(report: dict[str, Any], out: Path | None, stem: str = "bench") -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    draw_bench_chart(report, out / f"{stem}.png")
+    print(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}", file=sys.stderr)
+
+
+__all__ = [
+    "POOL",
+    "BenchConfig",
+    "debate_changes",
+    "print_bench_report",
+    "run_bench",
+    "tune_threshold",
+    "tune_weights",
+    "write_bench_report",
+]
