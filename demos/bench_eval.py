@@ -240,6 +240,8 @@ class BenchConfig:
     pool: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(POOL))
     large: str | None = LARGE  # the big model of the "with the 1.5B" comparisons (None: small pool only)
     loader: Callable[[str], list[MCItem]] = fetching_loader
+    #: two members sharing a tokenizer (the Qwen pair): their distributions are also mixed token by token
+    pair: tuple[str, str] | None = ("qwen0_5b", LARGE)
     #: where each finished benchmark's report is written at once (a long run keeps what it finished)
     checkpoint: Path | None = None
 
@@ -339,6 +341,9 @@ async def _one_bench(
             "large",
         )
         pats["average-all"] = (ensemble(members, "average", name="average-all"), "large")
+        if cfg.pair and all(m in members for m in cfg.pair) and large in cfg.pair:
+            pats["pair-average"] = (ensemble(list(cfg.pair), "average", name="pair-average"), "large")
+            pats["pair-tokens"] = (ensemble(list(cfg.pair), "token_mix", name="pair-tokens"), "large")
     jobs = [(n, p, task_of(it, with_context=ctx)) for n, (p, _) in pats.items() for it in evals]
     raw_p = await _run(mgr, jobs, cfg, f"{bench}: patterns")
 

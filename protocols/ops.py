@@ -90,6 +90,8 @@ CONTEXT = "context"  # a passage printed before the question
 OPTIONS_ORDER = "options_order"  # list the options, lettered, in this order (a permutation)
 CHOICE = "choice"  # reply: index of the chosen option
 PROBS = "probs"  # reply: the agent's probability of every option
+TOKEN_LOGPROBS = "token_logprobs"  # reply: per option, the log-probability of each of its tokens
+TOKENIZER = "tokenizer"  # reply: the tokenizer id those tokens are in (members sharing it can mix per token)
 
 
 class Cost(BaseModel):
@@ -243,6 +245,8 @@ class ChooseReply(Answer):
     scores: list[float]
     probs: list[Confidence]
     token_counts: list[int] | None = None
+    token_logprobs: list[list[float]] | None = None
+    tokenizer: str | None = None
 
 
 class JoinGroupRequest(_Meta):

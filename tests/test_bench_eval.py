@@ -3,6 +3,8 @@ with tiny offline models (the real LMs run in ``tests/test_real_models.py``, mar
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_hf_agent import QA, _ids, _save, make_tokenizer, random_gpt2
@@ -13,7 +15,7 @@ from aiflow_agents.models.benchmarks import MCItem
 from demos.bench_eval import BenchConfig, debate_changes, mix, run_bench, tune_threshold, tune_weights
 from protocols import Envelope, ops
 from topologies import Aggregate
-from topologies.aggregate import average
+from topologies.aggregate import average, token_mix
 from topologies.graph import GraphError
 from topologies.pattern import Outcome
 
@@ -46,6 +48,35 @@ def test_average_mixes_distributions_not_votes() -> None:
     with pytest.raises(GraphError, match="multiple-choice"):
         average(Envelope.request("q"), outs)
     assert Aggregate.parse("average") is Aggregate.AVERAGE
+
+
+def _tokens(lps: list[list[float]], source: str, tokenizer: str = "tok-1") -> Outcome:
+    task = Envelope.request("q", meta={ops.OP: "choose", ops.CANDIDATES: ["a", "b"]})
+    reply = task.reply("x", sender=source, meta={ops.TOKEN_LOGPROBS: lps, ops.TOKENIZER: tokenizer})
+    return Outcome(source=source, kind="agent", answer="a", confidence=0.5, reply=reply)
+
+
+def test_token_mix_mixes_each_position_of_a_shared_tokenizer() -> None:
+    task = Envelope.request("q", meta={ops.OP: "choose", ops.CANDIDATES: ["a", "b"]})
+    # m1 is sure of "a", m2 is not; both find "b" middling
+    m1 = _tokens([[-0.01], [-1.2, -1.2]], "m1")
+    m2 = _tokens([[-6.0], [-1.2, -1.2]], "m2")
+    answer, conf, details = token_mix(task, [m1, m2])
+
+    def mixed(*lps: float) -> float:
+        return math.log(sum(math.exp(x) for x in lps) / len(lps))
+
+    want = [mixed(-0.01, -6.0), (mixed(-1.2, -1.2) + mixed(-1.2, -1.2)) / 2]
+    assert details["scores"] == pytest.approx(want)
+    assert answer == ("a" if want[0] > want[1] else "b") and conf == pytest.approx(max(details["probs"]))
+    # per-token mixing is not averaging the members' option scores: here it changes the winner
+    per_member = [(-0.01 - 6.0) / 2, -1.2]
+    assert (want[0] > want[1]) != (per_member[0] > per_member[1])
+    with pytest.raises(GraphError, match="one tokenizer"):
+        token_mix(task, [m1, _tokens([[-0.1], [-2.0, -0.1]], "m3", tokenizer="tok-2")])
+    with pytest.raises(GraphError, match="other tokens"):
+        token_mix(task, [m1, _tokens([[-0.1], [-2.0]], "m4")])
+    assert Aggregate.parse("token_mix") is Aggregate.TOKEN_MIX
 
 
 def test_threshold_is_the_fewest_escalations_that_keep_95_percent() -> None:

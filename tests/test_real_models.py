@@ -318,3 +318,34 @@ def test_qwen_pair_shares_one_tokenizer_and_answers() -> None:
     assert (small.hidden_size, large.hidden_size) == (896, 1536) and [a.num_layers for a in agents] == [24, 28]
     assert small.tokenizer and large.tokenizer and small.tokenizer == large.tokenizer
     assert vocab_signature(small.tokenizer).startswith("151")
+
+
+@slow
+async def test_bench_patterns_on_real_models(embedded: BrokerURL) -> None:
+    """``aiflow eval --bench`` end to end on a few ARC-Easy items with the smallest models: SmolLM2 and
+    Gemma-3 as the small pool, Qwen2.5-Coder-0.5B standing in for the large model (the full run with
+    the 1.5B is a documented benchmark, not a test)."""
+    from demos.bench_eval import BenchConfig, run_bench
+
+    pool = {
+        "smollm2": ("model=smollm2-135m", "device"),
+        "gemma": ("model=gemma3-270m", "device"),
+        "qwen0_5b": ("model=qwen2.5-coder-0.5b", "cloud"),
+    }
+    cfg = BenchConfig(
+        benches=("arc-easy",), items=4, tune=4, quiet=True, pool=pool, large="qwen0_5b", models=tuple(pool)
+    )
+    report = await run_bench(cfg, broker=str(embedded))
+    b = report["benchmarks"]["arc-easy"]
+    assert b["items"] == 4 and b["tuning_items"] == 4
+    assert all(p["errors"] == 0 and p["n"] == 4 for p in b["patterns"].values()), b["patterns"]
+    assert {"vote", "cross-score", "average", "debate", "moa", "cascade"} <= set(b["patterns"])
+    assert b["patterns"]["debate"]["changes"]["answers_compared"] == 8  # 4 items x 2 agents, round 1 -> 2
+    assert b["patterns"]["moa"]["large_calls_per_item"] == 1.0
+    per = b["per_item"]
+    for j in range(4):  # the averaged ensemble really is the mean of its members' distributions
+        probs = [per["member_probs"][m][j] for m in ("smollm2", "gemma")]
+        mean = [(a + c) / 2 for a, c in zip(*probs, strict=True)]
+        assert per["patterns"]["average"][j] == mean.index(max(mean))
+    for m in ("smollm2", "gemma", "qwen0_5b"):
+        assert b["members"][m]["seconds_per_item"] > 0  # real forward passes were timed

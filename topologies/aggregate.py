@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
@@ -22,6 +23,7 @@ class Aggregate(StrEnum):
     CROSS_SCORE = "cross_score"
     LATENT = "latent"  # average token distributions of members sharing a feature space
     AVERAGE = "average"  # average the members' distributions over a multiple-choice item's options
+    TOKEN_MIX = "token_mix"  # the same, token by token, for members sharing one tokenizer
 
     @classmethod
     def parse(cls, value: str | Aggregate) -> Aggregate:
@@ -211,3 +213,50 @@ def average(
     mean = [t / mass for t in total]
     best = max(range(len(options)), key=lambda i: (mean[i], -i))
     return str(options[best]), mean[best], {"probs": mean, "weights": used, "without_distribution": missing}
+
+
+def token_mix(
+    task: Envelope, outcomes: Sequence[Outcome], weights: Mapping[str, float] | None = None
+) -> tuple[str | None, float | None, dict[str, Any]]:
+    """(answer, its probability, details) under the mixture of the members' token distributions.
+
+    Members that share a tokenizer see each option as the same tokens, so their next-token
+    distributions can be mixed at every position (a weighted mean of probabilities), not only their
+    verdicts: each option is scored by its mean log-probability per token under that mixture. Only
+    the probabilities of the option's own tokens are needed (``choose`` replies' ``token_logprobs``).
+    Members with another tokenizer are an error, never silently mixed in."""
+    options = task.meta.get(ops.CANDIDATES)
+    if not isinstance(options, list) or not options:
+        raise GraphError("aggregate='token_mix' needs a multiple-choice task: meta.candidates lists the options")
+    usable: list[tuple[str, float, list[list[float]]]] = []
+    tokenizer: str | None = None
+    missing: list[str] = []
+    for o in outcomes:
+        meta = o.reply.meta if (o.ok and o.reply is not None) else {}
+        lps = meta.get(ops.TOKEN_LOGPROBS)
+        if not (isinstance(lps, list) and len(lps) == len(options)):
+            missing.append(o.source)
+            continue
+        tok = meta.get(ops.TOKENIZER)
+        if tokenizer is None:
+            tokenizer = tok
+        elif tok != tokenizer or tok is None:
+            raise GraphError(f"token_mix needs one tokenizer: {o.source} scored in {tok}, others in {tokenizer}")
+        if usable and [len(x) for x in lps] != [len(x) for x in usable[0][2]]:
+            raise GraphError(f"token_mix: {o.source} split the options into other tokens")
+        usable.append((o.source, float((weights or {}).get(o.source, 1.0)), lps))
+    mass = sum(w for _, w, _ in usable)
+    if not usable or mass <= 0:
+        winner, extra = vote(outcomes)
+        return winner, None, {**extra, "without_tokens": missing, "fallback": "vote: no member sent token_logprobs"}
+    scores = []
+    for i in range(len(options)):
+        n = len(usable[0][2][i])
+        mixed = [math.log(max(1e-300, sum(w * math.exp(lps[i][t]) for _, w, lps in usable) / mass)) for t in range(n)]
+        scores.append(sum(mixed) / n if n else -1e9)
+    top = max(scores)
+    exps = [math.exp(x - top) for x in scores]
+    probs = [e / sum(exps) for e in exps]
+    best = max(range(len(options)), key=lambda i: (probs[i], -i))
+    details = {"probs": probs, "scores": scores, "tokenizer": tokenizer, "weights": {m: w for m, w, _ in usable}}
+    return str(options[best]), probs[best], {**details, "without_tokens": missing}

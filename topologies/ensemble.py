@@ -8,7 +8,7 @@ from typing import Any
 
 from protocols import Envelope
 
-from .aggregate import Aggregate, average, cross_score, judged, latent_average, vote
+from .aggregate import Aggregate, average, cross_score, judged, latent_average, token_mix, vote
 from .graph import AgentGraph, AgentRef, GraphError
 from .pattern import Outcome, Pattern, Runtime, as_member
 
@@ -103,8 +103,9 @@ class Ensemble(Pattern):
             out.answer, extra = vote(ok)
         elif self.aggregate == Aggregate.WEIGHTED:
             out.answer, extra = vote(ok, self.weights or None, by_confidence=not self.weights)
-        elif self.aggregate == Aggregate.AVERAGE:
-            out.answer, conf, extra = average(task, ok, self.weights or None)
+        elif self.aggregate in (Aggregate.AVERAGE, Aggregate.TOKEN_MIX):
+            mixer = average if self.aggregate == Aggregate.AVERAGE else token_mix
+            out.answer, conf, extra = mixer(task, ok, self.weights or None)
             out.details.update(extra)
             out.confidence = conf
             out.text = out.answer or ""

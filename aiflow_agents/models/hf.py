@@ -212,6 +212,7 @@ class TransformersAgent(Agent):
         self._keep_logits = False
         self._last_positions = 0
         self._last_passes = 0
+        self._last_token_logprobs: list[list[float]] = []
         self._scores: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = OrderedDict()
         self._score_cache_size = int(self.cfg.score_cache)
 
@@ -793,6 +794,7 @@ class TransformersAgent(Agent):
         """Mean log-likelihood per token of each option: longer options are not penalised for length."""
         prefix, ids = self.mc_ids(question, options, meta)
         per_token = self.option_logprobs(prefix, ids)
+        self._last_token_logprobs = per_token
         scores = [sum(lp) / len(lp) if lp else -1e9 for lp in per_token]
         return scores, [len(i) for i in ids]
 
@@ -819,6 +821,9 @@ class TransformersAgent(Agent):
             O.SCORES: scores,
             O.PROBS: [float(p) for p in probs],
             O.TOKEN_COUNTS: counts,
+            # per token, so that members sharing this tokenizer can mix their distributions token by token
+            O.TOKEN_LOGPROBS: [[round(x, 6) for x in lp] for lp in self._last_token_logprobs],
+            O.TOKENIZER: self.space.tokenizer if self.space else None,
             O.COST: self._cost(self._last_positions, self._last_passes, cached=not self._last_passes),
         }
         return request.reply(opts[choice], sender=self.agent_id, meta=out_meta)
