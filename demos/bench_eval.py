@@ -15,8 +15,11 @@ never part of the reported numbers.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import math
+import random
 import statistics
 import sys
 import time
@@ -65,6 +68,24 @@ def fetching_loader(name: str) -> list[MCItem]:
     return load_benchmark(name, fetch=True)
 
 
+def tuning_size(name: str) -> int:
+    try:
+        return get_benchmark(name).tuning
+    except Exception:  # a caller's own loader
+        return 100
+
+
+def finite(obj: Any) -> Any:
+    """The report with NaN and infinities as null: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def needs_context(name: str) -> bool:
     try:
         return get_benchmark(name).context_required
@@ -80,6 +101,11 @@ def choice_of(item: MCItem, r: RunResult) -> int | None:
         return list(item.options).index(r.answer)
     except ValueError:
         return None
+
+
+def is_right(item: MCItem, r: RunResult) -> bool:
+    """By text, not index: a few items list the right option twice (CommonsenseQA, MMLU)."""
+    return r.ok and r.answer == item.options[item.answer]
 
 
 def probs_of(r: RunResult) -> list[float] | None:
@@ -118,9 +144,6 @@ def agent_calls(r: RunResult, agent: str) -> int:
             walk(ch)
 
     walk(r.outcome)
-    for hop in (r.outcome.details.get("hops") or []) if isinstance(r.outcome.details, dict) else []:
-        if isinstance(hop, dict) and hop.get("agent") == agent:
-            n += 1
     return n
 
 
@@ -165,7 +188,7 @@ def paired(a: Scored, b: Scored) -> dict[str, Any]:
 
 
 def score_runs(name: str, items: Sequence[MCItem], runs: Sequence[RunResult], large: str | None = None) -> Scored:
-    correct = [choice_of(it, r) == it.answer for it, r in zip(items, runs, strict=True)]
+    correct = [is_right(it, r) for it, r in zip(items, runs, strict=True)]
     return Scored(
         name,
         correct,
@@ -232,7 +255,7 @@ class BenchConfig:
     benches: Sequence[str] = DEFAULT_BENCHES
     models: Sequence[str] = tuple(POOL)
     items: int | None = None  # cap on reported items per benchmark (None: the whole split minus tuning)
-    tune: int = 100
+    tune: int | None = None  # tuning items per benchmark (None: the benchmark's own default, 100 for most)
     concurrency: int = 6
     timeout: float = 600.0
     quiet: bool = False
@@ -260,7 +283,7 @@ async def run_bench(cfg: BenchConfig, broker: str | None = None) -> dict[str, An
         "models": {m: cfg.pool[m][0] for m in cfg.models},
         "small_pool": small,
         "large": large,
-        "tune_items": cfg.tune,
+        "tune_items": cfg.tune if cfg.tune is not None else "per benchmark",
         "benchmarks": {},
     }
     t_all = time.perf_counter()
@@ -272,7 +295,7 @@ async def run_bench(cfg: BenchConfig, broker: str | None = None) -> dict[str, An
             report["benchmarks"][bench]["wall_seconds"] = round(time.perf_counter() - t0, 1)
             if cfg.checkpoint is not None:
                 cfg.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                cfg.checkpoint.write_text(json.dumps(report, indent=2, default=str))
+                cfg.checkpoint.write_text(json.dumps(finite(report), indent=2, default=str, allow_nan=False))
     report["wall_seconds"] = round(time.perf_counter() - t_all, 1)
     return report
 
@@ -288,7 +311,7 @@ async def _one_bench(
 ) -> dict[str, Any]:
     items = cfg.loader(bench)
     ctx = needs_context(bench)
-    tune, rest = tuning_slice(items, cfg.tune)
+    tune, rest = tuning_slice(items, tuning_size(bench) if cfg.tune is None else cfg.tune)
     evals = rest[: cfg.items] if cfg.items else rest
     members = [*small, *([large] if large else [])]
     if not cfg.quiet:
@@ -301,22 +324,24 @@ async def _one_bench(
     nt = len(tune)
     member_probs = {m: [probs_of(r) for r in raw[m]] for m in members}
     singles = {m: score_runs(m, evals, raw[m][nt:], large) for m in members}
-    tune_correct = {
-        m: [choice_of(it, r) == it.answer for it, r in zip(tune, raw[m][:nt], strict=True)] for m in members
-    }
+    tune_correct = {m: [is_right(it, r) for it, r in zip(tune, raw[m][:nt], strict=True)] for m in members}
+    # the reference of "beats its best member" is the best on the reported items (the hardest bar); whose
+    # self-ensembles to run and which member fronts a cascade are configuration, chosen on the tuning slice
     best_small = max(small, key=lambda m: (singles[m].accuracy, -small.index(m)))
 
-    # 2. tuning (first items only): ensemble weights, cascade thresholds
+    # 2. tuning (first items only): ensemble weights, cascade thresholds, the member of the baselines
     tuning: dict[str, Any] = {
         "weights": tune_weights(tune, {m: member_probs[m][:nt] for m in small}, small),
         "member_accuracy": {m: sum(v) / max(1, nt) for m, v in tune_correct.items()},
     }
+    tuned_best = max(small, key=lambda m: (tuning["member_accuracy"][m], -small.index(m)))
+    tuning["best_small"] = tuned_best
     if large:
         avg_tune = [mix([member_probs[m][j] for m in small], [1.0] * len(small)) for j in range(nt)]
         conf = [max(p) if p else 0.0 for p in avg_tune]
         ens_right = [p is not None and p.index(max(p)) == it.answer for p, it in zip(avg_tune, tune, strict=True)]
         tuning["cascade_ensemble"] = tune_threshold(ens_right, conf, tune_correct[large])
-        q = "qwen0_5b" if "qwen0_5b" in small else best_small
+        q = "qwen0_5b" if "qwen0_5b" in small else tuned_best
         qconf = [max(p) if p else 0.0 for p in member_probs[q][:nt]]
         tuning["cascade_single"] = {"member": q, **tune_threshold(tune_correct[q], qconf, tune_correct[large])}
 
@@ -347,17 +372,26 @@ async def _one_bench(
     jobs = [(n, p, task_of(it, with_context=ctx)) for n, (p, _) in pats.items() for it in evals]
     raw_p = await _run(mgr, jobs, cfg, f"{bench}: patterns")
 
-    # 4. the best small member's own ensembles at the small ensembles' calls
-    k = len(small)
+    # 4. the best member's own ensembles, at each small pattern's calls: k samples at a temperature
+    # (majority) and k prompts listing the options in distinct orders (distributions averaged)
+    k = max(1, max(round(statistics.fmean(float(r.outcome.cost.model_calls) for r in raw_p[n])) for n in pats))
+    k = max(k, len(small))
     base_jobs: list[tuple[str, Pattern, Any]] = []
-    solo = ensemble([best_small], name=f"{best_small}-self")
+    solo = ensemble([tuned_best], name=f"{tuned_best}-self")
+    orders = {it.id: permutations_for(it, k) for it in evals}
     for i in range(k):
-        base_jobs += [(f"sc#{i}", solo, task_of(it, with_context=ctx, temperature=TEMPERATURE, seed=i)) for it in evals]
         base_jobs += [
-            (f"perm#{i}", solo, task_of(it, with_context=ctx, options_order=_rotation(len(it.options), i)))
-            for it in evals
+            (f"sc#{i}", solo, task_of(it, with_context=ctx, temperature=TEMPERATURE, seed=_seed(it, i))) for it in evals
         ]
-    raw_b = await _run(mgr, base_jobs, cfg, f"{bench}: baselines of {best_small}")
+        base_jobs += [
+            (f"perm#{i}", solo, task_of(it, with_context=ctx, options_order=orders[it.id][i]))
+            for it in evals
+            if i < len(orders[it.id])
+        ]
+    raw_b = await _run(mgr, base_jobs, cfg, f"{bench}: baselines of {tuned_best}")
+    sc_runs = [[raw_b[f"sc#{i}"][j] for i in range(k)] for j in range(len(evals))]
+    perm_pos = {i: {it.id: n for n, it in enumerate(e for e in evals if i < len(orders[e.id]))} for i in range(k)}
+    perm_runs = [[raw_b[f"perm#{i}"][perm_pos[i][it.id]] for i in range(k) if it.id in perm_pos[i]] for it in evals]
 
     # 5. statistics
     out: dict[str, Any] = {
@@ -369,20 +403,35 @@ async def _one_bench(
         "baselines": {},
         "patterns": {},
     }
-    sc_correct, perm_correct = [], []
-    for j, it in enumerate(evals):
-        votes = Counter(choice_of(it, raw_b[f"sc#{i}"][j]) for i in range(k))
-        votes.pop(None, None)
-        sc_correct.append(bool(votes) and votes.most_common(1)[0][0] == it.answer)
-        avg = mix([probs_of(raw_b[f"perm#{i}"][j]) for i in range(k)], [1.0] * k)
-        perm_correct.append(avg is not None and avg.index(max(avg)) == it.answer)
-    sc = Scored(f"self-consistency {best_small} x{k} (T={TEMPERATURE})", sc_correct, calls=[float(k)] * len(evals))
-    perm = Scored(f"option-permutation {best_small} x{k}", perm_correct, calls=[float(k)] * len(evals))
-    varied = sum(1 for j in range(len(evals)) if len({choice_of(evals[j], raw_b[f"sc#{i}"][j]) for i in range(k)}) > 1)
-    out["baselines"] = {
-        "self_consistency": {**sc.summary(), "items_with_varied_samples": varied, **paired(sc, singles[best_small])},
-        "permutation": {**perm.summary(), **paired(perm, singles[best_small])},
-    }
+
+    def self_consistency(n: int) -> Scored:
+        right = []
+        for it, runs in zip(evals, sc_runs, strict=True):
+            votes = Counter(choice_of(it, r) for r in runs[:n])
+            votes.pop(None, None)
+            right.append(bool(votes) and votes.most_common(1)[0][0] == it.answer)
+        return Scored(f"self-consistency {tuned_best} x{n} (T={TEMPERATURE})", right, calls=[float(n)] * len(evals))
+
+    def permutation(n: int) -> Scored:
+        right = []
+        for it, runs in zip(evals, perm_runs, strict=True):
+            avg = mix([probs_of(r) for r in runs[:n]], [1.0] * len(runs[:n]))
+            right.append(avg is not None and avg.index(max(avg)) == it.answer)
+        calls = [float(min(n, len(r))) for r in perm_runs]
+        return Scored(f"option-permutation {tuned_best} x{n}", right, calls=calls)
+
+    ref_best = singles[tuned_best]
+    for n in sorted({len(small), k}):
+        sc, perm = self_consistency(n), permutation(n)
+        varied = sum(
+            1 for it, runs in zip(evals, sc_runs, strict=True) if len({choice_of(it, r) for r in runs[:n]}) > 1
+        )
+        out["baselines"][f"self_consistency_x{n}"] = {
+            **sc.summary(),
+            "items_with_varied_samples": varied,
+            **paired(sc, ref_best),
+        }
+        out["baselines"][f"permutation_x{n}"] = {**perm.summary(), **paired(perm, ref_best)}
     any_small = Scored("any small member right", [any(singles[m].correct[j] for m in small) for j in range(len(evals))])
     out["ceilings"] = {"any_small_right": any_small.summary()}
     if large:
@@ -394,8 +443,8 @@ async def _one_bench(
         "members": {m: [choice_of(it, r) for it, r in zip(evals, raw[m][nt:], strict=True)] for m in members},
         "member_probs": {m: member_probs[m][nt:] for m in members},
         "patterns": {n: [choice_of(it, r) for it, r in zip(evals, raw_p[n], strict=True)] for n in pats},
-        "self_consistency": sc_correct,
-        "permutation": perm_correct,
+        "self_consistency": {n: self_consistency(n).correct for n in range(1, k + 1)},
+        "permutation": {n: permutation(n).correct for n in range(1, k + 1)},
     }
     for name, (_, pool) in pats.items():
         s = score_runs(name, evals, raw_p[name], large)
@@ -405,11 +454,16 @@ async def _one_bench(
         entry["vs_reference"] = paired(s, ref)
         entry["gain_points"] = 100 * (s.accuracy - ref.accuracy)
         if pool == "small":
-            beats_base = s.accuracy > sc.accuracy and s.accuracy > perm.accuracy
+            n = max(1, min(k, round(entry["calls_per_item"])))  # the baselines at this pattern's calls
+            sc, perm = self_consistency(n), permutation(n)
             entry["vs_self_consistency"] = paired(s, sc)
             entry["vs_permutation"] = paired(s, perm)
+            beats_base = all(
+                s.accuracy > b.accuracy and entry[key]["mcnemar_p"] < ALPHA
+                for b, key in ((sc, "vs_self_consistency"), (perm, "vs_permutation"))
+            )
             sig = entry["vs_reference"]["mcnemar_p"] < ALPHA and s.accuracy > ref.accuracy
-            entry["verdict"] = _verdict(sig, beats_base, entry["vs_reference"]["mcnemar_p"])
+            entry["verdict"] = _verdict(sig, beats_base, entry["vs_reference"]["mcnemar_p"], n)
         else:
             entry.update(_large_verdict(s, ref, name))
         if name == "debate":
@@ -420,15 +474,31 @@ async def _one_bench(
     return out
 
 
-def _rotation(n: int, i: int) -> list[int]:
-    return [(j + i) % n for j in range(n)]
+def _seed(item: MCItem, i: int) -> int:
+    """A sample's seed, distinct per item and sample (the same seed on every item would correlate them)."""
+    return int.from_bytes(hashlib.sha256(f"{item.id}/{i}".encode()).digest()[:4], "big")
 
 
-def _verdict(significant: bool, beats_baselines: bool, p: float) -> str:
+def permutations_for(item: MCItem, k: int) -> list[list[int]]:
+    """Up to ``k`` distinct orders of the item's options, the given order first, the rest drawn with a
+    seed from the item's id (only n! exist: two options give two)."""
+    n = len(item.options)
+    rng = random.Random(_seed(item, -1))
+    seen = [list(range(n))]
+    budget = math.factorial(n)
+    while len(seen) < min(k, budget):
+        order = list(range(n))
+        rng.shuffle(order)
+        if order not in seen:
+            seen.append(order)
+    return seen
+
+
+def _verdict(significant: bool, beats_baselines: bool, p: float, calls: int) -> str:
     if significant and beats_baselines:
-        return f"beats its best member (p={p:.3g}) and its self-ensembles"
+        return f"beats its best member (p={p:.3g}) and, with p < 0.05, its self-ensembles at {calls} calls"
     if significant:
-        return f"beats its best member (p={p:.3g}) but not its self-ensembles at equal calls"
+        return f"beats its best member (p={p:.3g}), not significantly its self-ensembles at {calls} calls"
     return f"no significant gain over its best member (p={p:.3g})"
 
 
@@ -440,14 +510,16 @@ def _large_verdict(s: Scored, large: Scored, name: str) -> dict[str, Any]:
     kept = s.accuracy / large.accuracy if large.accuracy else float("nan")
     if s.accuracy > large.accuracy and p < ALPHA:
         v = f"beats the 1.5B (p={p:.3g})"
+    elif s.accuracy > hi:
+        v = f"above the 1.5B's 95% CI, not significant (p={p:.3g}), {100 * share:.0f}% of its calls"
     elif within and share < 0.5:
         v = f"matches the 1.5B (inside its 95% CI) with {100 * share:.0f}% of its calls"
     elif within:
         v = f"matches the 1.5B but calls it on {100 * share:.0f}% of items"
     else:
         v = f"below the 1.5B's 95% CI ({100 * s.accuracy:.1f}% vs {100 * lo:.1f}-{100 * hi:.1f}%)"
-    out = {"verdict": v, "kept_of_large": kept, "within_large_ci": within}
-    if name == "cascade":
+    out = {"verdict": v, "kept_of_large": kept, "within_large_ci": within, "mcnemar_p_vs_large": p}
+    if name.startswith("cascade"):
         out["goal_95pct_with_half_calls"] = bool(kept >= 0.95 and share <= 0.5)
     return out
 
@@ -611,7 +683,7 @@ def write_bench_report(report: dict[str, Any], out: Path | None, stem: str = "be
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / f"{stem}.json").write_text(json.dumps(finite(report), indent=2, default=str, allow_nan=False))
     draw_bench_chart(report, out / f"{stem}.png")
     print(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}", file=sys.stderr)
 

@@ -147,8 +147,11 @@ def eval_command(
         int | None, typer.Option("--items", help="with --bench: report at most N items per benchmark (default all)")
     ] = None,
     tune: Annotated[
-        int, typer.Option("--tune", help="with --bench: first N items of each split tune thresholds; never reported")
-    ] = 100,
+        int | None,
+        typer.Option(
+            "--tune", help="with --bench: first N items of each split tune thresholds, never reported (default 100)"
+        ),
+    ] = None,
 ) -> None:
     """Evaluate patterns against every member alone on a fresh held-out task set, (--bench) real LMs on public
     multiple-choice benchmarks, or (--testbed) static and adaptive scheduling policies on a device-edge-cloud
@@ -199,7 +202,7 @@ def _bench(
     benches: list[str],
     models: str | None,
     items: int | None,
-    tune: int,
+    tune: int | None,
     as_json: bool,
     out: Path | None,
     broker: str | None,
@@ -208,7 +211,15 @@ def _bench(
     from aiflow_agents import configure_logging
     from aiflow_agents.models.benchmarks import BenchmarkError
 
-    from .bench_eval import DEFAULT_BENCHES, POOL, BenchConfig, print_bench_report, run_bench, write_bench_report
+    from .bench_eval import (
+        DEFAULT_BENCHES,
+        POOL,
+        BenchConfig,
+        finite,
+        print_bench_report,
+        run_bench,
+        write_bench_report,
+    )
 
     configure_logging("warning")
     names = [b.strip() for arg in benches for b in arg.split(",") if b.strip()]
@@ -234,7 +245,7 @@ def _bench(
             print_bench_report(report)
         write_bench_report(report, out)
     if as_json:
-        print(json.dumps(report, indent=2, default=str), file=stdout)
+        print(json.dumps(finite(report), indent=2, default=str, allow_nan=False), file=stdout)
 
 
 def _only_json_on_stdout(as_json: bool) -> contextlib.AbstractContextManager[Any]:

@@ -214,7 +214,12 @@ async def test_a_whole_bench_run_over_node_processes(embedded: BrokerURL, tiny_p
     # the debate compared every agent's answer across the rounds
     assert b["patterns"]["debate"]["changes"]["answers_compared"] == 12
     # baselines at the ensemble's calls, and McNemar against the right reference
-    assert b["baselines"]["self_consistency"]["calls_per_item"] == 3
+    # ... and at the debate's 6: each small pattern is compared with the baselines at its own call count
+    assert b["baselines"]["self_consistency_x3"]["calls_per_item"] == 3
+    assert b["baselines"]["permutation_x6"]["calls_per_item"] == 6  # 4 options: 24 orders, 6 distinct used
+    assert b["patterns"]["debate"]["vs_self_consistency"]["vs"].endswith("x6 (T=0.7)")
+    assert b["patterns"]["vote"]["vs_permutation"]["vs"].endswith("x3")
+    assert b["tuning"]["best_small"] in ("s1", "s2", "s3")
     assert b["patterns"]["vote"]["vs_reference"]["vs"] == b["best_small"]
     assert b["patterns"]["moa"]["vs_reference"]["vs"] == "big"
     assert b["members"]["big"]["accuracy"] == 1.0  # the trained model knows the capitals

@@ -39,7 +39,7 @@ class Debate(Pattern):
             Aggregate.CROSS_SCORE,
             Aggregate.AVERAGE,
         ):
-            raise GraphError(f"debate {self.name!r}: aggregate must be vote, weighted, judge or cross_score")
+            raise GraphError(f"debate {self.name!r}: aggregate must be vote, weighted, judge, cross_score or average")
         self.judge = as_member(judge) if judge is not None else None
         if self.aggregate == Aggregate.JUDGE and self.judge is None:
             raise GraphError(f"debate {self.name!r}: aggregate='judge' needs judge=AGENT")

@@ -360,8 +360,8 @@ def pip_install_target(packages: tuple[str, ...], target: Path, report: Report =
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
-        "--no-compile", "--target", str(tmp), *packages,
+        sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary=:all:", "--no-input",
+        "--disable-pip-version-check", "--no-compile", "--target", str(tmp), *packages,
     ]  # fmt: skip
     report(f"pip install --no-deps {' '.join(packages)}")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -457,16 +457,22 @@ class TransformersAgent(Agent):
             lines += [f"{chr(65 + k)}. {options[int(i)]}" for k, i in enumerate(order)]
         peers = meta.get(O.PEERS)
         if isinstance(peers, list) and peers:
-            said = []
+            said, mine = [], ""
             for p in peers:
                 if not isinstance(p, dict) or p.get(O.ANSWER) is None:
                     continue
                 conf = p.get(O.CONFIDENCE)
                 sure = f" ({100 * float(conf):.0f}% sure)" if isinstance(conf, (int, float)) else ""
                 reason = str(p.get("reason") or "").strip()
-                said.append(f'"{p[O.ANSWER]}"{sure}' + (f" because {reason}" if reason else ""))
+                text = f'"{p[O.ANSWER]}"{sure}' + (f" because {reason}" if reason else "")
+                if p.get("agent") == self.agent_id:  # a debate round shows an agent its own last answer too
+                    mine = text
+                else:
+                    said.append(text)
             if said:
                 lines.append("Other answers: " + "; ".join(said) + ".")
+            if mine:
+                lines.append(f"Your previous answer: {mine}.")
         lines.append("Answer:")
         ids = list(tok("\n".join(lines)).input_ids)
         if not ids and tok.bos_token_id is not None:
@@ -490,29 +496,32 @@ class TransformersAgent(Agent):
             raise AgentError("cannot score after an empty prompt", code="bad_request")
         pkey = tuple(prefix)
         wanted = list(dict.fromkeys(tuple(o) for o in options if o))
-        missing = [o for o in wanted if (pkey, o) not in self._scores]
+        known: dict[tuple[int, ...], list[float]] = {}
+        for o in wanted:  # hits first (and marked fresh), so inserting the misses cannot evict them
+            hit = self._scores.get((pkey, o))
+            if hit is not None:
+                self._scores.move_to_end((pkey, o))
+                known[o] = hit
+        missing = [o for o in wanted if o not in known]
         self._last_positions = self._last_passes = 0
         if missing:
             found = self._forward_options(model, tok, prefix, missing) if batched else None
             if found is None:
                 found = self._forward_each(model, prefix, missing)
             for o, lp in zip(missing, found, strict=True):
-                self._scores[(pkey, o)] = lp
-                if len(self._scores) > self._score_cache_size:
-                    self._scores.popitem(last=False)
-        out = []
-        for o in options:
-            key = (pkey, tuple(o))
-            if key in self._scores:
-                self._scores.move_to_end(key)
-            out.append(list(self._scores[key]) if o else [])
-        return out
+                known[o] = lp
+                if self._score_cache_size > 0:
+                    self._scores[(pkey, o)] = lp
+                    while len(self._scores) > self._score_cache_size:
+                        self._scores.popitem(last=False)
+        return [list(known[tuple(o)]) if o else [] for o in options]
 
     def _forward_options(
         self, model: Any, tok: Any, prefix: list[int], options: list[tuple[int, ...]]
     ) -> list[list[float]] | None:
         dev = self.device
-        first = model(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
+        keep = {"logits_to_keep": 1} if self._keep_logits else {}  # only the last position is read
+        first = model(input_ids=torch.tensor([prefix], device=dev), use_cache=True, **keep)
         head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
         width = max(len(o) for o in options) - 1
         self._last_positions, self._last_passes = len(prefix), 1
