@@ -256,7 +256,7 @@ class BenchConfig:
     models: Sequence[str] = tuple(POOL)
     items: int | None = None  # cap on reported items per benchmark (None: the whole split minus tuning)
     tune: int | None = None  # tuning items per benchmark (None: the benchmark's own default, 100 for most)
-    concurrency: int = 6
+    concurrency: int = 12
     timeout: float = 600.0
     quiet: bool = False
     debate_rounds: int = 2
@@ -319,7 +319,8 @@ async def _one_bench(
 
     # 1. every member alone, on the tuning slice and the reported items
     both = [*tune, *evals]
-    jobs = [(m, ensemble([m], name=m), task_of(it, with_context=ctx)) for m in members for it in both]
+    # item-major order: the requests in flight span every model, so all of them (and all cores) stay busy
+    jobs = [(m, ensemble([m], name=m), task_of(it, with_context=ctx)) for it in both for m in members]
     raw = await _run(mgr, jobs, cfg, f"{bench}: members alone")
     nt = len(tune)
     member_probs = {m: [probs_of(r) for r in raw[m]] for m in members}
@@ -369,26 +370,22 @@ async def _one_bench(
         if cfg.pair and all(m in members for m in cfg.pair) and large in cfg.pair:
             pats["pair-average"] = (ensemble(list(cfg.pair), "average", name="pair-average"), "large")
             pats["pair-tokens"] = (ensemble(list(cfg.pair), "token_mix", name="pair-tokens"), "large")
-    jobs = [(n, p, task_of(it, with_context=ctx)) for n, (p, _) in pats.items() for it in evals]
-    raw_p = await _run(mgr, jobs, cfg, f"{bench}: patterns")
-
-    # 4. the best member's own ensembles, at each small pattern's calls: k samples at a temperature
-    # (majority) and k prompts listing the options in distinct orders (distributions averaged)
-    k = max(1, max(round(statistics.fmean(float(r.outcome.cost.model_calls) for r in raw_p[n])) for n in pats))
-    k = max(k, len(small))
-    base_jobs: list[tuple[str, Pattern, Any]] = []
+    # 4. with them, the best member's own ensembles at each small pattern's calls: k samples at a
+    # temperature (majority) and k prompts listing the options in distinct orders (distributions
+    # averaged); k covers the most calls a small pattern makes (a debate: rounds x members)
+    k = len(small) * max(2, cfg.debate_rounds)
     solo = ensemble([tuned_best], name=f"{tuned_best}-self")
     orders = {it.id: permutations_for(it, k) for it in evals}
-    for i in range(k):
-        base_jobs += [
-            (f"sc#{i}", solo, task_of(it, with_context=ctx, temperature=TEMPERATURE, seed=_seed(it, i))) for it in evals
-        ]
-        base_jobs += [
-            (f"perm#{i}", solo, task_of(it, with_context=ctx, options_order=orders[it.id][i]))
-            for it in evals
-            if i < len(orders[it.id])
-        ]
-    raw_b = await _run(mgr, base_jobs, cfg, f"{bench}: baselines of {tuned_best}")
+    jobs = []
+    for it in evals:  # item-major, patterns and baselines together: every model has work queued
+        jobs += [(n, p, task_of(it, with_context=ctx)) for n, (p, _) in pats.items()]
+        for i in range(k):
+            jobs.append((f"sc#{i}", solo, task_of(it, with_context=ctx, temperature=TEMPERATURE, seed=_seed(it, i))))
+            if i < len(orders[it.id]):
+                jobs.append((f"perm#{i}", solo, task_of(it, with_context=ctx, options_order=orders[it.id][i])))
+    raw_all = await _run(mgr, jobs, cfg, f"{bench}: patterns and baselines of {tuned_best}")
+    raw_p = {n: raw_all[n] for n in pats}
+    raw_b = {n: v for n, v in raw_all.items() if n not in pats}
     sc_runs = [[raw_b[f"sc#{i}"][j] for i in range(k)] for j in range(len(evals))]
     perm_pos = {i: {it.id: n for n, it in enumerate(e for e in evals if i < len(orders[e.id]))} for i in range(k)}
     perm_runs = [[raw_b[f"perm#{i}"][perm_pos[i][it.id]] for i in range(k) if it.id in perm_pos[i]] for it in evals]
@@ -679,10 +676,54 @@ def draw_bench_chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _md_row(name: str, s: dict[str, Any], vs: str = "", p: str = "", verdict: str = "") -> str:
+    large = f"{s['large_calls_per_item']:.2f}" if "large_calls_per_item" in s else ""
+    secs = f"{s['seconds_per_item']:.2f}" if s.get("seconds_per_item") else ""
+    return (
+        f"| {name} | {pct(s['accuracy'])} ({_ci(s)}) | {vs} | {p} | {s['calls_per_item']:.1f} | {large} "
+        f"| {secs} | {verdict} |"
+    )
+
+
+def bench_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (one per benchmark), as the README shows them."""
+    lines: list[str] = []
+    for bench, b in report["benchmarks"].items():
+        per_item = b.get("wall_seconds", 0.0) / max(1, b["items"] + b["tuning_items"])
+        lines += [
+            f"**{bench}** — {b['items']} items after a tuning slice of {b['tuning_items']}; "
+            f"{b.get('wall_seconds', 0.0) / 60:.0f} min wall, {per_item:.1f} s per item in all",
+            "",
+            "| who | accuracy % (95% CI) | vs | McNemar p | calls / item | 1.5B calls / item | s / item | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+
+        for m, s in b["members"].items():
+            lines.append(_md_row(m, s))
+        for name, s in b["ceilings"].items():
+            lines.append(f"| {name.replace('_', ' ')} (ceiling) | {pct(s['accuracy'])} ({_ci(s)}) | | | | | | |")
+        for name, s in b["baselines"].items():
+            lines.append(_md_row(name.replace("_", " "), s, s["vs"], f"{s['mcnemar_p']:.2g}", "baseline"))
+        for name, s in b["patterns"].items():
+            ref = s["vs_reference"]
+            lines.append(_md_row(name, s, ref["vs"], f"{ref['mcnemar_p']:.2g}", s["verdict"]))
+        if "debate" in b["patterns"]:
+            c = b["patterns"]["debate"]["changes"]
+            lines += [
+                "",
+                f"Debate: {c['changed']} of {c['answers_compared']} answers changed between rounds "
+                f"({pct(c['change_rate'])}%): {c['wrong_to_right']} wrong→right, {c['right_to_wrong']} right→wrong, "
+                f"{c['wrong_to_other_wrong']} wrong→another wrong.",
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write_bench_report(report: dict[str, Any], out: Path | None, stem: str = "bench") -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(bench_markdown(report))
     (out / f"{stem}.json").write_text(json.dumps(finite(report), indent=2, default=str, allow_nan=False))
     draw_bench_chart(report, out / f"{stem}.png")
     print(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}", file=sys.stderr)

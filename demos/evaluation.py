@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -230,11 +231,13 @@ def _bench(
         models=chosen,
         items=items,
         tune=tune,
-        concurrency=concurrency or 6,
+        concurrency=concurrency or 12,
         quiet=as_json,
         checkpoint=out / "bench.partial.json" if out is not None else None,
     )
     stdout = sys.stdout
+    # a SIGTERM unwinds like Ctrl-C, so the node processes of a long run are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with _only_json_on_stdout(as_json):
         try:
             report = asyncio.run(run_bench(cfg, broker))

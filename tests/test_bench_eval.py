@@ -12,7 +12,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from aiflow_agents import BrokerURL
 from aiflow_agents.models.benchmarks import MCItem
-from demos.bench_eval import BenchConfig, debate_changes, mix, run_bench, tune_threshold, tune_weights
+from demos.bench_eval import (
+    BenchConfig,
+    debate_changes,
+    mix,
+    permutations_for,
+    run_bench,
+    tune_threshold,
+    tune_weights,
+)
 from protocols import Envelope, ops
 from topologies import Aggregate
 from topologies.aggregate import average, token_mix
@@ -99,6 +107,16 @@ def test_weights_are_tuned_on_the_tuning_items() -> None:
     w = tune_weights(items, {"good": good, "bad": bad}, ["good", "bad"])  # type: ignore[dict-item]
     assert w["good"] > w["bad"]
     assert mix([[1.0, 0.0], None, [0.0, 1.0]], [1.0, 5.0, 1.0]) == [0.5, 0.5]
+
+
+def test_option_orders_are_distinct_and_reproducible() -> None:
+    four = MCItem(id="q1", question="q", options=("a", "b", "c", "d"), answer=0)
+    orders = permutations_for(four, 6)
+    assert orders[0] == [0, 1, 2, 3] and len(orders) == 6 and len({tuple(o) for o in orders}) == 6
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and permutations_for(four, 6) == orders
+    assert permutations_for(MCItem(id="q2", question="q", options=("a", "b", "c", "d"), answer=0), 6) != orders
+    two = MCItem(id="q3", question="q", options=("no", "yes"), answer=1)
+    assert permutations_for(two, 6) == [[0, 1], [1, 0]]  # only 2! orders exist
 
 
 def test_debate_changes_count_directions() -> None:

@@ -604,12 +604,28 @@ async def test_choose_picks_an_option_and_reports_its_distribution(llama: Transf
     shown = await ask(llama, FRANCE, op="choose", candidates=opts, peers=[{"agent": "b", "answer": "rome"}])
     listed = await ask(llama, FRANCE, op="choose", candidates=opts, options_order=[2, 0, 1])
     assert shown.meta[O.SCORES] != scores and listed.meta[O.SCORES] != scores
-    p_shown, _ = llama.mc_ids(FRANCE, opts, {O.PEERS: [{"agent": "b", "answer": "rome", O.CONFIDENCE: 0.5}]})
-    assert '"rome" (50% sure)' in llama.tokenizer.decode(p_shown)  # type: ignore[union-attr]
+    peers = [{"agent": "b", "answer": "rome", O.CONFIDENCE: 0.5}, {"agent": "llama", "answer": "paris"}]
+    p_shown, _ = llama.mc_ids(FRANCE, opts, {O.PEERS: peers})
+    shown_text = llama.tokenizer.decode(p_shown)  # type: ignore[union-attr]
+    assert 'Other answers: "rome" (50% sure).' in shown_text  # the others, not the agent itself ...
+    assert 'Your previous answer: "paris".' in shown_text  # ... whose own answer is shown as its own
     with pytest.raises(AgentError, match="options_order"):
         await ask(llama, FRANCE, op="choose", candidates=opts, options_order=[0, 0, 1])
     with pytest.raises(AgentError, match="at least two"):
         await ask(llama, FRANCE, op="choose", candidates=["paris"])
+
+
+async def test_the_score_cache_can_be_off_and_never_drops_what_it_returns(folders) -> None:
+    off = TransformersAgent("nocache", path=str(folders["llama"]), score_cache=0).load()
+    opts = ["paris", "rome", "madrid"]
+    first = await ask(off, FRANCE, op="choose", candidates=opts)
+    again = await ask(off, FRANCE, op="choose", candidates=opts)
+    assert first.meta[O.SCORES] == again.meta[O.SCORES] and again.meta[O.COST]["cached"] is False
+    tiny = TransformersAgent("tiny-cache", path=str(folders["llama"]), score_cache=2).load()
+    prefix, ids = tiny.mc_ids(FRANCE, opts, {})
+    tiny.option_logprobs(prefix, ids[:2])  # fills the cache
+    mixed = tiny.option_logprobs(prefix, ids)  # two hits and a miss that evicts the oldest entry
+    assert len(tiny._scores) == 2 and len(mixed) == 3 and all(mixed)
 
 
 async def test_choose_samples_with_temperature_reproducibly(llama: TransformersAgent) -> None:
