@@ -461,6 +461,8 @@ async def _one_bench(
             )
             sig = entry["vs_reference"]["mcnemar_p"] < ALPHA and s.accuracy > ref.accuracy
             entry["verdict"] = _verdict(sig, beats_base, entry["vs_reference"]["mcnemar_p"], n)
+            if s.accuracy < ref.accuracy and entry["vs_reference"]["mcnemar_p"] < ALPHA:
+                entry["verdict"] = f"worse than its best member (p={entry['vs_reference']['mcnemar_p']:.3g})"
         else:
             entry.update(_large_verdict(s, ref, name))
         if name == "debate":
@@ -468,6 +470,9 @@ async def _one_bench(
         if name.startswith("cascade"):
             entry["escalated_share"] = statistics.fmean(s.large_calls) if s.large_calls else 0.0
         out["patterns"][name] = entry
+    if "pair-tokens" in out["patterns"]:  # mixing per token vs mixing verdicts, for the same two models
+        tok, avg = (score_runs(n, evals, raw_p[n], large) for n in ("pair-tokens", "pair-average"))
+        out["patterns"]["pair-tokens"]["vs_pair_average"] = paired(tok, avg)
     return out
 
 
@@ -507,6 +512,8 @@ def _large_verdict(s: Scored, large: Scored, name: str) -> dict[str, Any]:
     kept = s.accuracy / large.accuracy if large.accuracy else float("nan")
     if s.accuracy > large.accuracy and p < ALPHA:
         v = f"beats the 1.5B (p={p:.3g})"
+    elif s.accuracy < large.accuracy and p < ALPHA:
+        v = f"worse than the 1.5B (p={p:.3g})"
     elif s.accuracy > hi:
         v = f"above the 1.5B's 95% CI, not significant (p={p:.3g}), {100 * share:.0f}% of its calls"
     elif within and share < 0.5:
@@ -514,10 +521,11 @@ def _large_verdict(s: Scored, large: Scored, name: str) -> dict[str, Any]:
     elif within:
         v = f"matches the 1.5B but calls it on {100 * share:.0f}% of items"
     else:
-        v = f"below the 1.5B's 95% CI ({100 * s.accuracy:.1f}% vs {100 * lo:.1f}-{100 * hi:.1f}%)"
+        v = f"below the 1.5B's 95% CI ({100 * s.accuracy:.1f}% vs {100 * lo:.1f}-{100 * hi:.1f}%; p={p:.3g})"
     out = {"verdict": v, "kept_of_large": kept, "within_large_ci": within, "mcnemar_p_vs_large": p}
     if name.startswith("cascade"):
         out["goal_95pct_with_half_calls"] = bool(kept >= 0.95 and share <= 0.5)
+        out["verdict"] += f"; keeps {100 * kept:.0f}% of its accuracy with {100 * share:.0f}% escalated"
     return out
 
 
