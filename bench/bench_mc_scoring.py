@@ -25,7 +25,7 @@ from aiflow_agents.models.hf import TransformersAgent
 
 def run(model: str, items: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    agent = TransformersAgent(model, model=model, chat=False).load()
+    agent = TransformersAgent(model.replace(".", "_"), model=model, chat=False).load()
     data = load_benchmark("arc-easy")[:items]
     batched: list[float] = []
     naive: list[float] = []
