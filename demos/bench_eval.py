@@ -34,7 +34,7 @@ from protocols import Envelope, ops
 from topologies import Pattern, RunResult, TopologyManager, cascade, debate, ensemble, mixture_of_agents
 
 from .harness import NodeSpec, console, deployment, run_all
-from .stats import mcnemar_p, wilson
+from .stats import finite, mcnemar_p, wilson
 
 #: agent id -> (hf agent config: a catalog model or a path, tier). One node process per model.
 POOL: dict[str, tuple[str, str]] = {
@@ -73,17 +73,6 @@ def tuning_size(name: str) -> int:
         return get_benchmark(name).tuning
     except Exception:  # a caller's own loader
         return 100
-
-
-def finite(obj: Any) -> Any:
-    """The report with NaN and infinities as null: JSON has no such numbers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def needs_context(name: str) -> bool:

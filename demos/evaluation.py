@@ -166,7 +166,8 @@ def eval_command(
 
         configure_logging("warning")  # late replies of losing hedges are expected, not news
 
-        from .testbed_eval import finite, print_testbed_report, run_testbed_eval, write_testbed_report
+        from .stats import finite
+        from .testbed_eval import print_testbed_report, run_testbed_eval, write_testbed_report
 
         stdout = sys.stdout
         with _only_json_on_stdout(as_json):
@@ -216,11 +217,11 @@ def _bench(
         DEFAULT_BENCHES,
         POOL,
         BenchConfig,
-        finite,
         print_bench_report,
         run_bench,
         write_bench_report,
     )
+    from .stats import finite
 
     configure_logging("warning")
     names = [b.strip() for arg in benches for b in arg.split(",") if b.strip()]

@@ -52,3 +52,14 @@ def paired_quantile_diff_ci(
         diffs.append(percentile([a[i] for i in idx], q) - percentile([b[i] for i in idx], q))
     diffs.sort()
     return percentile(a, q) - percentile(b, q), percentile(diffs, 0.025), percentile(diffs, 0.975)
+
+
+def finite(o: object) -> object:
+    """A report with NaN and infinities as null: strict JSON that every reader accepts."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o

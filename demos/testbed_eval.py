@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import random
 import time
 from collections import Counter, defaultdict
@@ -41,7 +40,7 @@ from topologies.scheduling import (
 from topologies.trace import MANAGER
 
 from .harness import console
-from .stats import mcnemar_p, paired_quantile_diff_ci, percentile, wilson
+from .stats import finite, mcnemar_p, paired_quantile_diff_ci, percentile, wilson
 
 EXIT_OF_TYPE = {"familial-device": "device", "familial-edge": "edge", "familial-cloud": "cloud"}
 
@@ -551,14 +550,3 @@ def write_testbed_report(report: dict[str, Any], out: Path | None) -> None:
     (out / f"{stem}.json").write_text(json.dumps(finite(report), indent=1, default=str, allow_nan=False))
     draw_testbed_charts(report, out, stem)
     console.print(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}")
-
-
-def finite(o: Any) -> Any:
-    """The report with NaN and infinities as null: strict JSON that every reader accepts."""
-    if isinstance(o, float):
-        return None if math.isnan(o) or math.isinf(o) else o
-    if isinstance(o, dict):
-        return {k: finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [finite(v) for v in o]
-    return o

@@ -31,6 +31,7 @@ from .envelope import (
     TextPart,
     is_valid_agent_id,
     new_id,
+    vocab_signature,
 )
 from .errors import (
     BadMagicError,
@@ -132,4 +133,5 @@ __all__ = [
     "signing",
     "topic_filter_problem",
     "topic_name_problem",
+    "vocab_signature",
 ]

@@ -115,6 +115,16 @@ def from_torch_dtypes() -> dict[torch.dtype, DType]:
 Meta = dict[str, Any]
 
 
+def vocab_signature(tokenizer: str) -> str:
+    """The content part of a feature space's tokenizer id (vocabulary size and hash): the name in
+    front is for people, so one vocabulary loaded from a GGUF file and from its converted folder,
+    or under two names, still matches."""
+    parts = tokenizer.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit() and len(parts[2]) == 12:
+        return f"{parts[1]}-{parts[2]}"
+    return tokenizer
+
+
 class FeatureSpace(BaseModel):
     """Where a latent lives, so a receiver can tell whether it can consume it directly.
 

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from test_hf_agent import QA, _ids, _save, make_tokenizer, random_gpt2
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_hf_agent import QA, _save, make_tokenizer, random_gpt2, train_llama
 
 from aiflow_agents import BrokerURL
 from aiflow_agents.models.benchmarks import MCItem
@@ -28,6 +27,8 @@ from topologies.graph import GraphError
 from topologies.pattern import Outcome
 
 pytestmark = pytest.mark.timeout(300)
+#: the multiple-choice prompt, so the trained model (the "big" one) knows the answers
+MC_TEXTS = [f"Question: {q}\nAnswer: {a}" for q, a in QA]
 
 
 def _choice(probs: list[float], source: str) -> Outcome:
@@ -131,45 +132,16 @@ def test_debate_changes_count_directions() -> None:
     assert c["per_agent"]["x"] == {"changed": 1, "wrong_to_right": 1}
 
 
-def _mc_llama(tok, steps: int = 150) -> LlamaForCausalLM:  # type: ignore[no-untyped-def]
-    """A tiny model trained on the multiple-choice prompt, so it knows the answers (the big model)."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=_ids(tok, "<|bos|>"),
-        eos_token_id=_ids(tok, "<|end|>"),
-        pad_token_id=_ids(tok, "<|pad|>"),
-    )
-    model = LlamaForCausalLM(cfg)
-    batch = tok([f"Question: {q}\nAnswer: {a}" for q, a in QA], padding=True, return_tensors="pt")
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bench-models")
-    tok = make_tokenizer([f"Question: {q}\nAnswer: {a}" for q, a in QA] * 4, vocab_size=400)
+    tok = make_tokenizer(MC_TEXTS * 4, vocab_size=400)
     pool = {
         f"s{i}": (f"path={_save(random_gpt2(tok, seed=i), tok, root / f's{i}')}&chat=false", "device")
         for i in (1, 2, 3)
     }
-    pool["big"] = (f"path={_save(_mc_llama(tok), tok, root / 'big')}&chat=false", "cloud")
+    pool["big"] = (f"path={_save(train_llama(tok, 150, MC_TEXTS), tok, root / 'big')}&chat=false", "cloud")
     return pool
 
 

@@ -85,8 +85,9 @@ def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, folder: Path) ->
     return folder
 
 
-def train_llama(tok: PreTrainedTokenizerFast, steps: int = 120) -> LlamaForCausalLM:
-    """A few seconds of training so that the model prefers the right answers."""
+def train_llama(tok: PreTrainedTokenizerFast, steps: int = 120, texts: list[str] | None = None) -> LlamaForCausalLM:
+    """A few seconds of training so that the model prefers the right answers (``texts``: in this format,
+    default the chat template's)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -102,7 +103,7 @@ def train_llama(tok: PreTrainedTokenizerFast, steps: int = 120) -> LlamaForCausa
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
-    texts = [f"<|user|>{q}<|end|><|assistant|>{a}<|end|>" for q, a in QA]
+    texts = texts or [f"<|user|>{q}<|end|><|assistant|>{a}<|end|>" for q, a in QA]
     batch = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

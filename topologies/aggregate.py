@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from protocols import Envelope, TensorPart, TensorRole, compression, ops
+from protocols import Envelope, TensorPart, TensorRole, compression, ops, vocab_signature
 
 from .graph import GraphError
 from .pattern import Outcome, Runtime
@@ -238,7 +238,7 @@ def token_mix(
             missing.append(o.source)
             continue
         tok = meta.get(ops.TOKENIZER)
-        tok = _vocab(tok) if isinstance(tok, str) else None
+        tok = vocab_signature(tok) if isinstance(tok, str) else None
         if tokenizer is None:
             tokenizer = tok
         elif tok != tokenizer or tok is None:
@@ -261,12 +261,3 @@ def token_mix(
     best = max(range(len(options)), key=lambda i: (probs[i], -i))
     details = {"probs": probs, "scores": scores, "tokenizer": tokenizer, "weights": {m: w for m, w, _ in usable}}
     return str(options[best]), probs[best], {**details, "without_tokens": missing}
-
-
-def _vocab(tokenizer: str) -> str:
-    """The content part of a tokenizer id (vocabulary size and hash, SPEC §3.5): the name in front is
-    for people, so one vocabulary loaded under two names still mixes."""
-    parts = tokenizer.rsplit("-", 2)
-    if len(parts) == 3 and parts[1].isdigit() and len(parts[2]) == 12:
-        return f"{parts[1]}-{parts[2]}"
-    return tokenizer

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart
+from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart, vocab_signature
 from protocols import compression as C
 from protocols import ops as O
 
@@ -154,15 +154,6 @@ def tokenizer_id(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
     for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
         digest.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
     return f"{name}-{len(vocab)}-{digest.hexdigest()[:12]}"
-
-
-def vocab_signature(tokenizer: str) -> str:
-    """The content part of a tokenizer id (size and hash): the name in front is for people, so the
-    same vocabulary loaded from a GGUF file and from its converted folder still matches."""
-    parts = tokenizer.rsplit("-", 2)
-    if len(parts) == 3 and parts[1].isdigit() and len(parts[2]) == 12:
-        return f"{parts[1]}-{parts[2]}"
-    return tokenizer
 
 
 def resolve_device(device: str) -> torch.device:
