@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,7 +30,12 @@ class Accepts:
     any_space: bool = False
 
     def can_consume(self, part: TensorPart) -> bool:
-        if self.roles and part.role not in self.roles:
+        role = part.role
+        if role == TensorRole.OTHER and isinstance(part.meta.get("role"), str):
+            # a compressed part (int8-rowwise, top-k) carries its tensor's role in its meta
+            with contextlib.suppress(ValueError):
+                role = TensorRole(part.meta["role"])
+        if self.roles and role not in self.roles:
             return False
         if self.any_space:
             return True
@@ -58,19 +65,84 @@ class Accepts:
         }
 
 
+#: What a node gives a context to publish one progress event: (meta, parts) -> published?
+Emit = Callable[[dict[str, Any], tuple[TextPart | TensorPart, ...]], Awaitable[bool]]
+
+
 @dataclass(slots=True)
 class AgentContext:
     """What a handler may use besides its input: its identity, the deadline, a client to call
-    other agents over the bus, and a bound logger."""
+    other agents over the bus, a bound logger, and a way to stream progress to the requester.
+
+    Progress events (``progress``, ``progress_threadsafe``) go to the request's ``reply_to`` as
+    EVENT envelopes under its correlation id, in the order they were made, and all of them before
+    the final reply: the node awaits :meth:`flush` before it answers. ``emit`` is set by the node;
+    a context built without one (unit tests) reports every event as not sent."""
 
     agent_id: str
     node_id: str
     client: Client
     deadline: float | None = None
     log: Any = field(default_factory=lambda: structlog.get_logger("aiflow.agent"))
+    emit: Emit | None = None
+    #: The loop the context was made on: worker threads schedule their events onto it.
+    loop: asyncio.AbstractEventLoop | None = None
+    _sending: set[asyncio.Task[bool]] = field(default_factory=set, init=False, repr=False)
+    _sealed: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.loop is None:
+            try:
+                self.loop = asyncio.get_running_loop()
+            except RuntimeError:  # built outside a loop (a unit test): only the async API can work
+                self.loop = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+    def _start(self, meta: dict[str, Any], parts: tuple[TextPart | TensorPart, ...]) -> asyncio.Task[bool] | None:
+        """Start publishing one event (on the loop's thread). Tasks start in call order and each
+        writes its frame before its first wait, so one connection keeps the events in order."""
+        if self.emit is None or self._sealed:
+            return None
+        task = asyncio.ensure_future(self.emit(dict(meta), parts))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        return task
+
+    async def progress(self, meta: dict[str, Any], *parts: TextPart | TensorPart) -> bool:
+        """Send a progress event (``meta``, optional parts) to the requester now; True once the broker
+        has it. False, never an exception, when nobody can receive it: no ``reply_to``, no node, the
+        reply already sent, or the publish failed."""
+        task = self._start(meta, parts)
+        if task is None:
+            return False
+        try:
+            return await asyncio.shield(task)  # a cancelled handler does not abort a half-sent event
+        except Exception:
+            return False
+
+    def progress_threadsafe(self, meta: dict[str, Any], *parts: TextPart | TensorPart) -> bool:
+        """:meth:`progress` for code running in a worker thread (``asyncio.to_thread``): schedules the
+        event onto the context's loop and returns at once, never waiting on the network. True if it
+        was scheduled; events keep the order of the calls and all precede the final reply."""
+        loop = self.loop
+        if self.emit is None or self._sealed or loop is None or loop.is_closed():
+            return False
+        try:
+            loop.call_soon_threadsafe(self._start, meta, parts)
+        except RuntimeError:  # the loop closed meanwhile
+            return False
+        return True
+
+    async def flush(self) -> None:
+        """Wait until every event sent so far is published (or failed); later ones are refused.
+        The node calls this before the final reply, so progress never arrives after it."""
+        # Worker threads' events are callbacks already queued on the loop: let them start first.
+        await asyncio.sleep(0)
+        while self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        self._sealed = True
 
     async def request(self, agent_id: str, message: Envelope | str, timeout: float | None = None) -> Envelope:
         """Call another agent; the timeout never outlives this request's own deadline."""

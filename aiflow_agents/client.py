@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -477,15 +477,18 @@ class Client:
         check_presence: bool = True,
         topic: str | None = None,
         idempotent: bool = False,
+        on_event: Callable[[Envelope], None] | None = None,
     ) -> Exchange:
-        """Like :meth:`request`, but never raises for the remote side: failures land in the record."""
+        """Like :meth:`request`, but never raises for the remote side: failures land in the record.
+
+        ``on_event`` gets each progress event that arrives before the reply (see :meth:`stream`)."""
         timeout = self.default_timeout if timeout is None else timeout
         env = self.prepare(agent_id, message, timeout)
         ex = Exchange(agent_id=agent_id, request=env, topic=topic or self.topics.inbox(agent_id))
         try:
             if check_presence:
                 await self.ensure_online(agent_id)
-            reply, size, error = await self._send_and_wait(env, timeout, ex, idempotent)
+            reply, size, error = await self._send_and_wait(env, timeout, ex, idempotent, on_event)
             ex.reply, ex.bytes_in, ex.error = reply, size, error
             if error is None and reply is not None and reply.kind == Kind.ERROR and reply.error is not None:
                 ex.error = RemoteAgentError(reply.error, agent_id)
@@ -494,6 +497,48 @@ class Client:
         ex.ended = time.time()
         await self._notify(ex)
         return ex
+
+    async def stream(
+        self,
+        agent_id: str,
+        message: Envelope | str,
+        *,
+        timeout: float | None = None,
+        check_presence: bool = True,
+    ) -> AsyncIterator[Envelope]:
+        """Send one request and yield what comes back as it comes: each progress event (EVENT
+        envelopes: an agent's partial results, e.g. ``meta["stream"]`` from a model generating
+        with ``meta={"stream": True}``, and forwarding nodes' ``meta["hop"]``), then the final
+        reply as the last item. An agent that sends no progress yields just its reply.
+
+        Failures are :meth:`request`'s: an error reply raises :class:`RemoteAgentError`, no reply
+        within ``timeout`` (the whole exchange, events included) :class:`RequestTimeoutError`, and
+        so on, after the events that did arrive. The node publishes an agent's events before its
+        reply, so none is lost behind it. Leaving the loop early abandons the request (a late
+        reply is dropped). ``async for env in client.stream("llm", Envelope.request(q, meta=
+        {"stream": True})): ...``"""
+        queue: asyncio.Queue[Envelope | None] = asyncio.Queue()
+        task = asyncio.create_task(
+            self.exchange(agent_id, message, timeout=timeout, check_presence=check_presence, on_event=queue.put_nowait)
+        )
+        task.add_done_callback(lambda _: queue.put_nowait(None))  # after every event: the reply is in
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+            ex = task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if ex.error is not None:
+            raise ex.error
+        assert ex.reply is not None
+        if ex.reply.kind == Kind.ERROR:
+            raise RemoteAgentError(
+                ex.reply.error or ErrorInfo(code="unknown", message="error without details"), agent_id
+            )
+        yield ex.reply
 
     def conversation(self, message: Envelope | str, *, timeout: float | None = None) -> Conversation:
         """Open a conversation: everything that comes back under the request's correlation id
@@ -535,7 +580,12 @@ class Client:
         return conv.request, size, replies, timed_out
 
     async def _send_and_wait(
-        self, env: Envelope, timeout: float, ex: Exchange, idempotent: bool
+        self,
+        env: Envelope,
+        timeout: float,
+        ex: Exchange,
+        idempotent: bool,
+        on_event: Callable[[Envelope], None] | None = None,
     ) -> tuple[Envelope | None, int, AiflowError | None]:
         """Send, then wait for the reply, re-sending where the module doc says it is safe."""
         loop = asyncio.get_running_loop()
@@ -582,6 +632,8 @@ class Client:
                 try:
                     while True:
                         reply, size = await conv.receive(deadline - loop.time())
+                        if reply.kind == Kind.EVENT and on_event is not None:
+                            on_event(reply)
                         if reply.kind != Kind.EVENT:
                             if (served := pending.served.get(reply.id)) is not None and not pending.resent:
                                 ex.served_by, ex.service_s = served

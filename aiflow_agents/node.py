@@ -67,7 +67,7 @@ from protocols import (
     portable_topic_problem,
 )
 
-from .agent import Agent, AgentContext, Reply
+from .agent import Agent, AgentContext, Emit, Reply
 from .broker import BrokerURL, broker_from_env
 from .client import Client
 from .connection import Connection, incoming_limits
@@ -688,13 +688,53 @@ class Node:
         task.add_done_callback(self._refusing.discard)
 
     def _context(self, agent: Agent, env: Envelope) -> AgentContext:
+        streams = env.kind == Kind.REQUEST and bool(env.reply_to)
         return AgentContext(
             agent_id=agent.agent_id,
             node_id=self.node_id,
             client=self.client,
             deadline=env.deadline,
             log=self.log.bind(agent=agent.agent_id, request=env.id, trace=env.trace_id),
+            emit=self._progress_emitter(agent, env) if streams else None,
         )
+
+    def _progress_emitter(self, agent: Agent, env: Envelope) -> Emit:
+        """How a handler's progress events (``AgentContext.progress``) reach its requester: EVENT
+        envelopes like a forwarding hop's, at ``reply_to`` under the request's correlation id.
+        QoS 1 on the node's one connection, which keeps them in the order they were written."""
+        assert env.reply_to
+        reply_to = env.reply_to
+
+        async def emit(meta: dict[str, Any], parts: tuple[TextPart | TensorPart, ...]) -> bool:
+            if "claimed" in meta:  # the node's own liveness event (see _claim): a handler may not fake it
+                self.log.warning("progress event not sent: meta key 'claimed' is reserved", agent=agent.agent_id)
+                return False
+            try:
+                event = Envelope(
+                    kind=Kind.EVENT,
+                    sender=agent.agent_id,
+                    recipient=env.sender,
+                    correlation_id=env.correlation_id or env.id,
+                    trace_id=env.trace_id,
+                    parent_id=env.id,
+                    meta=meta,
+                    parts=list(parts),
+                )
+                frame = self._encode(event)
+            except (ProtocolError, ValueError, TypeError) as e:  # the handler's meta or parts
+                self.log.warning("progress event not sent: cannot be encoded", agent=agent.agent_id, error=str(e))
+                return False
+            remaining = env.remaining()
+            try:
+                await self.connection.publish(
+                    reply_to, frame, qos=1, timeout=max(1.0, remaining) if remaining is not None else None
+                )
+            except Exception as e:  # never the handler's problem: the reply still goes out
+                self.log.info("progress event lost", agent=agent.agent_id, request=env.id, error=str(e))
+                return False
+            return True
+
+        return emit
 
     async def _serve(self, agent: Agent, env: Envelope) -> None:
         started = time.time()
@@ -732,6 +772,7 @@ class Node:
         if ran is not None:
             meter.finish(ran, reply)
         try:
+            await ctx.flush()  # the handler's progress events all go out before its answer
             if self.forwarding is not None:
                 nxt = self.forwarding.next_hop(env, reply)
                 if nxt is not None:

@@ -39,7 +39,7 @@ async def deployment(
     *,
     quiet: bool = False,
     ready_timeout: float = 180.0,
-    testbed: str | None = None,
+    testbed: str | dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[TopologyManager, BrokerURL]]:
     """Embedded broker (unless ``broker``), one process per node, a manager once all agents are online.
     With ``testbed`` (a scenario), the nodes run on that testbed instead: each on the first tier of its
@@ -108,7 +108,7 @@ async def _until_online(
 
 @contextlib.asynccontextmanager
 async def _on_testbed(
-    nodes: Sequence[NodeSpec], scenario: str, *, quiet: bool, ready_timeout: float
+    nodes: Sequence[NodeSpec], scenario: str | dict[str, Any], *, quiet: bool, ready_timeout: float
 ) -> AsyncIterator[tuple[TopologyManager, BrokerURL]]:
     from aiflow_agents.testbed import Testbed, load_scenario
 

@@ -28,6 +28,12 @@ Optional operations (agents that do not implement them answer ``unsupported_op``
     the chosen index, ``meta.answer`` = that option, ``meta.scores`` (length-normalised) and
     ``meta.probs`` over all options, so an ensemble can average distributions across tokenizers.
 
+``draft`` / ``verify_tokens``
+    speculative decoding: a drafter proposes ``meta.gamma`` tokens of session ``meta.session``
+    (optionally with its exit layer's hidden states); a verifier runs the draft once and answers
+    how many stand (``meta.accept``) and its own next token (``meta.next``). Both keep a KV cache
+    per session; ``meta.start`` says how much of it the requester relies on.
+
 ``judge``
     request text = the task, ``meta.candidates`` = proposals. Reply ``meta.answer`` = the chosen one.
 ``verify``
@@ -64,6 +70,8 @@ class Op(StrEnum):
     VERIFY = "verify"
     JOIN_GROUP = "join_group"
     CHOOSE = "choose"
+    DRAFT = "draft"
+    VERIFY_TOKENS = "verify_tokens"
 
 
 OP = "op"
@@ -92,6 +100,19 @@ CHOICE = "choice"  # reply: index of the chosen option
 PROBS = "probs"  # reply: the agent's probability of every option
 TOKEN_LOGPROBS = "token_logprobs"  # reply: per option, the log-probability of each of its tokens
 TOKENIZER = "tokenizer"  # reply: the tokenizer id those tokens are in (members sharing it can mix per token)
+# speculative decoding (``draft``, ``verify_tokens``): a session's token ids, stateful on each agent
+SESSION = "session"  # one decoding: the agent keeps its KV cache under this id
+START = "start"  # how many of the session's positions precede ``tokens`` (the agent keeps those)
+GAMMA = "gamma"  # draft: at most this many tokens
+SHIP_HIDDEN = "ship_hidden"  # draft: also reply the exit layer's hidden states of the positions run
+ENCODING = "encoding"  # how those hidden states travel (float32, float16, bfloat16, int8-rowwise)
+MIN_CONFIDENCE = "min_confidence"  # draft: stop drafting after a token below this probability
+DRAFT_TOKENS = "draft"  # draft reply: the proposed ids; verify_tokens request: how many of ``tokens`` are draft
+PROMPT_TOKENS = "prompt_tokens"  # draft reply: the prompt's ids when this call tokenised it
+PROCESSED = "processed"  # reply: the positions the agent now holds for the session
+ACCEPT = "accept"  # verify_tokens reply: how many draft tokens stand
+NEXT_TOKEN = "next"  # verify_tokens reply: the verifier's own next token (correction or bonus), or null
+LAYER = "layer"  # the layer whose output the hidden states are
 
 
 class Cost(BaseModel):
@@ -249,6 +270,50 @@ class ChooseReply(Answer):
     tokenizer: str | None = None
 
 
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class DraftRequest(_Meta):
+    """Text = the prompt when ``start`` is 0 and ``tokens`` is empty (the drafter tokenises it)."""
+
+    op: str = Op.DRAFT.value
+    session: str = Field(min_length=1, max_length=128)
+    start: Annotated[int, Field(ge=0)] = 0
+    tokens: list[TokenId] = Field(default_factory=list)
+    gamma: Annotated[int, Field(ge=1, le=64)] = 4
+    ship_hidden: bool = False
+    encoding: str = "float16"
+    min_confidence: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
+
+
+class DraftReply(Answer):
+    draft: list[TokenId]
+    confidences: list[Confidence]
+    processed: Annotated[int, Field(ge=0)]
+    prompt_tokens: list[TokenId] | None = None
+    layer: int | None = None
+    eos: bool = False
+
+
+class VerifyTokensRequest(_Meta):
+    """``tokens`` = the settled tokens the verifier has not run yet, then ``draft`` proposed ones.
+    A hidden-state part (role ``hidden_state``, layer ``layer``) replaces the first positions' lower layers."""
+
+    op: str = Op.VERIFY_TOKENS.value
+    session: str = Field(min_length=1, max_length=128)
+    start: Annotated[int, Field(ge=0)] = 0
+    tokens: list[TokenId] = Field(min_length=1)
+    draft: Annotated[int, Field(ge=0)]
+    layer: Annotated[int, Field(ge=1)] | None = None
+
+
+class VerifyTokensReply(Answer):
+    accept: Annotated[int, Field(ge=0)]
+    next: TokenId | None = None
+    eos: bool = False
+    processed: Annotated[int, Field(ge=0)]
+
+
 class JoinGroupRequest(_Meta):
     op: str = Op.JOIN_GROUP.value
     group: str = Field(min_length=1)
@@ -268,6 +333,8 @@ MESSAGES: dict[Op, tuple[type[_Meta], type[_Meta]]] = {
     Op.VERIFY: (VerifyRequest, VerifyReply),
     Op.JOIN_GROUP: (JoinGroupRequest, JoinGroupReply),
     Op.CHOOSE: (ChooseRequest, ChooseReply),
+    Op.DRAFT: (DraftRequest, DraftReply),
+    Op.VERIFY_TOKENS: (VerifyTokensRequest, VerifyTokensReply),
 }
 
 

@@ -51,16 +51,46 @@ def test_op_vector_is_a_canonical_frame_with_a_valid_op_message(name: str) -> No
         assert env.kind == Kind.EVENT and set(env.meta["hop"]) >= HOP_KEYS
 
 
-@pytest.mark.parametrize("op", ["generate", "generate_peers", "score", "choose", "judge", "verify", "next"])
+#: the speculative ops are stateful: the scripted agent's continuation (``sequence``) is chosen so that
+#: its replies reproduce the vectors' token ids, after the session's first 5 positions (the prompt)
+SPECULATIVE: dict[str, dict[str, Any]] = {
+    "draft": {"sequence": [17, 23, 9, 41, 2], "exit_layer": 2},
+    "verify_tokens": {"sequence": [17, 23, 12, 2]},
+}
+REPRODUCED = {"draft": ("draft", "processed", "layer", "eos"), "verify_tokens": ("accept", "next", "processed", "eos")}
+
+
+@pytest.mark.parametrize(
+    "op", ["generate", "generate_peers", "score", "choose", "judge", "verify", "next", "draft", "verify_tokens"]
+)
 async def test_reference_agent_replies_match_the_op_messages(op: str) -> None:
     """The scripted reference agent, given each request vector, answers what OPS.md says."""
     request, expected, _ = _load(f"{op}_request")
-    agent = ScriptedAgent("agent-a", answer="4", vocab=["3", "4", "5", "<eos>"], dist=[0.1, 0.7, 0.1, 0.1])
-    reply = await agent.handle(request, SimpleNamespace(node_id="node-1"))  # type: ignore[arg-type]
+    extra = SPECULATIVE.get(op, {})
+    agent = ScriptedAgent("agent-a", answer="4", vocab=["3", "4", "5", "<eos>"], dist=[0.1, 0.7, 0.1, 0.1], **extra)
+    ctx = SimpleNamespace(node_id="node-1")
+    if extra:  # the vector's request relies on the session's first `start` positions: run them first
+        prompt = "hello"
+        assert len(prompt.encode()) == request.meta[ops.START]
+        meta = {ops.OP: op, ops.SESSION: request.meta[ops.SESSION]}
+        if op == "verify_tokens":
+            meta |= {ops.TOKENS: list(prompt.encode()), ops.DRAFT_TOKENS: 0}
+        first = await agent.handle(Envelope.request(prompt, meta=meta), ctx)  # type: ignore[arg-type]
+        assert isinstance(first, Envelope) and first.kind == Kind.REPLY
+    reply = await agent.handle(request, ctx)  # type: ignore[arg-type]
     assert isinstance(reply, Envelope) and reply.kind == Kind.REPLY
     msg = ops.check_reply(expected["op"], reply.meta)
     if expected["op"] == "next":
         assert reply.tensor(TensorRole.TOKEN_DISTRIBUTION) is not None and isinstance(msg, ops.NextReply)
+    if op in REPRODUCED:
+        want = _load(f"{op}_reply")[1]["header"]["meta"]
+        assert {k: reply.meta.get(k) for k in REPRODUCED[op]} == {k: want.get(k) for k in REPRODUCED[op]}
+        assert {k: reply.meta[ops.COST][k] for k in want[ops.COST]} == want[ops.COST]
+    if op == "draft":  # the exit layer's states of every position run in this call
+        hidden = reply.tensor(TensorRole.HIDDEN_STATE)
+        assert hidden is not None and hidden.space is not None and hidden.space.layer == 2
+        assert list(hidden.shape) == [reply.meta[ops.PROCESSED] - request.meta[ops.START], 4]
+        assert hidden.meta.get("encoding") == request.meta[ops.ENCODING] == hidden.dtype.value
 
 
 def test_cascade_vectors_follow_the_acceptance_policy() -> None:

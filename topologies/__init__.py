@@ -31,6 +31,7 @@ from .scheduling import (
     local_only,
     remote_only,
 )
+from .speculative import Speculative
 from .trace import Trace, TraceEvent
 
 
@@ -46,6 +47,11 @@ def cascade(
     stages: Sequence[Any], accept: str | float | list[float] | AcceptPolicy = "confidence>=0.8", **kw: Any
 ) -> Cascade:
     return Cascade(stages, accept=accept, **kw)
+
+
+def speculative(drafter: Any, verifier: Any, gamma: int = 4, **kw: Any) -> Speculative:
+    """Draft near the user, verify far away; greedy output equals the verifier's own."""
+    return Speculative(drafter, verifier, gamma=gamma, **kw)
 
 
 def mixture_of_agents(layers: Sequence[Sequence[Any]], aggregator: Any, **kw: Any) -> MixtureOfAgents:
@@ -78,6 +84,7 @@ __all__ = [
     "RunResult",
     "Runtime",
     "Scheduled",
+    "Speculative",
     "StaticView",
     "TelemetryView",
     "Tier",
@@ -98,6 +105,7 @@ __all__ = [
     "mixture_of_agents",
     "parse_policy",
     "remote_only",
+    "speculative",
     "verifier",
     "vote",
 ]

@@ -35,6 +35,8 @@ import math
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,6 +53,11 @@ from ..errors import AgentError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .speculative import Speculator
+
+#: The token callback of a ``generate`` asked to stream (set by ``handle``; a context variable, so it
+#: reaches the worker thread that ``asyncio.to_thread`` runs ``handle_sync`` in, and no other call).
+_ON_TOKEN: ContextVar[Callable[[int, str], None] | None] = ContextVar("aiflow_hf_on_token", default=None)
 #: Replaced by soft tokens when they go inside the user turn of a chat template.
 _SOFT_SLOT = "\u2063AIFLOW_SOFT_SLOT\u2063"
 RETURN_KINDS = ("distribution", "hidden", "embedding")
@@ -93,6 +100,12 @@ class HFConfig:
     threads: int | None = None
     #: (prompt, option) scores kept, so a debate round or a cross-scoring pass over the same item is free
     score_cache: int = 4096
+    #: speculative decoding: draft from the early exit after this layer (a device running layers below it)
+    exit_layer: int | None = None
+    #: the exits' safetensors (default: the exits shipped for ``model``)
+    exits: str | None = None
+    #: decoding sessions (KV caches) kept for ``draft`` / ``verify_tokens``
+    sessions: int = 8
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> HFConfig:
@@ -115,6 +128,10 @@ class HFConfig:
             raise ValueError(f"dtype must be auto or one of {', '.join(_DTYPES)}, not {cfg.dtype!r}")
         if cfg.answer_pattern:
             re.compile(cfg.answer_pattern)
+        if cfg.exit_layer is not None:
+            cfg.exit_layer = int(cfg.exit_layer)
+        if int(cfg.sessions) < 1:
+            raise ValueError("sessions must be >= 1")
         return cfg
 
 
@@ -198,6 +215,7 @@ class TransformersAgent(Agent):
         self.vocab_size = 0
         self.eos_ids: set[int] = set()
         self.load_seconds = 0.0
+        self._speculator: Speculator | None = None
         self._lock = asyncio.Lock()
         self._cache_arg = "past_key_values"
         self._keep_logits = False
@@ -276,7 +294,10 @@ class TransformersAgent(Agent):
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_logits = "logits_to_keep" in params
-        self.accepts = Accepts(text=True, spaces=(self.space,), roles=(TensorRole.TOKEN_DISTRIBUTION,))
+        roles = [TensorRole.TOKEN_DISTRIBUTION]
+        if getattr(text_cfg, "model_type", None) in ("llama", "qwen2", "mistral"):  # exits.SPLITTABLE
+            roles.append(TensorRole.HIDDEN_STATE)  # verify_tokens continues from another tier's layer-k states
+        self.accepts = Accepts(text=True, spaces=(self.space,), roles=tuple(roles))
         self.load_seconds = time.perf_counter() - t0
         return self
 
@@ -334,10 +355,17 @@ class TransformersAgent(Agent):
         soft: torch.Tensor | None = None,
         want_distributions: bool = False,
         hidden_layers: tuple[int, ...] = (),
+        on_token: Callable[[int, str], None] | None = None,
     ) -> Decoded:
         """Greedy (or seeded sampling) decoding; ``fuse`` mixes a sender's per-step distributions
         ``[steps, vocab]`` into ours, ``soft`` inserts expected embeddings ``[n, hidden]`` after the
-        user's text (CIPHER-style soft tokens)."""
+        user's text (CIPHER-style soft tokens).
+
+        ``on_token(id, piece)`` is called for every generated token (the end token too) with the
+        text it adds to the answer, so the pieces concatenate to ``text``. Text that may still
+        change (half a UTF-8 character, whitespace that ``text`` strips, the start of a ``stop``
+        string) comes with a later token; only a tokenizer that rewrites text it already decoded
+        makes the pieces fall short of ``text`` (they stop growing there)."""
         model, tok, _ = self._ready()
         cfg = self.cfg
         max_new = int(max_new_tokens or cfg.max_new_tokens)
@@ -366,6 +394,7 @@ class TransformersAgent(Agent):
         chosen: list[float] = []
         dists: list[torch.Tensor] = []
         stopped_by = "max_new_tokens"
+        streamed = ""  # the text passed to on_token so far: always a prefix of the answer
         for step in range(max_new):
             if want_hidden:
                 for layer in hidden_layers:
@@ -391,6 +420,13 @@ class TransformersAgent(Agent):
                 break
             if step == max_new - 1:
                 break
+            if on_token is not None:  # not the last token (that one gets the rest, below)
+                shown = tok.decode([t for t in generated if t not in self.eos_ids], skip_special_tokens=True)
+                held = max((k for s in cfg.stop for k in range(1, len(s)) if shown.endswith(s[:k])), default=0)
+                shown = streamed if shown.endswith("\ufffd") else shown[: len(shown) - held].strip()
+                piece = shown[len(streamed) :] if shown.startswith(streamed) else ""
+                streamed += piece
+                on_token(token, piece)
             out = model(
                 input_ids=torch.tensor([[token]], device=dev),
                 use_cache=True,
@@ -404,6 +440,9 @@ class TransformersAgent(Agent):
         if cfg.stop:
             cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
             text = text[:cut] if cut >= 0 else text
+        if on_token is not None:
+            rest = text.strip()
+            on_token(generated[-1], rest[len(streamed) :] if rest.startswith(streamed) else "")
         return Decoded(
             token_ids=generated,
             text=text.strip(),
@@ -642,8 +681,23 @@ class TransformersAgent(Agent):
             op = O.op_of(request.meta)
         except ValueError:
             raise AgentError(f"unknown op {request.meta.get(O.OP)!r}", code="unsupported_op") from None
-        async with self._lock:  # one model, one forward at a time
-            return await asyncio.to_thread(self.handle_sync, request, op)
+        if op != O.Op.GENERATE or request.meta.get("stream") is not True:
+            async with self._lock:  # one model, one forward at a time
+                return await asyncio.to_thread(self.handle_sync, request, op)
+        # meta.stream: each token goes to the requester as a progress event while the rest is decoded
+        seq = 0
+
+        def on_token(token: int, piece: str) -> None:  # in the worker thread: never waits on the network
+            nonlocal seq
+            ctx.progress_threadsafe({"stream": {"seq": seq, "token": token, "text": piece}})
+            seq += 1
+
+        streaming = _ON_TOKEN.set(on_token)
+        try:
+            async with self._lock:
+                return await asyncio.to_thread(self.handle_sync, request, op)
+        finally:
+            _ON_TOKEN.reset(streaming)
 
     def handle_sync(self, request: Envelope, op: O.Op = O.Op.GENERATE) -> Envelope:
         self._ready()
@@ -654,12 +708,53 @@ class TransformersAgent(Agent):
             reply = self._op_choose(request)
         elif op == O.Op.NEXT:
             reply = self._op_next(request)
+        elif op == O.Op.DRAFT:
+            reply = self.speculator().draft(request, self.agent_id)
+        elif op == O.Op.VERIFY_TOKENS:
+            reply = self.speculator().verify(request, self.agent_id)
         else:
             reply = self._op_generate(request)
         reply.meta[O.COST]["seconds"] = round(time.perf_counter() - t0, 4)
         reply.meta.setdefault("agent", self.agent_id)
         reply.meta.setdefault("model", self.space.model if self.space else None)
         return reply
+
+    def speculator(self) -> Speculator:
+        """Drafting and verifying (``draft``, ``verify_tokens``), built on first use.
+
+        Splittable families (Llama, Qwen2) can continue from shipped hidden states; with
+        ``exit_layer`` the agent drafts from that exit, running only the layers below it."""
+        if self._speculator is None:
+            from .exits import SPLITTABLE, ExitSet, FamilialLM, load_shipped_exits
+            from .speculative import Speculator
+
+            model, tok, space = self._ready()
+            familial = None
+            if model.config.get_text_config().model_type in SPLITTABLE:
+                exits = None
+                if self.cfg.exit_layer is not None:
+                    exits = ExitSet.load(self.cfg.exits) if self.cfg.exits else load_shipped_exits(str(self.cfg.model))
+                    if self.cfg.exit_layer not in exits.layers:
+                        raise AgentError(f"no exit at layer {self.cfg.exit_layer} (exits: {list(exits.layers)})")
+                familial = FamilialLM(model, exits)
+            elif self.cfg.exit_layer is not None:
+                raise AgentError(f"{space.model} cannot be split at a layer", code="unsupported_op")
+
+            def ids(text: str) -> list[int]:
+                before, after = self.prompt_ids(text)
+                return before + after
+
+            self._speculator = Speculator(
+                model,
+                tok,
+                space=space,
+                eos_ids=self.eos_ids,
+                prompt_ids=ids,
+                familial=familial,
+                exit_layer=self.cfg.exit_layer,
+                sessions=int(self.cfg.sessions),
+            )
+        return self._speculator
 
     def _cost(self, positions: int, passes: int, **extra: Any) -> dict[str, Any]:
         cost = O.Cost(model_calls=1, tokens=positions, layers=positions * self.num_layers)
@@ -702,6 +797,7 @@ class TransformersAgent(Agent):
             soft=soft,
             want_distributions="distribution" in wanted,
             hidden_layers=layers,
+            on_token=_ON_TOKEN.get(),
         )
         parts: list[TextPart | TensorPart] = [TextPart(text=d.text)]
         if d.distributions is not None:

@@ -611,5 +611,44 @@ def familial_cmd(
     train_familial(seed=seed, steps=steps, out=out, peers=peers, jobs=jobs)
 
 
+@train_app.command("exits")
+def exits_cmd(
+    model: Annotated[str, typer.Option(help="catalog model (a splittable family: llama, qwen2)")] = "smollm2-135m",
+    layers: Annotated[str, typer.Option(help="exit layers, comma-separated")] = "10,20",
+    steps: Annotated[int, typer.Option(help="distillation steps")] = 400,
+    sequences: Annotated[int, typer.Option(help="self-generated training sequences")] = 256,
+    bench_items: Annotated[int, typer.Option(help="items per benchmark for the card's accuracy")] = 120,
+    seed: Annotated[int, typer.Option(help="sampling and training seed")] = 0,
+    out: Annotated[Path, typer.Option(help="folder for exits-<model>.safetensors and its card")] = WEIGHTS_DIR,
+) -> None:
+    """Early exits for a real LM by self-distillation; reproduces the shipped exits with the defaults."""
+    from .exits import EXITS_FILE, ExitRecipe, build_exits, write_exit_card
+
+    recipe = ExitRecipe(
+        model=model,
+        layers=tuple(int(k) for k in layers.split(",")),
+        steps=steps,
+        sequences=sequences,
+        bench_items=bench_items,
+        seed=seed,
+    )
+    exits, info = build_exits(recipe)
+    weights = exits.save(out / EXITS_FILE.format(name=model))
+    info["total_layers"] = num_layers_of(model)
+    exits.save(weights)  # again, with the layer count in the metadata
+    card = write_exit_card(out / f"exits-{model}.md", exits, weights)
+    (out / f"exits-{model}.json").write_text(json.dumps(info, indent=1) + "\n")
+    typer.echo(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB), {card}")
+
+
+def num_layers_of(model: str) -> int:
+    from . import catalog
+
+    folder = catalog.fetch(model)
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    return int(text["num_hidden_layers"])
+
+
 if __name__ == "__main__":
     train_app()

@@ -891,9 +891,9 @@ def ops_exchanges() -> dict[str, tuple[str, str, str, Envelope]]:
             out[f"{name}_reply"] = (description, op, "reply", r)
         n += 0x10
 
-    def req(text: str, meta: dict[str, Any], **fields: Any) -> Envelope:
+    def req(text: str, meta: dict[str, Any], *parts: TensorPart, **fields: Any) -> Envelope:
         base: dict[str, Any] = {"recipient": "agent-a", "reply_to": CLIENT_REPLIES, "deadline": DEADLINE}
-        return _env(n, TextPart(text=text), kind=Kind.REQUEST, sender="cli-1", meta=meta, **{**base, **fields})
+        return _env(n, TextPart(text=text), *parts, kind=Kind.REQUEST, sender="cli-1", meta=meta, **{**base, **fields})
 
     def rep(request: Envelope, *parts: TextPart | TensorPart, sender: str = "agent-a", **meta: Any) -> Envelope:
         r = request.reply(*parts, sender=sender, meta=meta)
@@ -1071,6 +1071,66 @@ def ops_exchanges() -> dict[str, tuple[str, str, str, Envelope]]:
             probs=[0.25, 0.625, 0.125],
             token_counts=[1, 2, 1],
             cost=cost,
+        ),
+    )
+    # speculative decoding, one mid-session round: both agents hold the session's first 5 positions;
+    # 17 is the settled token neither has run (the verifier's last correction)
+    exit_space = space.model_copy(update={"layer": 2})
+    hidden = C.pack(
+        (torch.arange(12, dtype=torch.float16) / 4 - 1.5).reshape(3, 4),
+        "float16",
+        role=TensorRole.HIDDEN_STATE,
+        space=exit_space,
+    )
+    session = {"session": "s-7f3a", "start": 5}
+    r = req(
+        "",
+        {
+            "op": "draft",
+            **session,
+            "tokens": [17],
+            "gamma": 3,
+            "ship_hidden": True,
+            "encoding": "float16",
+            "min_confidence": 0.25,
+        },
+    )
+    exchange(
+        "draft",
+        "draft",
+        "draft: the drafter runs the settled token 17, then proposes up to gamma=3 tokens from its early exit "
+        "at layer 2, shipping that layer's output (float16) for the 3 positions it ran: 17 and all draft "
+        "tokens but the last; processed = 5 + 3.",
+        r,
+        rep(
+            r,
+            TextPart(text=" four is it"),
+            *hidden,
+            draft=[23, 9, 41],
+            confidences=[0.875, 0.75, 0.5],
+            processed=8,
+            layer=2,
+            eos=False,
+            cost={"model_calls": 1, "layers": 6, "tokens": 3},
+        ),
+    )
+    r = req("", {"op": "verify_tokens", **session, "tokens": [17, 23, 9, 41], "draft": 3, "layer": 2}, *hidden)
+    exchange(
+        "verify_tokens",
+        "verify_tokens",
+        "verify_tokens: settled 17 then the 3 draft tokens, with the drafter's layer-2 states of the first 3 "
+        "positions; the verifier runs only its layers above 2 there: 23 stands, 9 does not (its own token is "
+        "12, the correction); processed = 5 + 2 (17 and 23).",
+        r,
+        rep(
+            r,
+            TextPart(text=" four."),
+            accept=1,
+            next=12,
+            eos=False,
+            processed=7,
+            layer=2,
+            cost={"model_calls": 1, "layers": 6, "tokens": 3},
         ),
     )
     return out
