@@ -335,7 +335,7 @@ class ScriptedAgent(Agent):
 
 
 #: Encodings a drafter's hidden states travel in (SPEC §17; top-k is for distributions).
-HIDDEN_ENCODINGS = (*C.PLAIN, C.INT8_ROWWISE)
+HIDDEN_ENCODINGS = ("float32", "float16", "bfloat16", "int8-rowwise")  # SPEC §17 (literal: compress loads torch)
 
 
 @dataclass(slots=True)

@@ -72,8 +72,8 @@ def _agent_id(spec: str) -> str:
 
 
 def _scenario(profile: str, link: dict[str, float]) -> dict[str, Any]:
-    """Two tiers; one broker on the device. The cloud's node reaches it through the link from the
-    far end, so the link's ``up`` direction is cloud -> device: the device's uplink is ``down``."""
+    """Two tiers, one broker on the device: drafts stay on the device, and the cloud's node reaches
+    the broker through the device's uplink (the testbed orients the profile for that)."""
     return {
         "name": f"speculative-{profile}",
         "description": f"device and cloud over a {profile} path",
@@ -89,8 +89,8 @@ def _scenario(profile: str, link: dict[str, float]) -> dict[str, Any]:
                 "link": {
                     "rtt_ms": link["rtt_ms"],
                     "jitter_ms": link.get("jitter_ms", 0),
-                    "up_mbps": link["down_mbps"],
-                    "down_mbps": link["up_mbps"],
+                    "up_mbps": link["up_mbps"],
+                    "down_mbps": link["down_mbps"],
                 },
             },
             "cloud": {"kind": "cloud", "agents": []},
@@ -134,8 +134,18 @@ async def _baseline(mgr: TopologyManager, verifier: str, prompt: str, max_new: i
 
 
 async def _speculative(
-    mgr: TopologyManager, flavour: dict[str, Any], prompt: str, max_new: int, gamma: int, encoding: str, timeout: float
+    mgr: TopologyManager,
+    flavour: dict[str, Any],
+    prompt: str,
+    max_new: int,
+    gamma: int,
+    encoding: str,
+    timeout: float,
+    show: bool = False,
 ) -> dict[str, Any]:
+    def echo(text: str, _ids: list[int]) -> None:  # the user sees text appear as it is accepted
+        console.print(text, end="", style="green", highlight=False, markup=False)
+
     pattern = speculative(
         _agent_id(flavour["drafter"]),
         _agent_id(flavour["verifier"]),
@@ -143,8 +153,13 @@ async def _speculative(
         max_new_tokens=max_new,
         ship_hidden=flavour["ship_hidden"],
         encoding=encoding,
+        on_tokens=echo if show else None,
     )
+    if show:
+        console.print(f"  [dim]{prompt}[/]\n  ", end="")
     res = await mgr.run(pattern, prompt, timeout=timeout)
+    if show:
+        console.print()
     o = res.outcome
     if o.error:
         raise RuntimeError(f"speculative: {o.error}")
@@ -250,7 +265,7 @@ async def _run(
                 for i, prompt in enumerate(prompts):
                     if i % 2 == 0:
                         base = await _baseline(mgr, _agent_id(fl["verifier"]), prompt, max_new, timeout)
-                        spec = await _speculative(mgr, fl, prompt, max_new, g, encoding, timeout)
+                        spec = await _speculative(mgr, fl, prompt, max_new, g, encoding, timeout, show=i == 0)
                     else:
                         spec = await _speculative(mgr, fl, prompt, max_new, g, encoding, timeout)
                         base = await _baseline(mgr, _agent_id(fl["verifier"]), prompt, max_new, timeout)

@@ -349,3 +349,34 @@ async def test_bench_patterns_on_real_models(embedded: BrokerURL) -> None:
         assert per["patterns"]["average"][j] == mean.index(max(mean))
     for m in ("smollm2", "gemma", "qwen0_5b"):
         assert b["members"][m]["seconds_per_item"] > 0  # real forward passes were timed
+
+
+@slow
+async def test_speculative_decoding_with_real_models(embedded: BrokerURL, namespace: str, spawn) -> None:
+    """Both flavours with the catalog models over node processes: SmolLM2's shipped exit after layer 20
+    drafting for its own layers 21-30 (float16 states on the wire), and Qwen2.5-Coder-0.5B drafting
+    for the 1.5B. The output is the verifier's own greedy decoding, token for token."""
+    from aiflow_agents.models.exits import load_shipped_exits
+    from topologies import TopologyManager, speculative
+
+    exits = load_shipped_exits(SMOL)
+    assert exits.layers == (10, 20) and exits.info["trained"]["20"]["agreement"] > 0.4
+    spawn([f"hf:dsmol?model={SMOL}&exit_layer=20", "hf:dqwen?model=qwen2.5-coder-0.5b"], embedded, namespace)
+    spawn([f"hf:vsmol?model={SMOL}", "hf:vqwen?model=qwen2.5-coder-1.5b"], embedded, namespace)
+    prompt = "Write a Python function that returns the n-th Fibonacci number."
+    async with TopologyManager(embedded, namespace=namespace) as mgr:
+        await mgr.client.wait_for_agents(["dsmol", "dqwen", "vsmol", "vqwen"], timeout=600)
+        for drafter, verifier, hidden, n in (("dsmol", "vsmol", True, 24), ("dqwen", "vqwen", False, 12)):
+            pattern = speculative(drafter, verifier, gamma=3, max_new_tokens=n, ship_hidden=hidden, encoding="float32")
+            res = await mgr.run(pattern, prompt, timeout=600)
+            out = res.outcome
+            assert out.error is None, out.error
+            alone = await mgr.client.request(
+                verifier, Envelope.request(prompt, meta={"max_new_tokens": n}), timeout=600
+            )
+            assert out.text.strip() == alone.text.strip()
+            assert out.details["acceptance"] > 0.2 and out.details["tokens_per_round"] > 1.2
+            if hidden:  # the verifier ran only its layers 21-30
+                assert all(
+                    r["verifier_cost"]["layers"] == 10 * r["verifier_cost"]["tokens"] for r in out.details["per_round"]
+                )

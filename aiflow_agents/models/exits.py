@@ -601,6 +601,41 @@ def build_exits(recipe: ExitRecipe, *, log: Callable[[str], None] = print) -> tu
     return exits, info
 
 
+def _relay_lines(relay: dict[str, Any] | None) -> list[str]:
+    if not relay:
+        return []
+    lines = [
+        f"## The relay ({relay['benchmark']}): answer from the exit, or ship the layer's states",
+        "",
+        "The device scores the options from its exit and answers when its top option's probability reaches",
+        "the threshold; otherwise the cloud runs the layers above on the shipped hidden states of every",
+        "position (prompt and option). Float32 states give the full model's answers exactly.",
+        "",
+        "| exit | encoding | bytes per token | cloud accuracy (all relayed) | threshold | on device "
+        "| accuracy | bytes per item |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, r in relay.items():
+        if k == "benchmark":
+            continue
+        for enc, bpt in r["bytes_per_token"].items():
+            for pol in r["policies"]:
+                lines.append(
+                    f"| {k} | {enc} | {bpt:.0f} | {100 * r['cloud_accuracy'][enc]:.1f}% | {pol['threshold']} | "
+                    f"{100 * pol['answered_on_device']:.0f}% | {100 * pol[f'accuracy_{enc}']:.1f}% | "
+                    f"{pol[f'bytes_per_item_{enc}'] / 1e3:.1f} kB |"
+                )
+        agree = r.get("int8_agrees_with_float32")
+        if agree is not None:
+            lines.append("")
+            lines.append(
+                f"Exit {k}: the device alone scores {100 * r['device_accuracy']:.1f}%; int8 relays choose "
+                f"the same option as float32 on {100 * agree:.1f}% of items."
+            )
+        lines.append("")
+    return lines
+
+
 def write_exit_card(path: Path, exits: ExitSet, weights: Path) -> Path:
     """The model card next to the weights: what the exits are, how good, what they cost."""
     info = exits.info
@@ -652,6 +687,9 @@ def write_exit_card(path: Path, exits: ExitSet, weights: Path) -> Path:
         "",
         "Items follow the 50-item tuning slice of the real-LM evaluation, as there.",
         "",
+    ]
+    lines += _relay_lines(info.get("relay"))
+    lines += [
         "## Reproduce",
         "",
         "```bash",
@@ -663,3 +701,115 @@ def write_exit_card(path: Path, exits: ExitSet, weights: Path) -> Path:
     ]
     path.write_text("\n".join(lines))
     return path
+
+
+# -- the relay: the device answers from its exit or ships its layer-k states ---------------------
+
+
+def _wire(h: torch.Tensor, encoding: str) -> tuple[torch.Tensor, int]:
+    """``h`` as the receiving tier sees it after ``encoding`` on the wire, and the bytes it took."""
+    from protocols import TensorPart, TensorRole, compress, decompress
+
+    part = TensorPart(tensor=h.float().contiguous(), role=TensorRole.HIDDEN_STATE)
+    parts = [part] if encoding == "float32" else compress(part, encoding)
+    return decompress(parts).tensor.float(), sum(p.nbytes for p in parts)
+
+
+@torch.inference_mode()
+def relay_quality(
+    fam: FamilialLM,
+    tokenizer: Any,
+    items: Sequence[Any],
+    *,
+    layer: int,
+    thresholds: Sequence[float],
+    encodings: Sequence[str] = ("float32", "float16", "int8-rowwise"),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Multiple choice with the relay: the device scores the options from its exit after ``layer``
+    and answers when its top option's probability reaches a threshold; otherwise the cloud runs
+    the layers above ``layer`` on the shipped states of every position (per encoding)."""
+    lower, upper = fam.lower(layer), fam.upper(layer)
+    rows: list[dict[str, Any]] = []
+    for n, item in enumerate(items):
+        lines = [item.context.strip()] if getattr(item, "context", "") else []
+        lines += [f"Question: {item.question.strip()}", "Answer:"]
+        prefix = list(tokenizer("\n".join(lines)).input_ids)
+        device: list[float] = []
+        cloud: dict[str, list[float]] = {e: [] for e in encodings}
+        nbytes: dict[str, int] = dict.fromkeys(encodings, 0)
+        positions = 0
+        for option in item.options:
+            opt = list(tokenizer(" " + str(option).strip(), add_special_tokens=False).input_ids) or [0]
+            x = torch.tensor([prefix + opt])
+            span = slice(len(prefix) - 1, x.shape[1] - 1)
+            target = x[0, len(prefix) :, None]
+            h, _ = lower(x)
+            z = fam.exit_logits(layer, h[0, span])
+            device.append(float(torch.log_softmax(z, -1).gather(-1, target).mean()))
+            positions += x.shape[1]
+            for enc in encodings:
+                hw, size = _wire(h[0], enc)
+                f, _ = upper(hw[None])
+                zc = fam.final_logits(f[0, span])
+                cloud[enc].append(float(torch.log_softmax(zc, -1).gather(-1, target).mean()))
+                nbytes[enc] += size
+        probs = torch.softmax(torch.tensor(device), 0)
+        rows.append(
+            {
+                "answer": item.answer,
+                "device": int(probs.argmax()),
+                "confidence": float(probs.max()),
+                "cloud": {e: int(torch.tensor(s).argmax()) for e, s in cloud.items()},
+                "bytes": nbytes,
+                "positions": positions,
+            }
+        )
+        if (n + 1) % 40 == 0:
+            log(f"    relay {n + 1}/{len(items)} items")
+    out: dict[str, Any] = {"items": len(rows), "layer": layer, "policies": []}
+    total_pos = sum(r["positions"] for r in rows)
+    out["bytes_per_token"] = {e: sum(r["bytes"][e] for r in rows) / total_pos for e in encodings}
+    out["cloud_accuracy"] = {e: sum(r["cloud"][e] == r["answer"] for r in rows) / len(rows) for e in encodings}
+    out["device_accuracy"] = sum(r["device"] == r["answer"] for r in rows) / len(rows)
+    out["int8_agrees_with_float32"] = (
+        sum(r["cloud"]["int8-rowwise"] == r["cloud"]["float32"] for r in rows) / len(rows)
+        if "int8-rowwise" in encodings and "float32" in encodings
+        else None
+    )
+    for t in thresholds:
+        local = [r["confidence"] >= t for r in rows]
+        pol: dict[str, Any] = {"threshold": t, "answered_on_device": sum(local) / len(rows)}
+        for e in encodings:
+            right = sum(
+                (r["device"] if keep else r["cloud"][e]) == r["answer"] for r, keep in zip(rows, local, strict=True)
+            )
+            pol[f"accuracy_{e}"] = right / len(rows)
+            pol[f"bytes_per_item_{e}"] = sum(
+                r["bytes"][e] for r, keep in zip(rows, local, strict=True) if not keep
+            ) / len(rows)
+        out["policies"].append(pol)
+    return out
+
+
+def report_relay(
+    weights: Path, *, bench_items: int = 120, benchmark: str = "arc-easy", log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Measure the relay with the exits in ``weights`` and add it to their card and JSON."""
+    from . import benchmarks as B
+
+    exits = ExitSet.load(weights)
+    model, tok = load_catalog_lm(exits.model)
+    fam = FamilialLM(model, exits)
+    items = B.load_benchmark(benchmark, fetch=True)
+    items = items[len(B.tuning_slice(items)) :][:bench_items]
+    relay: dict[str, Any] = {"benchmark": benchmark}
+    for k in exits.layers:
+        log(f"relay from layer {k} on {benchmark} ({len(items)} items)")
+        relay[str(k)] = relay_quality(fam, tok, items, layer=k, thresholds=(0.4, 0.5, 0.6, 0.8), log=log)
+    exits.info["relay"] = relay
+    exits.info.setdefault("total_layers", fam.total)
+    exits.save(weights)
+    write_exit_card(weights.with_suffix("").with_suffix(".md"), exits, weights)
+    weights.with_suffix("").with_suffix(".json").write_text(json.dumps(exits.info, indent=1) + "\n")
+    return relay

@@ -122,11 +122,13 @@ class Speculator:
         if m.ship_hidden and self.exit_layer is None:
             raise AgentError("ship_hidden needs a drafter with an exit (exit_layer)", code="bad_request")
         if m.encoding not in HIDDEN_ENCODINGS:
-            raise AgentError(f"encoding must be one of {', '.join(HIDDEN_ENCODINGS)}", code="bad_request")
+            raise AgentError(f"encoding must be one of {', '.join(HIDDEN_ENCODINGS)}", code="unsupported_encoding")
         sess = self.drafts.open(m.session, m.start, on_crop=_crop)
         prompt: list[int] | None = None
         new = list(m.tokens)
         if m.start == 0 and not new:
+            if not request.text.strip():
+                raise AgentError("draft at start 0 needs a prompt (text) or tokens", code="no_prompt")
             prompt = new = list(self.prompt_ids(request.text))
             sess.prompt = len(prompt)
         if not new:
@@ -191,8 +193,8 @@ class Speculator:
             m = ops.VerifyTokensRequest.model_validate(request.meta)
         except ValueError as e:
             raise AgentError(f"verify_tokens request: {e}", code="bad_request") from None
-        if m.draft > len(m.tokens):
-            raise AgentError("draft is longer than tokens", code="bad_request")
+        if m.draft >= len(m.tokens):
+            raise AgentError("a draft needs a settled token before it (draft < len(tokens))", code="bad_request")
         hidden_parts = [p for p in request.parts if isinstance(p, TensorPart)]
         h: torch.Tensor | None = None
         layer = m.layer

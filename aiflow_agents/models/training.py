@@ -620,9 +620,16 @@ def exits_cmd(
     bench_items: Annotated[int, typer.Option(help="items per benchmark for the card's accuracy")] = 120,
     seed: Annotated[int, typer.Option(help="sampling and training seed")] = 0,
     out: Annotated[Path, typer.Option(help="folder for exits-<model>.safetensors and its card")] = WEIGHTS_DIR,
+    relay_only: Annotated[
+        bool, typer.Option(help="only measure the relay (exit or shipped states) with the exits in --out")
+    ] = False,
 ) -> None:
     """Early exits for a real LM by self-distillation; reproduces the shipped exits with the defaults."""
-    from .exits import EXITS_FILE, ExitRecipe, build_exits, write_exit_card
+    from .exits import EXITS_FILE, ExitRecipe, build_exits, report_relay, write_exit_card
+
+    if relay_only:
+        report_relay(out / EXITS_FILE.format(name=model), bench_items=bench_items)
+        return
 
     recipe = ExitRecipe(
         model=model,
@@ -639,6 +646,7 @@ def exits_cmd(
     card = write_exit_card(out / f"exits-{model}.md", exits, weights)
     (out / f"exits-{model}.json").write_text(json.dumps(info, indent=1) + "\n")
     typer.echo(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB), {card}")
+    report_relay(weights, bench_items=bench_items)
 
 
 def num_layers_of(model: str) -> int:
