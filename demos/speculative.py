@@ -45,14 +45,14 @@ FLAVOURS: dict[str, dict[str, Any]] = {
         "drafter": "hf:draft-smol?model=smollm2-135m&exit_layer=20",
         "verifier": "hf:verify-smol?model=smollm2-135m",
         "ship_hidden": True,
-        "gamma": 3,
+        "gamma": 2,
         "label": "SmolLM2-135M exit 20 -> layers 21-30",
     },
     "pair": {
         "drafter": "hf:draft-qwen?model=qwen2.5-coder-0.5b",
         "verifier": "hf:verify-qwen?model=qwen2.5-coder-1.5b",
         "ship_hidden": False,
-        "gamma": 4,
+        "gamma": 2,
         "label": "Qwen2.5-Coder 0.5B -> 1.5B",
     },
 }
@@ -105,6 +105,7 @@ async def _baseline(mgr: TopologyManager, verifier: str, prompt: str, max_new: i
     t0 = time.time()
     first: float | None = None
     events = 0
+    ids: list[int] = []
     async with client.conversation(env, timeout=timeout) as conv:
         sent = await conv.send(client.topics.inbox(verifier))
         while True:
@@ -112,6 +113,9 @@ async def _baseline(mgr: TopologyManager, verifier: str, prompt: str, max_new: i
             if reply.kind == Kind.EVENT:
                 events += 1
                 first = first or time.time()
+                piece = reply.meta.get("stream")
+                if isinstance(piece, dict) and isinstance(piece.get("token"), int):
+                    ids.append(int(piece["token"]))
                 continue
             break
     end = time.time()
@@ -121,6 +125,7 @@ async def _baseline(mgr: TopologyManager, verifier: str, prompt: str, max_new: i
     tokens = int(cost.get("new_tokens", 0))
     return {
         "text": reply.text,
+        "token_ids": ids,
         "tokens": tokens,
         "seconds": end - t0,
         "tokens_per_s": tokens / (end - t0) if end > t0 else None,
@@ -142,6 +147,7 @@ async def _speculative(
     encoding: str,
     timeout: float,
     show: bool = False,
+    min_confidence: float = 0.0,
 ) -> dict[str, Any]:
     def echo(text: str, _ids: list[int]) -> None:  # the user sees text appear as it is accepted
         console.print(text, end="", style="green", highlight=False, markup=False)
@@ -153,6 +159,7 @@ async def _speculative(
         max_new_tokens=max_new,
         ship_hidden=flavour["ship_hidden"],
         encoding=encoding,
+        min_confidence=min_confidence,
         on_tokens=echo if show else None,
     )
     if show:
@@ -166,10 +173,14 @@ async def _speculative(
     d = o.details
     events = res.trace.to_list()
     by = {"draft": [0, 0], "verify": [0, 0]}  # [to the agent, back]
+    verify_rounds: dict[str, int] = {}  # label -> bytes both ways
     for e in events:
         for key in by:
             if f" {key} " in f" {e['label']} ":
                 by[key][0 if e["kind"] == "request" else 1] += int(e["bytes"])
+                if key == "verify":
+                    verify_rounds[e["label"]] = verify_rounds.get(e["label"], 0) + int(e["bytes"])
+    later = [b for label, b in verify_rounds.items() if not label.endswith(" verify 1")]  # round 1 carries the prompt
     rounds = max(1, d["rounds"])
     per = d["per_round"]
     layers_per = [r["verifier_cost"]["layers"] / max(1, r["verifier_cost"]["tokens"]) for r in per]
@@ -179,6 +190,7 @@ async def _speculative(
     d_seconds = sum(float(c.cost.model_dump().get("seconds", 0.0)) for c in o.children if "draft" in c.label)
     return {
         "text": o.text,
+        "token_ids": d["token_ids"],
         "tokens": d["tokens"],
         "seconds": o.latency,
         "tokens_per_s": d["tokens_per_s"],
@@ -187,6 +199,8 @@ async def _speculative(
         "acceptance": d["acceptance"],
         "tokens_per_round": d["tokens_per_round"],
         "verify_bytes_per_round": (by["verify"][0] + by["verify"][1]) / rounds,
+        "verify_bytes_per_later_round": statistics.fmean(later) if later else None,
+        "verify_bytes_per_token": (by["verify"][0] + by["verify"][1]) / max(1, d["tokens"]),
         "uplink_bytes_per_round": by["verify"][0] / rounds,
         "draft_bytes_per_round": (by["draft"][0] + by["draft"][1]) / rounds,
         "verifier_layers_generation": v_layers - prompt_layers,
@@ -223,6 +237,8 @@ def _summary(rows: list[dict[str, Any]], total_layers: int) -> dict[str, Any]:
         "acceptance": statistics.fmean(r["spec"]["acceptance"] or 0 for r in rows),
         "tokens_per_round": spec_tok / max(1, rounds),
         "verify_bytes_per_round": statistics.fmean(r["spec"]["verify_bytes_per_round"] for r in rows),
+        "verify_bytes_per_later_round": statistics.fmean(r["spec"]["verify_bytes_per_later_round"] or 0 for r in rows),
+        "verify_bytes_per_token": statistics.fmean(r["spec"]["verify_bytes_per_token"] for r in rows),
         "uplink_bytes_per_round": statistics.fmean(r["spec"]["uplink_bytes_per_round"] for r in rows),
         "verifier_layers_per_token": layers_spec,
         "verifier_layers_per_token_alone": float(total_layers),
@@ -246,8 +262,15 @@ async def _run(
     gamma: int | None,
     broker: str | None,
     timeout: float,
+    min_conf: float = 0.0,
 ) -> dict[str, Any]:
-    report: dict[str, Any] = {"prompts": prompts, "max_new_tokens": max_new, "encoding": encoding, "runs": {}}
+    report: dict[str, Any] = {
+        "prompts": prompts,
+        "max_new_tokens": max_new,
+        "encoding": encoding,
+        "min_confidence": min_conf,
+        "runs": {},
+    }
     for name in flavours:
         fl = FLAVOURS[name]
         g = gamma or fl["gamma"]
@@ -265,11 +288,11 @@ async def _run(
                 for i, prompt in enumerate(prompts):
                     if i % 2 == 0:
                         base = await _baseline(mgr, _agent_id(fl["verifier"]), prompt, max_new, timeout)
-                        spec = await _speculative(mgr, fl, prompt, max_new, g, encoding, timeout, show=i == 0)
+                        spec = await _speculative(mgr, fl, prompt, max_new, g, encoding, timeout, i == 0, min_conf)
                     else:
-                        spec = await _speculative(mgr, fl, prompt, max_new, g, encoding, timeout)
+                        spec = await _speculative(mgr, fl, prompt, max_new, g, encoding, timeout, False, min_conf)
                         base = await _baseline(mgr, _agent_id(fl["verifier"]), prompt, max_new, timeout)
-                    same = spec["text"].strip() == base["text"].strip()
+                    same = spec["token_ids"] == base["token_ids"]
                     rows.append({"prompt": prompt, "spec": spec, "base": base, "identical": same})
                     console.print(
                         f"  {i + 1}/{len(prompts)}: {spec['tokens_per_s']:.1f} vs {base['tokens_per_s']:.1f} tok/s, "
@@ -289,17 +312,10 @@ async def _run(
 
 
 async def _verifier_layers(mgr: TopologyManager, agent: str) -> int:
-    pres = mgr.client.presence.get(agent) if hasattr(mgr.client, "presence") else None
-    layers = None
-    if pres is not None:
-        info = getattr(pres, "info", None) or {}
-        layers = (info.get("describe") or info).get("layers") if isinstance(info, dict) else None
-    if not layers:
-        env = Envelope.request("hi", meta={"max_new_tokens": 1})
-        reply = await mgr.client.request(agent, env, timeout=120)
-        cost = reply.meta.get(ops.COST) or {}
-        layers = int(cost.get("layers", 0)) // max(1, int(cost.get("tokens", 1)))
-    return int(layers)
+    """The verifier's depth, from what one token costs it (``cost.layers`` / ``cost.tokens``)."""
+    reply = await mgr.client.request(agent, Envelope.request("hi", meta={"max_new_tokens": 1}), timeout=600)
+    cost = reply.meta.get(ops.COST) or {}
+    return int(cost.get("layers", 0)) // max(1, int(cost.get("tokens", 1)))
 
 
 def _chart(report: dict[str, Any], path: Path) -> None:
@@ -356,6 +372,7 @@ def speculative_demo(
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 32,
     gamma: Annotated[int | None, typer.Option(help="draft length (default: per flavour)")] = None,
     encoding: Annotated[str, typer.Option(help="hidden states on the wire (familial)")] = "float16",
+    min_confidence: Annotated[float, typer.Option(help="drafters stop below this probability")] = 0.0,
     out: Annotated[Path | None, typer.Option("--out", help="folder for speculative.json and speculative.png")] = None,
     broker: Annotated[str | None, typer.Option("--broker", "-b", envvar="AIFLOW_BROKER")] = None,
     timeout: Annotated[float, typer.Option(help="seconds per request")] = 600.0,
@@ -366,7 +383,9 @@ def speculative_demo(
     if bad:
         raise typer.BadParameter(f"unknown {bad}; flavours: {', '.join(FLAVOURS)}; profiles: {', '.join(PROFILES)}")
     chosen = PROMPTS[: max(1, min(prompts, len(PROMPTS)))]
-    report = asyncio.run(_run(names, profiles.split(","), chosen, max_new_tokens, encoding, gamma, broker, timeout))
+    report = asyncio.run(
+        _run(names, profiles.split(","), chosen, max_new_tokens, encoding, gamma, broker, timeout, min_confidence)
+    )
     t = Table(title="speculative decoding vs the verifier alone")
     for col in ("flavour", "link", "tok/s", "alone", "x", "accept", "tok/rnd", "B/rnd", "verif. saved", "same"):
         t.add_column(col, overflow="fold")
@@ -380,13 +399,16 @@ def speculative_demo(
             f"{s['speedup_gmean']:.2f}",
             f"{100 * s['acceptance']:.0f}%",
             f"{s['tokens_per_round']:.2f}",
-            f"{s['verify_bytes_per_round']:.0f}",
+            f"{s['verify_bytes_per_later_round']:.0f}",
             f"{100 * s['verifier_compute_saved_layers']:.0f}% / "
             f"{100 * (s['verifier_compute_saved_seconds'] or 0):.0f}%",
             f"{s['identical']}/{s['prompts']}",
         )
     console.print(t)
-    console.print("[dim]verif. saved: verifier layers per generated token / verifier seconds per token, vs alone[/]")
+    console.print(
+        "[dim]B/rnd: bytes of one verification (both ways) after the first, which carries the prompt; "
+        "verif. saved: the verifier's layers / seconds per generated token, against it decoding alone[/]"
+    )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "speculative.json").write_text(json.dumps(report, indent=1, default=str))

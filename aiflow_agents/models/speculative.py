@@ -108,8 +108,9 @@ class Speculator:
         self.verifies = Sessions(sessions)
 
     # -- running positions ----------------------------------------------------------------------
-    def _full(self, ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
-        out = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
+    def _full(self, ids: list[int], cache: Any, *, last_only: bool = False) -> tuple[torch.Tensor, Any]:
+        kw = {"logits_to_keep": 1} if last_only else {}  # a drafter reads only the last position
+        out = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, **kw)
         return out.logits[0].float(), out.past_key_values
 
     # -- draft ----------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class Speculator:
                     hidden.append(h[0])
                 logits = self.familial.exit_logits(k, h[:, -1])[0]
             else:
-                all_logits, sess.cache = self._full(x, sess.cache)
+                all_logits, sess.cache = self._full(x, sess.cache, last_only=True)
                 logits = all_logits[-1]
             sess.tokens.extend(x)
             positions += len(x)
@@ -250,6 +251,9 @@ class Speculator:
         if nxt is not None and nxt in self.eos_ids:
             eos = True
         keep = m.start + min(ran, tail + accept)
+        if m.start == 0:
+            sess.prompt = tail  # a session starts with the prompt: its first settled tokens
+        settled = sess.tokens + list(m.tokens[:tail])  # the output so far, prompt first
         sess.tokens.extend(m.tokens[:ran])
         if len(sess.tokens) > keep:
             _crop(sess, keep)
@@ -268,5 +272,13 @@ class Speculator:
         }
         if layer is not None and h is not None:
             meta[ops.LAYER] = layer
-        text = self.tok.decode([t for t in new if t not in self.eos_ids])
-        return request.reply(text, sender=agent_id, meta=meta)
+        return request.reply(self._piece(settled[sess.prompt :], new), sender=agent_id, meta=meta)
+
+    def _piece(self, before: list[int], new: list[int]) -> str:
+        """The text ``new`` adds after ``before``: decoded in context, so a character split across
+        rounds, or a word-initial space, comes out as it does in one decoding."""
+        a = self.tok.decode(before, skip_special_tokens=True)
+        b = self.tok.decode(before + new, skip_special_tokens=True)
+        if b.startswith(a) and not a.endswith("\ufffd"):
+            return b[len(a) :]
+        return self.tok.decode([t for t in new if t not in self.eos_ids], skip_special_tokens=True)
