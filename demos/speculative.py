@@ -215,8 +215,16 @@ def _gmean(xs: list[float]) -> float | None:
     return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else None
 
 
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided exact sign test: how likely so lopsided a split of ``n`` paired prompts is by chance."""
+    k = max(wins, n - wins)
+    tail = sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def _summary(rows: list[dict[str, Any]], total_layers: int) -> dict[str, Any]:
     ratio = [r["spec"]["tokens_per_s"] / r["base"]["tokens_per_s"] for r in rows if r["base"]["tokens_per_s"]]
+    faster = sum(x > 1 for x in ratio)
     spec_tok = sum(r["spec"]["tokens"] for r in rows)
     base_tok = sum(r["base"]["tokens"] for r in rows)
     layers_spec = sum(r["spec"]["verifier_layers_generation"] for r in rows) / max(1, spec_tok)
@@ -232,6 +240,8 @@ def _summary(rows: list[dict[str, Any]], total_layers: int) -> dict[str, Any]:
         "speedup_gmean": _gmean(ratio),
         "speedup_min": min(ratio) if ratio else None,
         "speedup_max": max(ratio) if ratio else None,
+        "faster_on": faster,
+        "sign_test_p": sign_test(faster, len(ratio)) if ratio else None,
         "spec_tokens_per_s": spec_tok / max(1e-9, sum(r["spec"]["seconds"] for r in rows)),
         "base_tokens_per_s": base_tok / max(1e-9, sum(r["base"]["seconds"] for r in rows)),
         "acceptance": statistics.fmean(r["spec"]["acceptance"] or 0 for r in rows),
@@ -318,6 +328,12 @@ async def _verifier_layers(mgr: TopologyManager, agent: str) -> int:
     return int(cost.get("layers", 0)) // max(1, int(cost.get("tokens", 1)))
 
 
+def _link_label(link: dict[str, float] | None) -> str:
+    if link is None:
+        return "no link"
+    return f"{link['rtt_ms']:.0f} ms\n{link['up_mbps']:.0f}/{link['down_mbps']:.0f} Mbit/s"
+
+
 def _chart(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -327,7 +343,7 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     runs = report["runs"]
     flavours = sorted({r["flavour"] for r in runs.values()})
     profiles = [p for p in PROFILES if any(r["profile"] == p for r in runs.values())]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     width = 0.8 / max(1, len(flavours))
     colours = {"familial": "#1f77b4", "pair": "#d62728"}
     for i, fl in enumerate(flavours):
@@ -344,21 +360,32 @@ def _chart(report: dict[str, Any], path: Path) -> None:
             acc.append(100 * s["acceptance"])
         label = f"{fl}: {runs[next(k for k in runs if k.startswith(fl + '/'))]['label']}"
         axes[0].bar(xs, ratio, width, yerr=[lo, hi], capsize=3, color=colours.get(fl), label=label)
-        axes[1].bar(xs, acc, width, color=colours.get(fl), label=fl)
+        for x, y in zip(xs, ratio, strict=True):
+            axes[0].annotate(f"{y:.2f}x", (x, 0.03), ha="center", color="white", fontsize=8, fontweight="bold")
+        axes[1].bar(xs, acc, width, color=colours.get(fl), label=label)
+        for x, y in zip(xs, acc, strict=True):
+            axes[1].annotate(f"{y:.0f}%", (x, y + 1), ha="center", fontsize=8)
     axes[0].axhline(1.0, color="black", lw=0.8)
-    axes[0].axhline(1.3, color="grey", lw=0.8, ls="--", label="goal 1.3x")
-    axes[0].set_ylabel("tokens/s vs verifier alone (geo. mean; bars: min-max over prompts)")
+    axes[0].axhline(1.3, color="grey", lw=0.8, ls="--")
+    axes[0].annotate("goal 1.3x", (len(profiles) - 0.5, 1.31), ha="right", fontsize=8, color="grey")
+    axes[0].set_ylim(0, 1.55)
+    axes[0].set_ylabel("tokens/s, x the verifier alone")
     axes[1].set_ylabel("draft tokens accepted (%)")
+    axes[1].set_ylim(0, 100)
     for ax in axes:
         ax.set_xticks(range(len(profiles)))
-        ax.set_xticklabels(profiles)
-        ax.set_xlabel("device-cloud link")
-    axes[0].legend(fontsize=7, loc="upper right")
-    axes[0].set_title("end-to-end speed for the device's user", fontsize=10)
-    axes[1].set_title("acceptance", fontsize=10)
+        ax.set_xticklabels([f"{p}\n{_link_label(PROFILES.get(p))}" for p in profiles], fontsize=8)
+    axes[0].set_title(
+        "end-to-end speed for the device's user\n(geometric mean; bars: min-max over prompts)", fontsize=9
+    )
+    axes[1].set_title("acceptance (greedy: the same on every link)", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     n = len(report["prompts"])
-    fig.suptitle(f"cross-tier speculative decoding, {n} prompts x {report['max_new_tokens']} tokens, greedy")
-    fig.tight_layout()
+    fig.suptitle(
+        f"cross-tier speculative decoding, {n} prompts x {report['max_new_tokens']} tokens, greedy", fontsize=11
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
