@@ -210,3 +210,34 @@ def test_sessions_are_bounded_and_resumed_only_from_what_they_hold(folders: dict
     with pytest.raises(AgentError) as e:
         verify("a", 4, [1], 0)
     assert e.value.code == "unknown_session"
+
+
+@pytest.mark.parametrize(("encoding", "exact"), [("float32", True), ("int8-rowwise", False)])
+async def test_the_relay_answers_from_the_exit_or_continues_in_the_cloud(
+    encoding: str, exact: bool, folders: dict[str, str], mosquitto: BrokerURL, namespace: str, spawn
+) -> None:
+    """A cascade on a multiple-choice item: the device scores the options from its exit; below the
+    threshold its node forwards the layer-3 states of every option, and the cloud runs only layer 4."""
+    from topologies import cascade
+
+    dev = f"hf:dev?path={folders['verifier']}&exit_layer={LAYERS - 1}&exits={folders['exits']}"
+    spawn([dev], mosquitto, namespace)
+    spawn([f"hf:cloud?path={folders['verifier']}"], mosquitto, namespace)
+    item = {ops.OP: "choose", ops.CANDIDATES: ["paris", "rome", "blue"], "encoding": encoding}
+    async with TopologyManager(mosquitto, namespace=namespace) as mgr:
+        await mgr.client.wait_for_agents(["dev", "cloud"], timeout=60)
+        direct = await mgr.client.request("cloud", Envelope.request(PROMPTS[0], meta=item), timeout=60)
+        kept = await mgr.run(
+            cascade(["dev", "cloud"], accept="confidence>=0.0"), Envelope.request(PROMPTS[0], meta=item)
+        )
+        assert kept.answered_by == "dev" and kept.outcome.error is None
+        relayed = await mgr.run(
+            cascade(["dev", "cloud"], accept="confidence>=1.0"), Envelope.request(PROMPTS[0], meta=item)
+        )
+        assert relayed.answered_by == "cloud", relayed.outcome.error
+        reply = relayed.outcome.reply
+        assert reply is not None and reply.meta["relayed_from_layer"] == LAYERS - 1
+        assert reply.meta[ops.COST]["layers"] == reply.meta[ops.COST]["tokens"]  # one layer per position
+        got, want = reply.meta[ops.SCORES], direct.meta[ops.SCORES]
+        tol = 1e-4 if exact else 5e-2
+        assert got == pytest.approx(want, abs=tol)

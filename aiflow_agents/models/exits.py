@@ -232,6 +232,39 @@ class FamilialLM:
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
 
+    @torch.inference_mode()
+    def exit_option_logprobs(
+        self, k: int, prefix: list[int], options: Sequence[list[int]]
+    ) -> tuple[list[list[float]], list[torch.Tensor]]:
+        """Per option, the log-probability of each of its tokens read from the exit after layer
+        ``k``, and the layer-``k`` states of all its positions (what a relay ships)."""
+        per: list[list[float]] = []
+        states: list[torch.Tensor] = []
+        for opt in options:
+            ids = torch.tensor([prefix + list(opt)])
+            h, _ = self.lower(k)(ids)
+            states.append(h[0])
+            per.append(self._span_logprobs(self.exit_logits(k, h[0, len(prefix) - 1 : -1]), opt) if opt else [])
+        return per, states
+
+    @torch.inference_mode()
+    def continued_option_logprobs(
+        self, k: int, prefix: list[int], options: Sequence[list[int]], states: Sequence[torch.Tensor]
+    ) -> list[list[float]]:
+        """The same numbers from the final layer, continuing from shipped layer-``k`` states."""
+        per: list[list[float]] = []
+        for opt, h in zip(options, states, strict=True):
+            if h.ndim != 2 or h.shape[0] != len(prefix) + len(opt):
+                raise SplitError(f"states of shape {tuple(h.shape)} for {len(prefix) + len(opt)} positions")
+            f, _ = self.upper(k)(h[None].float())
+            per.append(self._span_logprobs(self.final_logits(f[0, len(prefix) - 1 : -1]), opt) if opt else [])
+        return per
+
+    @staticmethod
+    def _span_logprobs(logits: torch.Tensor, opt: Sequence[int]) -> list[float]:
+        lp = torch.log_softmax(logits.float(), -1)
+        return lp.gather(-1, torch.tensor(list(opt))[:, None])[:, 0].tolist()
+
 
 # -- training by self-distillation ------------------------------------------------------------
 

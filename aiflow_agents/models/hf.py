@@ -35,7 +35,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -216,6 +216,8 @@ class TransformersAgent(Agent):
         self.eos_ids: set[int] = set()
         self.load_seconds = 0.0
         self._speculator: Speculator | None = None
+        self._exit_states: list[torch.Tensor] | None = None
+        self._relayed_from: int | None = None
         self._lock = asyncio.Lock()
         self._cache_arg = "past_key_values"
         self._keep_logits = False
@@ -886,10 +888,35 @@ class TransformersAgent(Agent):
         }
         return request.reply(cands[best], sender=self.agent_id, meta=meta)
 
-    def _mc_scores(self, question: str, options: list[str], meta: dict[str, Any]) -> tuple[list[float], list[int]]:
-        """Mean log-likelihood per token of each option: longer options are not penalised for length."""
+    def _mc_scores(
+        self, question: str, options: list[str], meta: dict[str, Any], parts: Sequence[Any] = ()
+    ) -> tuple[list[float], list[int]]:
+        """Mean log-likelihood per token of each option: longer options are not penalised for length.
+
+        The relay: with ``exit_layer`` the agent reads its exit (and keeps the layer's states to
+        ship); given another tier's layer-k states of every option it runs only the layers above."""
         prefix, ids = self.mc_ids(question, options, meta)
-        per_token = self.option_logprobs(prefix, ids)
+        self._exit_states = None
+        relayed = self._relayed_states(parts, len(options))
+        if relayed is not None:
+            layer, states = relayed
+            fam = self.speculator().familial
+            assert fam is not None
+            try:
+                per_token = fam.continued_option_logprobs(layer, prefix, ids, states)
+            except ValueError as e:
+                raise AgentError(f"relayed states: {e}", code="bad_request") from None
+            self._last_positions = sum(len(prefix) + len(i) for i in ids)
+            self._last_passes = len(ids)
+            self._relayed_from = layer
+        elif self.cfg.exit_layer is not None:
+            fam = self.speculator().familial
+            assert fam is not None
+            per_token, self._exit_states = fam.exit_option_logprobs(self.cfg.exit_layer, prefix, ids)
+            self._last_positions = sum(len(prefix) + len(i) for i in ids)
+            self._last_passes = len(ids)
+        else:
+            per_token = self.option_logprobs(prefix, ids)
         self._last_token_logprobs = per_token
         scores = [sum(lp) / len(lp) if lp else -1e9 for lp in per_token]
         return scores, [len(i) for i in ids]
@@ -901,7 +928,8 @@ class TransformersAgent(Agent):
         if not isinstance(options, list) or len(options) < 2:
             raise AgentError("choose needs meta.candidates: a list of at least two options", code="bad_request")
         opts = [str(o) for o in options]
-        scores, counts = self._mc_scores(request.text, opts, meta)
+        self._relayed_from = None
+        scores, counts = self._mc_scores(request.text, opts, meta, request.tensors())
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
         temp = float(meta.get("temperature", self.cfg.temperature) or 0.0)
         if temp > 0:
@@ -922,7 +950,64 @@ class TransformersAgent(Agent):
             O.TOKENIZER: self.space.tokenizer if self.space else None,
             O.COST: self._cost(self._last_positions, self._last_passes, cached=not self._last_passes),
         }
-        return request.reply(opts[choice], sender=self.agent_id, meta=out_meta)
+        parts: list[TensorPart] = []
+        if self._relayed_from is not None:  # ran only the layers above the relayed ones
+            out_meta["relayed_from_layer"] = self._relayed_from
+            out_meta[O.COST]["layers"] = self._last_positions * (self.num_layers - self._relayed_from)
+        elif self._exit_states is not None and self.cfg.exit_layer is not None:
+            out_meta["exit_layer"] = self.cfg.exit_layer
+            out_meta[O.COST]["layers"] = self._last_positions * self.cfg.exit_layer
+            if not _cascade_accepts(request, float(probs[choice])):
+                parts = self._pack_states(self._exit_states, str(meta.get("encoding", "float16")))
+        return request.reply(opts[choice], *parts, sender=self.agent_id, meta=out_meta)
+
+    def _pack_states(self, states: list[torch.Tensor], encoding: str) -> list[TensorPart]:
+        """Every option's layer-k states, for the next stage of a cascade to continue from."""
+        assert self.space is not None and self.cfg.exit_layer is not None
+        space = self.space.model_copy(update={"layer": self.cfg.exit_layer})
+        out: list[TensorPart] = []
+        for i, h in enumerate(states):
+            part = TensorPart(
+                tensor=h.float().contiguous(), role=TensorRole.HIDDEN_STATE, space=space, meta={"option": i}
+            )
+            packed = C.compress(part, encoding) if encoding != "float32" else [part]
+            for q in packed:
+                q.meta["option"] = i
+            out += packed
+        return out
+
+    def _relayed_states(self, parts: Sequence[Any], n: int) -> tuple[int, list[torch.Tensor]] | None:
+        """Another tier's layer-k states of every option (one hidden_state part each), or None."""
+        if not parts or self.space is None:
+            return None
+        by_option: dict[int, list[TensorPart]] = {}
+        for p in parts:
+            if isinstance(p, TensorPart) and isinstance(p.meta.get("option"), int):
+                by_option.setdefault(int(p.meta["option"]), []).append(p)
+        if not by_option:
+            return None
+        if sorted(by_option) != list(range(n)):
+            raise AgentError(f"relayed states cover options {sorted(by_option)}, not 0..{n - 1}", code="bad_request")
+        layer: int | None = None
+        states: list[torch.Tensor] = []
+        for i in range(n):
+            try:
+                part = C.decompress(by_option[i])
+            except C.CompressionError as e:
+                raise AgentError(str(e), code=e.code) from None
+            sp = part.space
+            if part.role != TensorRole.HIDDEN_STATE or sp is None or sp.layer is None:
+                raise AgentError("relayed states must be hidden_state parts with a layer", code="bad_request")
+            if not self.space.compatible_with(sp) or sp.model != self.space.model:
+                raise AgentError(f"states from {sp} cannot continue in {self.space}", code="incompatible_latent")
+            if layer is not None and sp.layer != layer:
+                raise AgentError("relayed states from different layers", code="bad_request")
+            layer = int(sp.layer)
+            states.append(part.tensor.float())
+        assert layer is not None
+        if not 1 <= layer < self.num_layers:
+            raise AgentError(f"layer {layer} outside 1..{self.num_layers - 1}", code="bad_request")
+        return layer, states
 
     def _op_next(self, request: Envelope) -> Envelope:
         _, tok, _ = self._ready()
@@ -941,3 +1026,13 @@ class TransformersAgent(Agent):
 
 
 __all__ = ["Decoded", "HFConfig", "TransformersAgent", "tokenizer_id"]
+
+
+def _cascade_accepts(request: Envelope, confidence: float) -> bool:
+    """Whether a cascade's ``meta.acceptance`` lets this answer stand (the node decides the same
+    way); True outside a cascade."""
+    try:
+        policy = O.AcceptancePolicy.from_meta(request.meta)
+    except ValueError as e:
+        raise AgentError(str(e), code="bad_request") from None
+    return policy is None or policy.accepts_confidence(confidence, request.recipient)
