@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from protocols import Envelope, Kind, ops
 
+from .errors import AgentError
+
 HOPS = "hops"
 
 
@@ -27,6 +29,18 @@ def accepted(request: Envelope, reply: Envelope) -> bool:
     except ValueError:
         policy = ops.AcceptancePolicy()
     return policy.accepts(reply, request.recipient)
+
+
+def accepts_confidence(request: Envelope, confidence: float) -> bool:
+    """Whether a stage answering with ``confidence`` stands under the request's ``meta.acceptance``
+    (the node decides the same way), so an agent knows before answering whether it will be
+    escalated and should attach its latents; True outside a cascade. A malformed policy is the
+    requester's error (``bad_request``)."""
+    try:
+        policy = ops.AcceptancePolicy.from_meta(request.meta)
+    except ValueError as e:
+        raise AgentError(str(e), code="bad_request") from None
+    return policy is None or policy.accepts_confidence(confidence, request.recipient)
 
 
 @runtime_checkable
@@ -95,4 +109,4 @@ class RouteForwarding:
         return reply
 
 
-__all__ = ["HOPS", "Forwarding", "RouteForwarding", "accepted"]
+__all__ = ["HOPS", "Forwarding", "RouteForwarding", "accepted", "accepts_confidence"]

@@ -647,15 +647,7 @@ class Node:
         ``claim_after``: fast ones cost nothing), so it can fail them at once if this node dies."""
         if task.done() or not env.reply_to:
             return
-        event = Envelope(
-            kind=Kind.EVENT,
-            sender=agent.agent_id,
-            recipient=env.sender,
-            correlation_id=env.correlation_id or env.id,
-            parent_id=env.id,
-            trace_id=env.trace_id,
-            meta={"claimed": self.node_id},
-        )
+        event = _event(agent, env, {"claimed": self.node_id})
 
         async def publish(topic: str) -> None:
             # QoS 0: a lost claim only makes a requester treat the request as lost if a replica dies
@@ -710,17 +702,7 @@ class Node:
                 self.log.warning("progress event not sent: meta key 'claimed' is reserved", agent=agent.agent_id)
                 return False
             try:
-                event = Envelope(
-                    kind=Kind.EVENT,
-                    sender=agent.agent_id,
-                    recipient=env.sender,
-                    correlation_id=env.correlation_id or env.id,
-                    trace_id=env.trace_id,
-                    parent_id=env.id,
-                    meta=meta,
-                    parts=list(parts),
-                )
-                frame = self._encode(event)
+                frame = self._encode(_event(agent, env, meta, parts))
             except (ProtocolError, ValueError, TypeError) as e:  # the handler's meta or parts
                 self.log.warning("progress event not sent: cannot be encoded", agent=agent.agent_id, error=str(e))
                 return False
@@ -806,17 +788,8 @@ class Node:
         # The progress event goes first: MQTT keeps one client's publishes in order, so the
         # requester learns of the hop before the next stage can possibly answer.
         if env.reply_to:
-            event = Envelope(
-                kind=Kind.EVENT,
-                sender=agent.agent_id,
-                recipient=env.sender,
-                correlation_id=env.correlation_id or env.id,
-                trace_id=env.trace_id,
-                parent_id=env.id,
-                meta={"hop": hop},
-            )
             with contextlib.suppress(BrokerUnavailableError, ValueError):
-                await self.connection.publish(env.reply_to, self._encode(event), qos=1)
+                await self.connection.publish(env.reply_to, self._encode(_event(agent, env, {"hop": hop})), qos=1)
         try:
             await self.connection.publish(next_inbox, frame, qos=1, properties=mqtt5_properties(fwd))
         except (BrokerUnavailableError, ValueError) as e:
@@ -966,3 +939,20 @@ class Node:
         else:
             with contextlib.suppress(Exception):
                 await self.client.publish(self.topics.errors(agent.agent_id), reply)
+
+
+def _event(
+    agent: Agent, request: Envelope, meta: dict[str, Any], parts: Sequence[TextPart | TensorPart] = ()
+) -> Envelope:
+    """An EVENT about ``request`` for its requester (claims, cascade hops, a handler's progress):
+    addressed and correlated like the answer will be (SPEC §12 items 3 and 10)."""
+    return Envelope(
+        kind=Kind.EVENT,
+        sender=agent.agent_id,
+        recipient=request.sender,
+        correlation_id=request.correlation_id or request.id,
+        trace_id=request.trace_id,
+        parent_id=request.id,
+        meta=meta,
+        parts=list(parts),
+    )

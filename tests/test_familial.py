@@ -3,7 +3,6 @@ persistence, the agents' ops in-process, and the shipped weights' per-exit accur
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,7 @@ from aiflow_agents.models.training import evaluate
 from protocols import Envelope, FeatureSpace, Kind, TensorRole, decode, encode
 from protocols import ops as O
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread is fastest, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy machine
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import math
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from aiflow_agents.models.hf import TransformersAgent, tokenizer_id, vocab_signa
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, compression
 from protocols import ops as O
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -193,16 +192,6 @@ def write_llama_gguf(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, path
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: a second torch thread only waits for a busy core
-    (a training step measured 10 ms on one thread, 230 ms on two under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from aiflow_agents.models.hf import TransformersAgent
 from protocols import Envelope, TensorPart, TensorRole, ops
 from topologies import TopologyManager, speculative
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 
 LAYERS = 4
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import torch
 from test_hf_agent import _corpus, _save, make_tokenizer, random_gpt2, train_llama
 
 from aiflow_agents import BrokerURL, Client, Node, RemoteAgentError
@@ -23,21 +22,12 @@ from aiflow_agents.models.hf import TransformersAgent
 from protocols import Envelope, Kind, TextPart
 from protocols import ops as O
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 
 FRANCE = "what is the capital of france?"
 ODD = "zzqx vvk grass?"  # a random model rambles on it until max_new_tokens
 PARTIAL = "what colour is"  # the trained model answers it with a few tokens
 NOISY = "max_new_tokens=16&temperature=1.0&seed=4"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared small machine: one torch thread (see test_hf_agent)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -506,6 +506,16 @@ def crop_cache(cache: Any, keep: int) -> None:
 # -- benchmark accuracy of each exit ------------------------------------------------------------
 
 
+def mc_item_ids(tokenizer: Any, item: Any) -> tuple[list[int], list[list[int]]]:
+    """A benchmark item's prompt ids and each option's ids, rendered as the ``choose`` op does
+    closed book (``[context]\nQuestion: q\nAnswer:``, each option as `` option``)."""
+    lines = [item.context.strip()] if getattr(item, "context", "") else []
+    lines += [f"Question: {item.question.strip()}", "Answer:"]
+    prefix = list(tokenizer("\n".join(lines)).input_ids)
+    opts = [list(tokenizer(" " + str(o).strip(), add_special_tokens=False).input_ids) or [0] for o in item.options]
+    return prefix, opts
+
+
 @torch.inference_mode()
 def exit_accuracy(
     model: Any, tokenizer: Any, exits: ExitSet, items: Sequence[Any], *, log: Callable[[str], None] = print
@@ -518,12 +528,9 @@ def exit_accuracy(
     names = [*map(str, exits.layers), "final"]
     right = dict.fromkeys(names, 0)
     for n, item in enumerate(items):
-        lines = [item.context.strip()] if getattr(item, "context", "") else []
-        lines += [f"Question: {item.question.strip()}", "Answer:"]
-        prefix = list(tokenizer("\n".join(lines)).input_ids)
+        prefix, opts = mc_item_ids(tokenizer, item)
         scores: dict[str, list[float]] = {k: [] for k in names}
-        for option in item.options:
-            opt = list(tokenizer(" " + str(option).strip(), add_special_tokens=False).input_ids) or [0]
+        for opt in opts:
             x = torch.tensor([prefix + opt])
             out = model(input_ids=x, output_hidden_states=True)
             span = slice(len(prefix) - 1, x.shape[1] - 1)
@@ -762,31 +769,19 @@ def relay_quality(
     """Multiple choice with the relay: the device scores the options from its exit after ``layer``
     and answers when its top option's probability reaches a threshold; otherwise the cloud runs
     the layers above ``layer`` on the shipped states of every position (per encoding)."""
-    lower, upper = fam.lower(layer), fam.upper(layer)
     rows: list[dict[str, Any]] = []
     for n, item in enumerate(items):
-        lines = [item.context.strip()] if getattr(item, "context", "") else []
-        lines += [f"Question: {item.question.strip()}", "Answer:"]
-        prefix = list(tokenizer("\n".join(lines)).input_ids)
-        device: list[float] = []
-        cloud: dict[str, list[float]] = {e: [] for e in encodings}
-        nbytes: dict[str, int] = dict.fromkeys(encodings, 0)
-        positions = 0
-        for option in item.options:
-            opt = list(tokenizer(" " + str(option).strip(), add_special_tokens=False).input_ids) or [0]
-            x = torch.tensor([prefix + opt])
-            span = slice(len(prefix) - 1, x.shape[1] - 1)
-            target = x[0, len(prefix) :, None]
-            h, _ = lower(x)
-            z = fam.exit_logits(layer, h[0, span])
-            device.append(float(torch.log_softmax(z, -1).gather(-1, target).mean()))
-            positions += x.shape[1]
-            for enc in encodings:
-                hw, size = _wire(h[0], enc)
-                f, _ = upper(hw[None])
-                zc = fam.final_logits(f[0, span])
-                cloud[enc].append(float(torch.log_softmax(zc, -1).gather(-1, target).mean()))
-                nbytes[enc] += size
+        prefix, opts = mc_item_ids(tokenizer, item)
+        per, states = fam.exit_option_logprobs(layer, prefix, opts)
+        device = [sum(lp) / len(lp) for lp in per]
+        cloud: dict[str, list[float]] = {}
+        nbytes: dict[str, int] = {}
+        for enc in encodings:
+            wired = [_wire(h, enc) for h in states]
+            nbytes[enc] = sum(size for _, size in wired)
+            per_c = fam.continued_option_logprobs(layer, prefix, opts, [h for h, _ in wired])
+            cloud[enc] = [sum(lp) / len(lp) for lp in per_c]
+        positions = sum(h.shape[0] for h in states)
         probs = torch.softmax(torch.tensor(device), 0)
         rows.append(
             {

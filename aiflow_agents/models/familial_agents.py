@@ -44,6 +44,7 @@ from protocols import ops as O
 
 from ..agent import Accepts, Agent, AgentContext, Reply
 from ..errors import AgentError, RemoteAgentError
+from ..forwarding import accepts_confidence
 from .familial import (
     ALPHABET,
     DIGITS,
@@ -206,7 +207,7 @@ class FamilialAgent(Agent):
             parts: list[TextPart | TensorPart] = [TextPart(text=answer)]
             parts += self._returns(request, dec.probs[0], h)
             encoding = str(request.meta.get("encoding", self.encoding))
-            if self.next is None and encoding != TEXT and not _cascade_accepts(request, conf):
+            if self.next is None and encoding != TEXT and not accepts_confidence(request, conf):
                 # A topology cascade will escalate this answer: hand the next stage our trunk state
                 # so it continues from here instead of recomputing (the node forwards these parts).
                 # With encoding "text" the next stage gets the prompt only and recomputes.
@@ -308,16 +309,6 @@ class FamilialAgent(Agent):
                 TensorPart(tensor=h.detach().float().contiguous(), role=TensorRole.HIDDEN_STATE, space=self.space)
             )
         return out
-
-
-def _cascade_accepts(request: Envelope, confidence: float) -> bool:
-    """Whether a topology cascade's ``meta.acceptance`` lets this stage's answer stand (the node
-    decides the same way); True outside a cascade."""
-    try:
-        policy = O.AcceptancePolicy.from_meta(request.meta)
-    except ValueError as e:
-        raise AgentError(str(e), code="bad_request") from None
-    return policy is None or policy.accepts_confidence(confidence, request.recipient)
 
 
 def pack_latent(hidden: torch.Tensor, space: FeatureSpace, encoding: str = "float16") -> list[TensorPart]:

@@ -49,6 +49,7 @@ from protocols import ops as O
 
 from ..agent import Accepts, Agent, AgentContext, Reply
 from ..errors import AgentError
+from ..forwarding import accepts_confidence
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -957,7 +958,7 @@ class TransformersAgent(Agent):
         elif self._exit_states is not None and self.cfg.exit_layer is not None:
             out_meta["exit_layer"] = self.cfg.exit_layer
             out_meta[O.COST]["layers"] = self._last_positions * self.cfg.exit_layer
-            if not _cascade_accepts(request, float(probs[choice])):
+            if not accepts_confidence(request, float(probs[choice])):
                 parts = self._pack_states(self._exit_states, str(meta.get("encoding", "float16")))
         return request.reply(opts[choice], *parts, sender=self.agent_id, meta=out_meta)
 
@@ -1026,13 +1027,3 @@ class TransformersAgent(Agent):
 
 
 __all__ = ["Decoded", "HFConfig", "TransformersAgent", "tokenizer_id"]
-
-
-def _cascade_accepts(request: Envelope, confidence: float) -> bool:
-    """Whether a cascade's ``meta.acceptance`` lets this answer stand (the node decides the same
-    way); True outside a cascade."""
-    try:
-        policy = O.AcceptancePolicy.from_meta(request.meta)
-    except ValueError as e:
-        raise AgentError(str(e), code="bad_request") from None
-    return policy is None or policy.accepts_confidence(confidence, request.recipient)

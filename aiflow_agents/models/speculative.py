@@ -14,14 +14,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from aiflow_agents.errors import AgentError
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, compress, decompress, ops
 
-from .exits import FamilialLM, crop_cache
+from .exits import FamilialLM, crop_cache, num_layers
+
+M = TypeVar("M", bound=ops.DraftRequest | ops.VerifyTokensRequest)
+
+#: Tokens of already streamed output decoded with each new piece (see ``Speculator._piece``).
+_CONTEXT = 8
 
 HIDDEN_ENCODINGS = ("float32", "float16", "bfloat16", "int8-rowwise")
 
@@ -71,6 +76,14 @@ class Sessions:
         return len(self._items)
 
 
+def _checked(model: type[M], request: Envelope) -> M:
+    """The request's op message, or ``bad_request`` naming the op and what is wrong."""
+    try:
+        return model.model_validate(request.meta)
+    except ValueError as e:
+        raise AgentError(f"{request.meta.get(ops.OP)} request: {e}", code="bad_request") from None
+
+
 def _crop(sess: Session, keep: int) -> None:
     if sess.cache is not None:
         crop_cache(sess.cache, keep)
@@ -103,7 +116,7 @@ class Speculator:
         self.prompt_ids = prompt_ids
         self.familial = familial
         self.exit_layer = exit_layer
-        self.total = familial.total if familial is not None else int(model.config.get_text_config().num_hidden_layers)
+        self.total = num_layers(model)
         self.drafts = Sessions(sessions)
         self.verifies = Sessions(sessions)
 
@@ -116,10 +129,7 @@ class Speculator:
     # -- draft ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def draft(self, request: Envelope, agent_id: str) -> Envelope:
-        try:
-            m = ops.DraftRequest.model_validate(request.meta)
-        except ValueError as e:
-            raise AgentError(f"draft request: {e}", code="bad_request") from None
+        m = _checked(ops.DraftRequest, request)
         if m.ship_hidden and self.exit_layer is None:
             raise AgentError("ship_hidden needs a drafter with an exit (exit_layer)", code="bad_request")
         if m.encoding not in HIDDEN_ENCODINGS:
@@ -190,10 +200,7 @@ class Speculator:
     # -- verify ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def verify(self, request: Envelope, agent_id: str) -> Envelope:
-        try:
-            m = ops.VerifyTokensRequest.model_validate(request.meta)
-        except ValueError as e:
-            raise AgentError(f"verify_tokens request: {e}", code="bad_request") from None
+        m = _checked(ops.VerifyTokensRequest, request)
         if m.draft >= len(m.tokens):
             raise AgentError("a draft needs a settled token before it (draft < len(tokens))", code="bad_request")
         hidden_parts = [p for p in request.parts if isinstance(p, TensorPart)]
@@ -276,7 +283,9 @@ class Speculator:
 
     def _piece(self, before: list[int], new: list[int]) -> str:
         """The text ``new`` adds after ``before``: decoded in context, so a character split across
-        rounds, or a word-initial space, comes out as it does in one decoding."""
+        rounds, or a word-initial space, comes out as it does in one decoding. A few tokens of
+        context are enough, so a round costs the same however long the output has grown."""
+        before = before[-_CONTEXT:]
         a = self.tok.decode(before, skip_special_tokens=True)
         b = self.tok.decode(before + new, skip_special_tokens=True)
         if b.startswith(a) and not a.endswith("\ufffd"):
