@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "Backoff": "connection",
     "Connection": "connection",
     "PublishRejectedError": "connection",
+    "AgentConfigError": "errors",
     "AgentError": "errors",
     "AgentLostError": "errors",
     "AgentUnavailableError": "errors",
@@ -105,6 +106,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __all__ = [
     "Accepts",
     "Agent",
+    "AgentConfigError",
     "AgentContext",
     "AgentError",
     "AgentLoad",

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
 from protocols import Envelope, FeatureSpace, TensorPart, TensorRole, TextPart, check_level
+
+from .errors import AgentConfigError
 
 if TYPE_CHECKING:
     from .client import Client
@@ -163,19 +166,56 @@ class Agent:
     (one text part), a list of parts, or None (an empty reply). Raise
     :class:`~aiflow_agents.errors.AgentError` to answer with a chosen error code; any other
     exception becomes a ``handler_error`` reply and the node keeps serving.
+
+    Config: declare the keys the type takes in ``config_keys``; they arrive in ``self.config``. Any other key
+    (``aiflow node --agent 'TYPE:ID?answr=4'`` or a keyword) raises :class:`AgentConfigError` naming it, the
+    type, the accepted keys and the closest one, before anything loads: one check for every type, built in or
+    plugin. ``tier`` and ``groups`` are always accepted. A class that declares nothing (``config_keys`` None)
+    takes the keyword parameters its own ``__init__`` names, and nothing else from a spec string
+    (:mod:`aiflow_agents.registry`); constructed directly in Python it is not checked (older plugins).
     """
 
     #: Registry name; set from the entry point when loaded by name.
     type_name: ClassVar[str] = "agent"
     accepts: Accepts = Accepts()
+    #: The config keys this type takes (see the class doc); None: not declared.
+    config_keys: ClassVar[Collection[str] | None] = None
+    #: Keywords of ``Agent.__init__`` itself, accepted by every type.
+    BASE_KEYS: ClassVar[frozenset[str]] = frozenset({"tier", "groups"})
 
     def __init__(
         self, agent_id: str | None = None, *, tier: str | None = None, groups: Sequence[str] = (), **config: Any
     ) -> None:
+        if type(self).config_keys is not None:
+            type(self).check_config(config)
         self.agent_id = check_level(agent_id or self.type_name)
         self.tier = tier
         self.groups = tuple(check_level(g, "group id") for g in groups)
         self.config = config
+
+    @classmethod
+    def accepted_config_keys(cls) -> frozenset[str]:
+        """Every key this type takes: ``config_keys`` (or, undeclared, its ``__init__``'s named keywords) plus
+        ``tier`` and ``groups``."""
+        if cls.config_keys is not None:
+            return frozenset(cls.config_keys) | cls.BASE_KEYS
+        named: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if klass is Agent or init is None:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "agent_id"):
+                    named.add(p.name)
+        return frozenset(named) | cls.BASE_KEYS
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """Raise :class:`AgentConfigError` for any key this type does not take (see the class doc)."""
+        accepted = cls.accepted_config_keys()
+        unknown = [k for k in config if k not in accepted]
+        if unknown:
+            raise AgentConfigError(cls.type_name, unknown, accepted)
 
     async def setup(self) -> None:
         """Load models and other slow resources; runs once before the agent goes online."""

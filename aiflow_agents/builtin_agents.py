@@ -24,6 +24,7 @@ class EchoAgent(Agent):
 
     type_name = "echo"
     accepts = Accepts(text=True, any_space=True)
+    config_keys = ()
 
     async def handle(self, request: Envelope, ctx: AgentContext) -> Reply:
         return request.reply(*request.parts, sender=self.agent_id, meta=dict(request.meta))
@@ -73,6 +74,13 @@ class ScriptedAgent(Agent):
 
     type_name = "scripted"
     accepts = Accepts(text=True, any_space=True)
+    #: The keys above; any other is refused (``scripted:s2?answr=4`` fails at start, naming ``answer``).
+    config_keys = (
+        *("answer", "answers", "rules", "follow_majority", "confidence", "delay", "hang", "fail", "crash"),
+        *("crash_after", "fail_on", "scores", "judge_pick", "accept_answers", "vocab", "dist", "space"),
+        *("sequence", "eos", "wrong_every", "wrong_confidence", "exit_layer", "num_layers", "hidden_size"),
+        "sessions",
+    )
 
     def __init__(self, agent_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(agent_id, **kwargs)
@@ -423,6 +431,7 @@ class TensorStatsAgent(Agent):
 
     type_name = "tensor-stats"
     accepts = Accepts(text=False, any_space=True)
+    config_keys = ()
 
     async def handle(self, request: Envelope, ctx: AgentContext) -> Reply:
         tensors = request.tensors()

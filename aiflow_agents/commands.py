@@ -46,6 +46,8 @@ BrokerOpt = Annotated[
 ]
 NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", envvar="AIFLOW_NAMESPACE", help="topic namespace")]
 LogOpt = Annotated[str, typer.Option("--log-level", envvar="AIFLOW_LOG_LEVEL")]
+#: One-shot commands print their result or one error line; the connection's per-attempt lines are debug.
+QuietLogOpt = Annotated[str, typer.Option("--log-level", envvar="AIFLOW_LOG_LEVEL", help="log level on stderr")]
 
 
 def broker(
@@ -120,7 +122,11 @@ def node(
     broker_url = broker_or_exit(broker)
     limits = Limits(max_frame_bytes=max_frame_bytes, max_header_bytes=max_header_bytes)
     try:
-        agents = [AgentSpec.parse(a).create(**({"tier": tier} if tier else {})) for a in agent]
+        overrides = {"tier": tier} if tier else {}
+        specs = [AgentSpec.parse(a) for a in agent]
+        for spec in specs:  # every spec checked (type, config keys) before any agent loads a model
+            spec.check(**overrides)
+        agents = [spec.create(**overrides) for spec in specs]
     except (AiflowError, ValueError, TypeError) as e:
         raise fail(str(e)) from None
 
@@ -160,8 +166,10 @@ def agents_list(
     broker: BrokerOpt = None,
     namespace: NamespaceOpt = "default",
     wait: Annotated[float, typer.Option(help="seconds to collect presence")] = 1.0,
+    log_level: QuietLogOpt = "warning",
 ) -> None:
     """Installed agent types (entry-point group aiflow_agents.agents) and, with --online, live agents."""
+    configure_logging(log_level)
     table = Table(title="installed agent types")
     table.add_column("name")
     table.add_column("class")
@@ -203,9 +211,11 @@ def send(
     namespace: NamespaceOpt = "default",
     timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="print the reply as JSON")] = False,
+    log_level: QuietLogOpt = "warning",
 ) -> None:
     """Send one request and print the reply (exit code 1 with the reason if it fails). Signs it with
     $AIFLOW_SIGNING_KEY when set."""
+    configure_logging(log_level)
     signing_key = signing_key_or_exit()
     broker_url = broker_or_exit(broker)
 

@@ -18,6 +18,13 @@ own (nodes republish presence), cancelled if that connection is lost first. Publ
 disconnected wait for the next connection up to their timeout. The reconnect task never awaits a message
 handler or a hook that may publish, so a handler blocked on a publish cannot keep the connection down.
 
+Logging tells the two failures apart. "connection lost" (a warning) is said once for a connection that was up
+and went down. An attempt that never came up is "connect failed: cannot reach broker URL, retrying in Xs": while
+:meth:`Connection.start` waits with a timeout (clients, CLI commands), at debug only, since the
+:class:`BrokerUnavailableError` it then raises names the broker, the attempts and the last error once; otherwise
+(a node waiting for its broker, reconnects) the first failure of a streak is a warning (info after "connection
+lost") and then one line per 30 s at most, the attempts between at debug.
+
 A refusal that retrying cannot fix (wrong user name or password, not authorised, a TLS certificate that does
 not verify, a missing CA file) makes :meth:`Connection.start` fail at once with a clear
 :class:`BrokerUnavailableError` instead of waiting out its timeout.
@@ -87,6 +94,7 @@ _SHORT_LIVED = 2.0  # a connection the broker closed within this after CONNACK c
 _CLASH_STREAK = 3  # ... this many times in a row (MQTT 3.1.1 has no reason code to say so)
 _SUSPECT_WINDOW = 1.0  # a drop within this many seconds of sending a publish makes that publish a suspect
 _CONNECT_TIMEOUT = 10.0
+_FAILURE_LOG_EVERY = 30.0  # a service waiting for its broker logs a failed attempt this often at most (else debug)
 _V5_PROBE_TIMEOUT = 3.0  # protocol=auto: an MQTT 5 CONNECT unanswered this long is retried as 3.1.1
 MAX_PACKET = 268_435_460  # the protocol's largest packet (remaining length 268,435,455 + 5 header bytes)
 _HEADER_ROOM = 64 * 1024  # MaximumPacketSize we announce = the largest frame we accept + room for topic/properties
@@ -241,6 +249,9 @@ class Connection:
         self._stopping = False
         self._last_error: BaseException | None = None
         self._fatal: str | None = None
+        self._starting = False  # a start() with a timeout waits: it reports a failure itself, attempts log at debug
+        self._failures = 0  # failed attempts in a row (never up, or since the last connection was lost)
+        self._failure_logged = 0.0  # loop time of the last "connect failed" line above debug
         self.connects = 0
         self.dropped_incoming = 0
         self.poisoned_publishes = 0
@@ -283,19 +294,29 @@ class Connection:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self, *, wait: bool = True, timeout: float | None = 10.0) -> None:
+        """Start the reconnect loop; with ``wait``, until connected. With a ``timeout`` the caller gets one
+        :class:`BrokerUnavailableError` naming the broker and the last error, and the failed attempts before it
+        log at debug only (a wrong port is one line, not one per retry); without one (a service waiting for its
+        broker) each failed attempt streak logs ``connect failed: cannot reach broker ...`` (see ``_run``)."""
+        quiet = wait and timeout is not None
         if self._task is None:
             self._stopping = False
             self._fatal = None
+            self._failures = 0
             self._inbox.clear()
             self._inbox_bytes = 0
+            self._starting = quiet
             self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
             self._dispatcher = asyncio.create_task(self._dispatch_loop(), name=f"mqtt-dispatch-{self.client_id}")
         if wait:
+            self._starting = quiet
             try:
                 await self.wait_connected(timeout)
             except BrokerUnavailableError:
                 await self.stop()  # a failed start leaves no reconnect loop behind
                 raise
+            finally:
+                self._starting = False
 
     async def wait_connected(self, timeout: float | None) -> None:
         """Wait for the connection; fail early when the broker refused us for good (see module doc)."""
@@ -307,7 +328,10 @@ class Connection:
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 why = f": {self._last_error}" if self._last_error else ""
-                raise BrokerUnavailableError(f"could not connect to broker {self.url} within {timeout:.3g}s{why}")
+                tries = f" ({self._failures} attempts)" if self._failures > 1 else ""
+                raise BrokerUnavailableError(
+                    f"could not connect to broker {self.url} within {timeout:.3g}s{tries}{why}"
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 0.05 if left is None else min(0.05, left))
 
@@ -449,6 +473,7 @@ class Connection:
             session: Session | MemorySession | None = None
             up = False
             hooks: asyncio.Task[None] | None = None
+            failed = False  # this attempt never came up (as opposed to a connection that was up and was lost)
             try:
                 session = await self._connect(index)
                 self._session = session
@@ -458,6 +483,7 @@ class Connection:
                 self.connects += 1
                 self._last_error = None
                 self._fatal = None
+                self._failures = 0
                 self._connected.set()
                 up = True
                 if self.connects > 1:
@@ -470,16 +496,17 @@ class Connection:
             except ConnectionClosedError as e:
                 self._last_error = e
                 self._fatal = _definitive(e)
-                if not self._stopping:
-                    self.log.warning("connection lost" if up else "connect failed", broker=str(url), error=str(e))
+                if up and not self._stopping:  # only a connection that was up can be lost
+                    self.log.warning("connection lost", broker=str(url), error=str(e))
+                failed = not up
             except ConnectRefusedError as e:
                 self._last_error = e
                 self._fatal = _definitive(e)
-                self.log.warning("connect failed", broker=str(url), error=str(e))
+                failed = True
             except (OSError, TimeoutError) as e:  # includes ssl.SSLError
                 self._last_error = e
                 self._fatal = self._fatal or _definitive(e)
-                self.log.warning("connect failed", broker=str(url), error=str(e) or type(e).__name__)
+                failed = True
             except Exception as e:  # the reconnect loop must outlive any surprise
                 self._last_error = e
                 self.log.exception("connection loop error", broker=str(url))
@@ -523,10 +550,37 @@ class Connection:
                     if index in self._retry_v5:  # learnt 3.1.1 from a close that may have been transient
                         self._retry_v5.discard(index)
                         self._versions.pop(index, None)
+            delay = max(next(delays), wait or 0.0)
+            if failed:
+                self._failed_attempt(url, delay)
             self._member += 1
             if len(self._members) > 1:
-                self.log.info("next broker", broker=str(self.broker))
-            await asyncio.sleep(max(next(delays), wait or 0.0))
+                (self.log.debug if self._starting else self.log.info)("next broker", broker=str(self.broker))
+            await asyncio.sleep(delay)
+
+    def _failed_attempt(self, url: BrokerURL, retry_in: float) -> None:
+        """Log an attempt that never came up. Not "connection lost": there was no connection. While a
+        ``start`` with a timeout waits, at debug (its error says it all, once); otherwise the first failure of a
+        streak (a warning if we never connected, info after a "connection lost" warning), then one line per 30 s
+        at most (the attempts between at debug), each naming the broker, the error and the next attempt."""
+        self._failures += 1
+        error = self._last_error
+        fields: dict[str, Any] = {
+            "broker": str(url),
+            "error": (str(error) or type(error).__name__) if error is not None else "?",
+            "attempts": self._failures,
+        }
+        if self._fatal:
+            fields["why"] = self._fatal
+        what = f"broker {url} refused us" if isinstance(error, ConnectRefusedError) else f"cannot reach broker {url}"
+        message = f"connect failed: {what}, retrying in {retry_in:.1f}s"
+        now = asyncio.get_running_loop().time()
+        if self._starting or (self._failures > 1 and now - self._failure_logged < _FAILURE_LOG_EVERY):
+            self.log.debug(message, **fields)
+            return
+        self._failure_logged = now
+        log = self.log.warning if (self.connects == 0 and self._failures == 1) or self._fatal else self.log.info
+        log(message, **fields)
 
     async def _restore(self, session: Session | MemorySession) -> None:
         """Subscribe again after a reconnect. A filter the broker now refuses is kept and retried in the

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from difflib import get_close_matches
+
 from protocols import ErrorInfo
 
 
@@ -70,6 +73,26 @@ class RemoteAgentError(AiflowError):
         self.info = info
         self.code = info.code
         self.agent_id = who
+
+
+class AgentConfigError(AiflowError, ValueError):
+    """An agent was given a config key its type does not take (``TYPE:ID?key=value`` or a keyword): a typo
+    must never pass silently. Names the key(s), the agent type, the accepted keys and the closest match."""
+
+    code = "bad_agent_config"
+
+    def __init__(self, agent_type: str, unknown: Sequence[str], accepted: Iterable[str]) -> None:
+        self.agent_type = agent_type
+        self.unknown = tuple(unknown)
+        self.accepted = tuple(sorted(accepted))
+        self.suggestions = {k: m[0] for k in self.unknown if (m := get_close_matches(k, self.accepted, n=1))}
+        what = ", ".join(
+            repr(k) + (f" (did you mean {self.suggestions[k]!r}?)" if k in self.suggestions else "")
+            for k in self.unknown
+        )
+        keys = "key" if len(self.unknown) == 1 else "keys"
+        takes = ", ".join(self.accepted) if self.accepted else "none"
+        super().__init__(f"agent type {agent_type!r} has no config {keys} {what}; accepted keys: {takes}")
 
 
 class AgentError(AiflowError):

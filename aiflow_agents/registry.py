@@ -1,5 +1,6 @@
 """Agent plugins: every agent type, built-in or third-party, comes from the entry-point group
-``aiflow_agents.agents`` (name -> ``module:Class``)."""
+``aiflow_agents.agents`` (name -> ``module:Class``). A spec's config keys are checked against the type's
+declared keys (:meth:`Agent.check_config`) before the agent is built, for every type the same way."""
 
 from __future__ import annotations
 
@@ -62,10 +63,17 @@ class AgentSpec:
                 config[key] = value
         return cls(type_name=type_name, agent_id=agent_id or None, config=config)
 
-    def create(self, **overrides: Any) -> Agent:
+    def check(self, **overrides: Any) -> type[Agent]:
+        """The agent class, once the config keys are known to it: :class:`UnknownAgentTypeError` for an
+        unknown type, :class:`~aiflow_agents.errors.AgentConfigError` for a key the type does not take. Nothing
+        is built (a node checks every ``--agent`` before loading any model)."""
         cls = load(self.type_name)
-        config = {**self.config, **overrides}
-        return cls(self.agent_id or self.type_name, **config)
+        cls.check_config({**self.config, **overrides})
+        return cls
+
+    def create(self, **overrides: Any) -> Agent:
+        cls = self.check(**overrides)
+        return cls(self.agent_id or self.type_name, **{**self.config, **overrides})
 
 
 def create(spec: str, **overrides: Any) -> Agent:

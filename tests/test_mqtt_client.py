@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiflow_agents import BrokerURL, BrokerURLError, Connection, InvalidTopicError, Message
-from aiflow_agents.connection import PublishRejectedError
+from aiflow_agents.connection import Backoff, PublishRejectedError
 from aiflow_agents.errors import BrokerUnavailableError
 from aiflow_agents.mqtt import (
     MQTT_5,
@@ -950,3 +951,89 @@ async def test_a_node_whose_handler_publishes_when_the_broker_drops_it_is_back_b
     finally:
         await node.stop()
         m.stop()
+
+
+# -- never connected vs connection lost (issue 16) ---------------------------------------------------------------
+def _connect_logs(logs: list[dict[str, object]]) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """(connection-lost events, failed-attempt events) among captured logs."""
+    lost = [e for e in logs if e["event"] == "connection lost"]
+    failed = [e for e in logs if str(e["event"]).startswith("connect failed")]
+    return lost, failed
+
+
+@contextlib.contextmanager
+def _all_logs() -> Iterator[list[dict[str, object]]]:
+    """Captured log events of every level (the suite logs at warning and above)."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(wrapper_class=wrapper)
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+
+
+async def test_wrong_port_is_one_error_not_a_warning_per_retry() -> None:
+    """A start with a timeout that never connects: no "connection lost" (there was none), the retries at debug
+    only, and one BrokerUnavailableError naming the broker, the attempts and the error."""
+    from aiflow_agents.testing import free_port
+
+    url = BrokerURL(port=free_port())
+    with _all_logs() as logs:
+        conn = Connection(url, client_id=f"wrong-port-{time.monotonic_ns()}")
+        with pytest.raises(BrokerUnavailableError) as info:
+            await conn.start(timeout=1.5)
+    lost, failed = _connect_logs(logs)
+    assert lost == []
+    assert len(failed) >= 2, logs  # it did retry ...
+    assert {e["log_level"] for e in failed} == {"debug"}  # ... quietly
+    assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+    msg = str(info.value)
+    assert str(url) in msg and f"({len(failed)} attempts)" in msg and "Connect call failed" in msg
+
+
+async def test_a_service_waiting_for_its_broker_says_so_once_then_at_debug() -> None:
+    """Without a start timeout (a node waiting for its broker) the first failed attempt is one warning, the next
+    ones debug (one line per 30 s at most above it); never "connection lost"."""
+    from aiflow_agents.mqtt import MemoryBroker
+
+    broker = MemoryBroker().register()
+    broker.close()  # its name now refuses connections, like a broker that is down
+    with _all_logs() as logs:
+        conn = Connection(broker.url, client_id="waiting", backoff=Backoff(initial=0.01, maximum=0.05))
+        await conn.start(wait=False)
+        await _until(lambda: len(_connect_logs(logs)[1]) >= 4)
+        broker.register()  # the broker comes up: the service connects
+        await conn.wait_connected(10)
+        await conn.stop()
+    lost, failed = _connect_logs(logs)
+    assert lost == []
+    assert [e["log_level"] for e in failed[:4]] == ["warning", "debug", "debug", "debug"]
+    assert "cannot reach broker memory://" in str(failed[0]["event"]) and "retrying in" in str(failed[0]["event"])
+    assert failed[0]["attempts"] == 1 and failed[3]["attempts"] == 4
+
+
+async def test_a_lost_connection_is_lost_once_and_the_retries_are_not() -> None:
+    """A connection that was up and went down: one "connection lost" warning; the failed reconnects after it are
+    "connect failed" (info once, then debug), then "reconnected"."""
+    from aiflow_agents.mqtt import MemoryBroker
+
+    broker = MemoryBroker().register()
+    with _all_logs() as logs:
+        conn = Connection(broker.url, client_id="lost-once", backoff=Backoff(initial=0.01, maximum=0.05))
+        await conn.start(timeout=5)
+        broker.close()
+        await _until(lambda: len(_connect_logs(logs)[1]) >= 3)
+        broker.register()
+        await _until(lambda: conn.connects == 2)
+        await conn.stop()
+    lost, failed = _connect_logs(logs)
+    assert len(lost) == 1 and lost[0]["log_level"] == "warning"
+    assert [e["log_level"] for e in failed[:3]] == ["info", "debug", "debug"]
+    assert [e for e in logs if e["event"] == "reconnected"]

@@ -101,3 +101,72 @@ def test_demo_hello_runs_end_to_end(tmp_path: Path) -> None:
     assert all(r["ok"] for r in report["requests"])
     assert {r["tier"] for r in report["requests"]} == {"device", "edge"}
     assert all(r["bytes_out"] > 2048 for r in report["requests"])  # the latent crossed the wire
+
+
+@pytest.mark.timeout(120)
+def test_wrong_broker_port_is_one_error_not_a_warning_per_retry() -> None:
+    """Issue 16: ``send`` and ``agents list --online`` against a port nobody listens on print one error naming
+    the broker, nothing about a "connection lost" (there was none) and no line per retry."""
+    from aiflow_agents.testing import free_port
+
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("AIFLOW_LOG_LEVEL", "AIFLOW_BROKER")}
+    env["COLUMNS"] = "400"  # one error line, not wrapped
+    commands = {"send": ["send", "s1", "hi"], "list": ["agents", "list", "--online"]}
+    procs = {
+        name: subprocess.Popen(
+            [*AIFLOW, *args, "--broker", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for name, args in commands.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 1, (name, out, err)
+        text = (out + err).lower()
+        assert "connection lost" not in text, (name, err)
+        assert "connect failed" not in text and "[warning" not in text, (name, err)
+        errors = [line for line in err.splitlines() if line.strip()]
+        assert len(errors) == 1, (name, err)
+        assert errors[0].startswith(f"error: could not connect to broker {url}"), (name, err)
+
+
+@pytest.mark.timeout(120)
+def test_node_waiting_for_its_broker_says_so_once(tmp_path: Path) -> None:
+    """A node keeps retrying a broker that is not there: one warning "connect failed: cannot reach broker ...,
+    retrying in ...s", the retries after it at debug, never "connection lost"."""
+    import signal
+    import time
+
+    from aiflow_agents.testing import free_port
+
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    log = tmp_path / "node.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            [*AIFLOW, "node", "--agent", "echo:e1", "--broker", url, "--log-level", "debug"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "AIFLOW_LOG_JSON": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while sum("connect failed" in line for line in log.read_text().splitlines()) < 4:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    failed = [r for r in records if r["event"].startswith("connect failed")]
+    assert [r["level"] for r in failed[:4]] == ["warning", "debug", "debug", "debug"]
+    assert failed[0]["event"].startswith(f"connect failed: cannot reach broker {url}, retrying in ")
+    assert not [r for r in records if r["event"] == "connection lost"]
+
+
+def test_external_plugin_config_is_checked_like_the_builtins(plugin_on_path: Path) -> None:
+    """A third-party type goes through the same config check: ReverseAgent takes no keys, so one is refused
+    before the node starts (port 1: a started node would keep retrying)."""
+    out = run_cli("node", "--agent", "reverse:rev?colour=red", "--broker", "mqtt://127.0.0.1:1")
+    assert out.returncode == 1, out.stderr
+    flat = " ".join(out.stderr.split())
+    assert "agent type 'reverse' has no config key 'colour'" in flat and "accepted keys: groups, tier" in flat

@@ -66,6 +66,11 @@ class FamilialAgent(Agent):
     """One exit of a familial model; relays its trunk state to ``next`` when not confident."""
 
     type_name = "familial"
+    #: The keys of the module doc; any other is refused before the model loads.
+    config_keys = (
+        *("model", "path", "exit", "next", "threshold", "encoding"),
+        *("timeout", "threads", "temperature", "seed"),
+    )
     default_model: ClassVar[str] = "familial"
     default_exit: ClassVar[str | int] = -1
 

@@ -48,7 +48,7 @@ from protocols import compression as C
 from protocols import ops as O
 
 from ..agent import Accepts, Agent, AgentContext, Reply
-from ..errors import AgentError
+from ..errors import AgentConfigError, AgentError
 from ..forwarding import accepts_confidence
 
 if TYPE_CHECKING:
@@ -110,10 +110,11 @@ class HFConfig:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> HFConfig:
+        """The checked settings; an unknown key is :class:`AgentConfigError` (the one check every type uses)."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
+        unknown = [k for k in config if k not in known]
         if unknown:
-            raise ValueError(f"unknown hf agent config key(s) {unknown}; known: {', '.join(sorted(known))}")
+            raise AgentConfigError(TransformersAgent.type_name, unknown, known | Agent.BASE_KEYS)
         cfg = cls(**config)
         if isinstance(cfg.stop, str):
             cfg.stop = [cfg.stop]
@@ -195,6 +196,7 @@ class TransformersAgent(Agent):
     """A causal LM as an agent: text in, text out, plus confidence, cost and tagged latents."""
 
     type_name = "hf"
+    config_keys = tuple(f.name for f in fields(HFConfig))
 
     def __init__(
         self,
