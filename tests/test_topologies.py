@@ -23,12 +23,15 @@ from topologies import (
     GraphError,
     RunResult,
     TopologyManager,
+    agent,
     cascade,
     debate,
     ensemble,
     mixture_of_agents,
     verifier,
 )
+from topologies.graph import TIER_COLORS, UNKNOWN_TIER
+from topologies.trace import BROKER, COPY, MANAGER, Trace
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,6 +72,7 @@ async def _vote_once_to_a_group(launch, broker: BrokerURL, namespace: str) -> No
         assert r.outcome.details["votes"] == {"7": 2.0, "5": 1.0}
         requests = [e for e in r.trace.to_list() if e["kind"] == "request"]
         assert len(requests) == 1 and requests[0]["via"] == "group" and requests[0]["recipient"].startswith("group:")
+        assert requests[0]["members"] == ["a1", "a2", "a3"]  # whom the broker copies it to (timeline draws it)
         replies = sorted(e["sender"] for e in r.trace.to_list() if e["kind"] == "reply")
         assert replies == ["a1", "a2", "a3"]
         assert {c["agent"]: c["answer"] for c in r.contributions()} == {"a1": "7", "a2": "7", "a3": "5"}
@@ -349,6 +353,103 @@ def test_graph_pictures_and_mermaid(tmp_path: Path) -> None:
     )
     assert [p.name for p in tmp_path.iterdir()] == ["g.svg"]  # the format follows the suffix: one file
     assert g.draw(tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_graph_tiers_from_pattern_then_presence_and_legend_lists_only_known_ones() -> None:
+    p = cascade([agent("dev", "device"), ensemble(["c1", "c2"], "vote", name="cloud-vote")], accept=0.7)
+    g = p.graph()
+    nodes, flows = g.legend()
+    assert [lab for lab, _ in nodes] == ["device", UNKNOWN_TIER, "pattern step"]  # no edge/cloud: none drawn
+    assert dict(nodes)[UNKNOWN_TIER] == TIER_COLORS[None]
+    # presence fills the gaps; a tier the pattern sets wins over presence
+    assert sorted(g.fill_tiers({"dev": "cloud", "c1": "cloud", "c2": "gpu-rack", "ghost": "edge"})) == ["c1", "c2"]
+    assert (g.tier_of("dev"), g.tier_of("c1"), g.tier_of("c2")) == ("device", "cloud", "gpu-rack")
+    nodes, _ = g.legend()
+    assert [lab for lab, _ in nodes] == ["device", "cloud", "gpu-rack", "pattern step"]
+    assert len({c for _, c in nodes}) == len(nodes)  # every tier its own fill
+    mmd = g.to_mermaid()
+    assert "classDef tier_device" in mmd and "classDef tier_gpu_rack" in mmd and "tier_edge" not in mmd
+    untiered = ensemble(["u1", "u2"]).graph()
+    assert [lab for lab, _ in untiered.legend()[0]] == [UNKNOWN_TIER, "pattern step"]
+    assert "classDef" not in untiered.to_mermaid()
+    assert len({c for _, c, _ in flows}) == len(flows)  # flows told apart by colour, one legend entry each
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_graph_layout_left_to_right_boxes_apart_and_edges_clear_of_boxes() -> None:
+    long_id = "a-rather-long-agent-identifier_on_the-edge"
+    p = cascade(["dev", long_id, ensemble(["c1", "c2", "c3"], "cross_score", name="cloud")], accept=0.7)
+    g = p.graph()
+    label = g.node_label(long_id)
+    assert all(len(line) <= 18 for line in label.split("\n")) and label.replace("\n", "") == long_id
+    lay = g.layout()
+    x = {n: xy[0] for n, xy in lay.pos.items()}
+    assert x["task"] < x["dev"] < x[long_id] < x["c1"] == x["c2"] == x["c3"] < x["answer"]
+    boxes = list(lay.boxes.items())
+    for i, (n, a) in enumerate(boxes):
+        for m, b in boxes[i + 1 :]:
+            assert not _overlap(a, b), (n, m)
+    for e in lay.edges:  # an edge that skips columns bends around the boxes it passes
+        for pt in e.points[1:-1]:
+            assert not any(_overlap((*pt, *pt), b) for b in lay.boxes.values()), e
+    assert any(len(e.points) > 2 for e in lay.edges)  # "accepted" from dev skips to the answer
+
+
+def test_graph_debate_cycle_is_one_boxed_column() -> None:
+    g = debate(["d1", "d2", "d3"], rounds=2).graph()
+    lay = g.layout()
+    assert len(lay.clusters) == 1 and sorted(lay.clusters[0].nodes) == ["d1", "d2", "d3"]
+    assert "previous answer" in lay.clusters[0].caption
+    assert "previous answer" not in [lab for lab, _, _ in g.legend()[1]]  # not drawn edge by edge
+    assert {e.label for e in lay.edges} == {"task", "round 2", "answer"}
+
+
+def _group_trace() -> Trace:
+    t = Trace()
+    t.record(MANAGER, "dev", "request", nbytes=10, start=0.0, end=0.0, label="c stage 1")
+    t.record("dev", "edge", "forward", nbytes=20, start=0.001, end=0.002, via="forward")
+    t.record("edge", MANAGER, "error", start=0.002, end=0.003, error="boom")
+    t.record(MANAGER, "group:g-1", "request", nbytes=30, start=0.010, end=0.011, via="group", members=["a", "b"])
+    t.record("a", MANAGER, "reply", start=0.010, end=0.020, via="group")
+    t.record("b", MANAGER, "reply", start=0.010, end=0.030, via="group")
+    t.record("edge", MANAGER, "event", start=0.031, end=0.031)
+    return t
+
+
+def test_timeline_colours_each_kind_apart_and_draws_the_broker_copies(tmp_path: Path) -> None:
+    from matplotlib.colors import to_rgb
+
+    t = _group_trace()
+    spec = t.timeline_spec()
+    assert spec.lanes[:2] == [MANAGER, BROKER] and not any(x.startswith("group:") for x in spec.lanes)
+    kinds = [k for k, _, _ in spec.legend]
+    assert kinds == ["request", "reply", "event", "error", "forward", COPY]  # only kinds that occur
+    solid = [to_rgb(c) for k, c, _ in spec.legend if k != COPY]
+    for i, a in enumerate(solid):  # clearly apart: no two kinds within a small RGB distance
+        for b in solid[i + 1 :]:
+            assert sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) ** 0.5 > 0.3
+    (publish,) = [a for a in spec.arrows_of("request") if a.y1 == spec.lanes.index(BROKER)]
+    assert publish.y0 == spec.lanes.index(MANAGER)
+    copies = spec.arrows_of(COPY)
+    assert sorted(spec.lanes[c.y1] for c in copies) == ["a", "b"]
+    assert all(c.y0 == spec.lanes.index(BROKER) and c.x0 == publish.x1 for c in copies)
+    for r in spec.arrows_of("reply"):  # each member's reply leaves from where its copy landed
+        copy = next(c for c in copies if c.y1 == r.y0)
+        assert r.x0 == copy.x1 and r.y1 == spec.lanes.index(MANAGER)
+    assert t.timeline(tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trace_json_stays_compatible_and_old_traces_still_show_copies() -> None:
+    t = _group_trace()
+    events = json.loads(t.to_json())["events"]
+    old_keys = {"seq", "sender", "recipient", "kind", "bytes", "start", "end", "label", "via", "error"}
+    assert all(old_keys | {"correlation_id", "latency_ms"} <= set(ev) for ev in events)
+    old = [{k: v for k, v in ev.items() if k != "members"} for ev in events]  # written before members existed
+    spec = Trace.from_list(old).timeline_spec()
+    assert sorted(spec.lanes[c.y1] for c in spec.arrows_of(COPY)) == ["a", "b"]  # inferred from the replies
 
 
 async def test_trace_exports_json_and_timeline(memory: BrokerURL, namespace: str, local_nodes, tmp_path: Path) -> None:

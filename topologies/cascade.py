@@ -242,6 +242,7 @@ class Cascade(Pattern):
                         via="forward",
                         error=hop.get("error"),
                         correlation_id=conv.correlation_id,
+                        answer=None if hop.get("error") else _str(hop.get("answer")),
                     )
                     res = Outcome(
                         source=src,

@@ -251,6 +251,14 @@ class Runtime:
         kind = "error" if err_text else "reply"
         if reply is None and isinstance(error, TimeoutError):
             kind = "timeout"
+        out = Outcome(source=agent_id, kind="agent", label=label, error=err_text, latency=ended - started, reply=reply)
+        if reply is not None and err_text is None:
+            out.answer = _answer_of(reply)
+            out.text = reply.text
+            conf = reply.meta.get(ops.CONFIDENCE)
+            out.confidence = float(conf) if isinstance(conf, (int, float)) else None
+            cost = reply.meta.get(ops.COST)
+            out.cost = ops.Cost.model_validate(cost) if isinstance(cost, dict) else ops.Cost()
         self.trace.record(
             agent_id,
             MANAGER,
@@ -262,15 +270,8 @@ class Runtime:
             via=via,
             error=err_text,
             correlation_id=reply.correlation_id if reply else None,
+            answer=out.answer,
         )
-        out = Outcome(source=agent_id, kind="agent", label=label, error=err_text, latency=ended - started, reply=reply)
-        if reply is not None and err_text is None:
-            out.answer = _answer_of(reply)
-            out.text = reply.text
-            conf = reply.meta.get(ops.CONFIDENCE)
-            out.confidence = float(conf) if isinstance(conf, (int, float)) else None
-            cost = reply.meta.get(ops.COST)
-            out.cost = ops.Cost.model_validate(cost) if isinstance(cost, dict) else ops.Cost()
         return out
 
     # -- many members at once -----------------------------------------------------------------
@@ -374,6 +375,7 @@ class Runtime:
                 label=label,
                 via="group",
                 correlation_id=conv.correlation_id,
+                members=agent_ids,  # the broker copies it to each: the timeline draws those copies
             )
             while len(outcomes) < len(agent_ids):
                 if gate is not None and gate.until is not None:
