@@ -15,10 +15,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from topologies import cascade, ensemble
+from topologies import RunResult, cascade, ensemble
 
 from .harness import NodeSpec, console, deployment, run_all
 from .stats import percentile, wilson
+from .tables import Col, emit, table
 
 #: (question, accepted answer substrings). Small on purpose: each question costs real generation.
 QUESTIONS: list[tuple[str, list[str]]] = [
@@ -55,6 +56,34 @@ def correct(answer: str | None, accepted: list[str]) -> bool:
     return any(a in text for a in accepted)
 
 
+def answered_by(stages: list[str], results: list[RunResult]) -> dict[str, float]:
+    """Share of questions each model answered: a model alone, every question it replied to (it is no
+    cascade, so no stage is named); in the cascade, the stage whose answer stood."""
+    n = max(1, len(results))
+    if len(stages) == 1:
+        return {stages[0]: sum(1 for r in results if r.answer is not None) / n}
+    return {m: sum(1 for r in results if r.answered_by == m) / n for m in stages}
+
+
+def answered_cell(row: dict[str, Any]) -> str:
+    """``smol 75% / gemma 25%`` for the cascade, ``smol 100%`` for a model alone."""
+    return " / ".join(f"{m} {100 * row['answered_by'].get(m, 0.0):.0f}%" for m in row.get("stages", row["answered_by"]))
+
+
+def cascade_table(report: dict[str, Any], wide: bool = False) -> Table:
+    cols = [Col("setup", "label"), Col("acc %"), Col("95% CI"), Col("answered by", "label"), Col("p50 ms")]
+    t = table(
+        f"heterogeneous cascade, {len(report['questions'])} factual questions",
+        cols + ([Col("p95 ms")] if wide else []),
+        legend="answered by: the model whose answer stood (in the cascade: which stage answered)",
+    )
+    for name, r in report["results"].items():
+        row = [name, f"{100 * r['accuracy']:.0f}", f"{100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}"]
+        row += [answered_cell(r), f"{r['latency_ms_p50']:.0f}"]
+        t.add_row(*row, *([f"{r['latency_ms_p95']:.0f}"] if wide else []))
+    return t
+
+
 async def _run(tasks: int, threshold: float, broker: str | None, concurrency: int) -> dict[str, Any]:
     from aiflow_agents.models.catalog import fetch
 
@@ -69,6 +98,7 @@ async def _run(tasks: int, threshold: float, broker: str | None, concurrency: in
     async with deployment(NODES, broker, ready_timeout=600) as (mgr, url):
         jobs = [(n, p, q) for n, p in patterns.items() for q, _ in items]
         raw = await run_all(mgr, jobs, concurrency=concurrency, timeout=300, description="questions")
+    stages = {"smol alone": ["smol"], "gemma alone": ["gemma"], "cascade": ["smol", "gemma"]}
     rows: dict[str, Any] = {}
     for name, results in raw.items():
         ok = [correct(r.answer, acc) for r, (_, acc) in zip(results, items, strict=True)]
@@ -79,7 +109,8 @@ async def _run(tasks: int, threshold: float, broker: str | None, concurrency: in
             "ci95": list(wilson(k, n)),
             "correct": k,
             "n": n,
-            "answered_by": {a: sum(1 for r in results if r.answered_by == a) / max(1, n) for a in ("smol", "gemma")},
+            "stages": stages[name],
+            "answered_by": answered_by(stages[name], results),
             "latency_ms_p50": percentile(lat, 0.5),
             "latency_ms_p95": percentile(lat, 0.95),
             "answers": [r.answer for r in results],
@@ -100,23 +131,12 @@ def cascade_demo(
     out: Annotated[Path | None, typer.Option("--out", help="folder for the JSON report and PNG chart")] = None,
     broker: Annotated[str | None, typer.Option("--broker", "-b", envvar="AIFLOW_BROKER")] = None,
     concurrency: Annotated[int, typer.Option(help="questions in flight")] = 2,
+    wide: Annotated[bool, typer.Option("--wide", help="show every column (the default table fits 80 columns)")] = False,
 ) -> None:
     """SmolLM2 (device) -> Gemma-3 (cloud): different architectures and tokenizers, one confidence policy."""
     report = asyncio.run(_run(min(tasks, len(QUESTIONS)), threshold, broker, concurrency))
     report["seed"] = seed
-    t = Table(title=f"heterogeneous cascade, {len(report['questions'])} factual questions")
-    for col in ("setup", "acc %", "95% CI", "answered smol / gemma", "p50 ms", "p95 ms"):
-        t.add_column(col)
-    for name, r in report["results"].items():
-        t.add_row(
-            name,
-            f"{100 * r['accuracy']:.0f}",
-            f"{100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}",
-            f"{100 * r['answered_by']['smol']:.0f}% / {100 * r['answered_by']['gemma']:.0f}%",
-            f"{r['latency_ms_p50']:.0f}",
-            f"{r['latency_ms_p95']:.0f}",
-        )
-    console.print(t)
+    emit(console, cascade_table(report, wide), wide=wide)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cascade.json").write_text(json.dumps(report, indent=2, default=str))
@@ -125,17 +145,39 @@ def cascade_demo(
 
 
 def _chart(report: dict[str, Any], path: Path) -> None:
+    """Accuracy with 95% Wilson CIs and k/n on each bar: on a dozen questions the intervals are wide,
+    and the chart says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["results"])
-    acc = [100 * report["results"][n]["accuracy"] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, acc, color=["#8ecae6", "#b5e48c", "#fb8500"])
-    ax.set_ylabel("accuracy %")
-    ax.set_title("SmolLM2 -> Gemma-3 cascade")
+    rows = report["results"]
+    names = list(rows)
+    acc = [100 * rows[n]["accuracy"] for n in names]
+    err = [
+        [max(0.0, 100 * (rows[n]["accuracy"] - rows[n]["ci95"][0])) for n in names],
+        [max(0.0, 100 * (rows[n]["ci95"][1] - rows[n]["accuracy"])) for n in names],
+    ]
+    labels = [n if len(rows[n].get("stages", ())) == 1 else f"{n}\n({answered_cell(rows[n])})" for n in names]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = range(len(names))
+    ax.bar(xs, acc, yerr=err, color=["#8ecae6", "#b5e48c", "#fb8500"][: len(names)], capsize=5, ecolor="#444444")
+    for x, name, a in zip(xs, names, acc, strict=True):  # k/n at the foot of the bar, clear of the error bar
+        ax.annotate(
+            f"{rows[name]['correct']}/{rows[name]['n']} = {a:.0f}%",
+            (x, 0),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    ax.set_xticks(list(xs), labels, fontsize=9)
+    ax.set_ylim(0, 108)
+    ax.set_ylabel("accuracy % (95% Wilson CI)")
+    n = len(report["questions"])
+    ax.set_title(f"SmolLM2 -> Gemma-3 cascade: n = {n} questions, threshold {report['threshold']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,20 +7,36 @@ import contextlib
 import json
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from .harness import console, deployment
-from .scenarios import MEMBERS, NODES, TIER, evaluate, held_out, patterns, write_report
+from .scenarios import (
+    EMERGENT_ALPHA,
+    MEMBERS,
+    NODES,
+    TIER,
+    Chart,
+    draw_chart,
+    draw_relay_chart,
+    evaluate,
+    held_out,
+    patterns,
+    write_report,
+)
+from .tables import Col, emit, table
 
 BrokerOpt = Annotated[str | None, typer.Option("--broker", "-b", envvar="AIFLOW_BROKER", help="default: embedded")]
 TasksOpt = Annotated[int, typer.Option("--tasks", help="held-out tasks to draw")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the held-out draw (not 0 or 1001: train/tune)")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="folder for the JSON report and PNG chart")]
 ConcOpt = Annotated[int, typer.Option("--concurrency", help="runs in flight")]
+WideOpt = Annotated[bool, typer.Option("--wide", help="show every column (the default tables fit 80 columns)")]
 TestbedOpt = Annotated[
     str | None,
     typer.Option("--testbed", help="run on a testbed scenario (aiflow testbed list): tiers behind emulated links"),
@@ -31,63 +47,70 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def print_report(report: dict[str, Any]) -> None:
-    t = Table(title=f"single members ({report['n_tasks']} held-out tasks, seed {report['seed']})")
-    for col in ("member", "tier", "acc %", "95% CI", "layers/task", "p50 ms"):
-        t.add_column(col)
+def ci(lo_hi: Sequence[float], wide: bool = False) -> str:
+    """A 95% CI in percent; whole points in narrow tables (the interval is wider than a point anyway)."""
+    lo, hi = lo_hi
+    return f"{pct(lo)}-{pct(hi)}" if wide else f"{100 * lo:.0f}-{100 * hi:.0f}"
+
+
+def report_tables(report: dict[str, Any], wide: bool = False) -> list[Table]:
+    """The members, patterns and per-band tables of an eval/demo report: 80 columns unless ``wide``."""
+    n = report["n_tasks"]
+    cols = [Col("member", "label"), Col("tier", "label"), Col("acc %"), Col("95% CI"), Col("layers")]
+    cols += [Col("calls"), Col("bytes"), Col("p50 ms"), Col("p95 ms")] if wide else [Col("p50 ms")]
+    members = table(
+        f"single members ({n} held-out tasks, seed {report['seed']})",
+        cols,
+        legend=None if wide else "layers: model layers run per task; --wide adds calls, bytes and p95",
+    )
     for m, s in report["members"].items():
-        t.add_row(
-            m,
-            TIER.get(m, ""),
-            pct(s["accuracy"]),
-            f"{pct(s['ci95'][0])}-{pct(s['ci95'][1])}",
-            f"{s['layers_mean']:.0f}",
-            f"{s['latency_ms_p50']:.1f}",
+        row = [m, TIER.get(m, ""), pct(s["accuracy"]), ci(s["ci95"], wide), f"{s['layers_mean']:.0f}"]
+        if wide:
+            row += [f"{s['model_calls_mean']:.1f}", f"{s['bytes_mean']:.0f}", f"{s['latency_ms_p50']:.1f}"]
+            row += [f"{s['latency_ms_p95']:.1f}"]
+        else:
+            row += [f"{s['latency_ms_p50']:.0f}"]
+        members.add_row(*row)
+    if wide:
+        cols = [Col("pattern", "label"), Col("acc %"), Col("95% CI"), Col("best member", "label"), Col("gain pts")]
+        cols += [Col("McNemar p"), Col("self-ens %"), Col("any-right %"), Col("calls"), Col("layers"), Col("bytes")]
+        cols += [Col("p50 ms"), Col("verdict", "text")]
+        legend = None
+    else:
+        cols = [Col("pattern", "label"), Col("acc %"), Col("95% CI"), Col("best member", "label"), Col("gain")]
+        cols += [Col("any %"), Col("verdict", "text")]
+        legend = (
+            "best member: the pattern's best member alone; gain: accuracy points over it; any: tasks where at "
+            "least one member was right (the oracle ceiling); emergent = above the best member (McNemar "
+            f"p<{EMERGENT_ALPHA}) and its self-ensemble. --wide: p, self-ensemble, calls, layers, bytes, latency"
         )
-    console.print(t)
-    t = Table(title="patterns vs their best member and the self-ensemble baseline")
-    for col in (
-        "pattern",
-        "acc %",
-        "95% CI",
-        "best member",
-        "gain pts",
-        "McNemar p",
-        "self-ens %",
-        "any-right %",
-        "calls",
-        "layers",
-        "bytes",
-        "p50 ms",
-        "verdict",
-    ):
-        t.add_column(col)
-    for n, p in report["patterns"].items():
+    pats = table("patterns vs their best member and the self-ensemble baseline", cols, legend=legend)
+    for name, p in report["patterns"].items():
         se = p.get("self_ensemble", {})
-        t.add_row(
-            n,
-            pct(p["accuracy"]),
-            f"{pct(p['ci95'][0])}-{pct(p['ci95'][1])}",
-            f"{p['best_member']} {pct(p['best_member_accuracy'])}",
-            f"{p['gain_points']:+.1f}",
-            f"{p['paired_vs_best']['mcnemar_p']:.3g}",
-            pct(se["accuracy"]) if se else "-",
-            pct(p["any_member_right_ceiling"]),
-            f"{p['model_calls_mean']:.1f}",
-            f"{p['layers_mean']:.0f}",
-            f"{p['bytes_mean']:.0f}",
-            f"{p['latency_ms_p50']:.1f}",
-            _verdict(p),
-        )
-    console.print(t)
-    bands = sorted({b for s in [*report["members"].values(), *report["patterns"].values()] for b in s["by_band"]})
-    t = Table(title="accuracy % per difficulty band")
-    t.add_column("who")
-    for b in bands:
-        t.add_column(b)
-    for name, s in [*report["members"].items(), *report["patterns"].items()]:
-        t.add_row(name, *[pct(s["by_band"].get(b, float("nan"))) for b in bands])
-    console.print(t)
+        row = [name, pct(p["accuracy"]), ci(p["ci95"], wide), f"{p['best_member']} {pct(p['best_member_accuracy'])}"]
+        row += [f"{p['gain_points']:+.1f}"]
+        if wide:
+            row += [f"{p['paired_vs_best']['mcnemar_p']:.3g}", pct(se["accuracy"]) if se else "-"]
+            row += [pct(p["any_member_right_ceiling"]), f"{p['model_calls_mean']:.1f}", f"{p['layers_mean']:.0f}"]
+            row += [f"{p['bytes_mean']:.0f}", f"{p['latency_ms_p50']:.1f}"]
+        else:
+            row += [pct(p["any_member_right_ceiling"])]
+        pats.add_row(*row, _verdict(p))
+    everyone = [*report["members"].items(), *report["patterns"].items()]
+    bands = sorted({b for _, s in everyone for b in s["by_band"]})
+    per_band = table(
+        "accuracy % per difficulty band",
+        [Col("who", "label"), *(Col(b) for b in bands)],
+        legend="band = level:operation-<operands>x<digits>",
+    )
+    for name, s in everyone:
+        per_band.add_row(name, *[pct(s["by_band"].get(b, float("nan"))) for b in bands])
+    return [members, pats, per_band]
+
+
+def print_report(report: dict[str, Any], wide: bool = False, out: Console | None = None) -> None:
+    for t in report_tables(report, wide):
+        emit(out or console, t, wide=wide)
 
 
 def _verdict(p: dict[str, Any]) -> str:
@@ -121,6 +144,10 @@ def eval_command(
         int | None, typer.Option("--seed", help="seed of the held-out draw (default 7, or the scenario's)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    wide: Annotated[
+        bool,
+        typer.Option("--wide", help="show every column (the default tables fit 80 columns; not for --bench/--testbed)"),
+    ] = False,
     out: OutOpt = None,
     broker: BrokerOpt = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="runs in flight (default 8)")] = None,
@@ -194,7 +221,7 @@ def eval_command(
     with _only_json_on_stdout(as_json):
         report = asyncio.run(_run(names, tasks, seed, broker, concurrency, quiet=as_json))
         if not as_json:
-            print_report(report)
+            print_report(report, wide)
         write_report(report, out, "eval", f"aiflow eval: {tasks} tasks, seed {seed}")
     if as_json:
         print(json.dumps(report, indent=2, default=str), file=stdout)
@@ -268,14 +295,41 @@ def _demo(
     concurrency: int,
     self_ensemble: bool = True,
     testbed: str | None = None,
+    wide: bool = False,
+    chart: Chart = draw_chart,
 ) -> dict[str, Any]:
     report = asyncio.run(
         _run(names, tasks, seed, broker, concurrency, quiet=False, self_ensemble=self_ensemble, testbed=testbed)
     )
     report["demo"] = title
-    print_report(report)
-    write_report(report, out, title, f"demo {title}: {tasks} tasks, seed {seed}")
+    print_report(report, wide)
+    write_report(report, out, title, f"demo {title}: {tasks} tasks, seed {seed}", chart)
     return report
+
+
+#: The relay's baselines: every exit of the family alone, on its own tier.
+RELAY_ALONE = (("device only", "device"), ("edge only", "edge"), ("cloud only", "cloud"))
+
+
+def relay_table(report: dict[str, Any], wide: bool = False) -> Table:
+    """The relay against each exit alone: accuracy next to what it cost (layers, bytes, latency)."""
+    cols = [Col("setup", "label"), Col("acc %"), Col("95% CI"), Col("answered d/e/c %", "label")]
+    cols += [Col("layers"), Col("bytes"), Col("p50 ms")] + ([Col("p95 ms")] if wide else [])
+    t = table(
+        "relay against each tier alone (device, edge, 'everything in the cloud')",
+        cols,
+        legend="answered: share of tasks whose answer came from the device/edge/cloud exit; layers, bytes: "
+        "mean per task (bytes = every message on the broker, hidden states included)",
+    )
+    p = report["patterns"]["relay"]
+    rows = [("relay", p, p["answered_by"])]
+    rows += [(label, report["members"][m], {m: 1.0}) for label, m in RELAY_ALONE if m in report["members"]]
+    for label, s, answered in rows:
+        share = "/".join(f"{100 * answered.get(m, 0.0):.0f}" for m in ("device", "edge", "cloud"))
+        row = [label, pct(s["accuracy"]), ci(s["ci95"], wide), share, f"{s['layers_mean']:.0f}"]
+        row += [f"{s['bytes_mean']:.0f}", f"{s['latency_ms_p50']:.1f}"]
+        t.add_row(*row, *([f"{s['latency_ms_p95']:.1f}"] if wide else []))
+    return t
 
 
 def relay(
@@ -285,43 +339,37 @@ def relay(
     broker: BrokerOpt = None,
     concurrency: ConcOpt = 8,
     testbed: TestbedOpt = None,
+    wide: WideOpt = False,
 ) -> None:
     """Device -> edge -> cloud familial cascade: hidden states relayed, not recomputed."""
-    report = _demo(["relay"], "relay", tasks, seed, out, broker, concurrency, self_ensemble=False, testbed=testbed)
+    report = _demo(
+        ["relay"],
+        "relay",
+        tasks,
+        seed,
+        out,
+        broker,
+        concurrency,
+        self_ensemble=False,
+        testbed=testbed,
+        wide=wide,
+        chart=draw_relay_chart,
+    )
     p = report["patterns"]["relay"]
     cloud = report["members"]["cloud"]
-    device = report["members"]["device"]
-    t = Table(title="relay against 'everything in the cloud' and 'device only'")
-    for col in ("setup", "acc %", "share answered device/edge/cloud", "layers/task", "bytes/task", "p50 ms", "p95 ms"):
-        t.add_column(col)
-    share = "/".join(pct(p["answered_by"].get(m, 0.0)) for m in ("device", "edge", "cloud"))
-    t.add_row(
-        "relay",
-        pct(p["accuracy"]),
-        share,
-        f"{p['layers_mean']:.0f}",
-        f"{p['bytes_mean']:.0f}",
-        f"{p['latency_ms_p50']:.1f}",
-        f"{p['latency_ms_p95']:.1f}",
-    )
-    for name, s in (("cloud only", cloud), ("device only", device)):
-        t.add_row(
-            name,
-            pct(s["accuracy"]),
-            "",
-            f"{s['layers_mean']:.0f}",
-            f"{s['bytes_mean']:.0f}",
-            f"{s['latency_ms_p50']:.1f}",
-            f"{s['latency_ms_p95']:.1f}",
-        )
-    console.print(t)
+    emit(console, relay_table(report, wide), wide=wide)
     ratio = p["accuracy"] / cloud["accuracy"] if cloud["accuracy"] else float("nan")
+    layers = p["layers_mean"] / cloud["layers_mean"] if cloud["layers_mean"] else float("nan")
     console.print(
-        f"relay reaches {100 * ratio:.1f}% of the cloud's accuracy; the cloud ran "
-        f"{pct(p['answered_by'].get('cloud', 0.0))}% of the tasks"
+        f"relay reaches {100 * ratio:.1f}% of the cloud's accuracy with {100 * layers:.0f}% of its layers; "
+        f"the cloud ran {pct(p['answered_by'].get('cloud', 0.0))}% of the tasks"
     )
     if out is not None:
-        report["relay_vs_cloud"] = {"accuracy_ratio": ratio, "cloud_share": p["answered_by"].get("cloud", 0.0)}
+        report["relay_vs_cloud"] = {
+            "accuracy_ratio": ratio,
+            "layers_ratio": layers,
+            "cloud_share": p["answered_by"].get("cloud", 0.0),
+        }
         (out / "relay.json").write_text(json.dumps(report, indent=2, default=str))
 
 
@@ -332,6 +380,7 @@ def ensemble_demo(
     broker: BrokerOpt = None,
     concurrency: ConcOpt = 8,
     testbed: TestbedOpt = None,
+    wide: WideOpt = False,
 ) -> None:
     """Diverse members: vote vs cross-scoring vs latent (distribution) averaging vs each member."""
     _demo(
@@ -343,24 +392,24 @@ def ensemble_demo(
         broker,
         concurrency,
         testbed=testbed,
+        wide=wide,
     )
 
 
-def debate_demo(
-    tasks: TasksOpt = 200,
-    seed: SeedOpt = 7,
-    out: OutOpt = None,
-    broker: BrokerOpt = None,
-    concurrency: ConcOpt = 8,
-    testbed: TestbedOpt = None,
-) -> None:
-    """Multi-agent debate on arithmetic: accuracy per round."""
-    report = _demo(["debate"], "debate", tasks, seed, out, broker, concurrency, testbed=testbed)
-    p = report["patterns"]["debate"]
-    console.print(f"per-round majority accuracy: {', '.join(pct(x) for x in p.get('per_round', []))} %")
-    t = Table(title="answer changes between rounds (agents that revised after seeing their peers)")
-    for col in ("rounds", "agent answers", "changed", "right -> wrong", "wrong -> right", "tasks with a change"):
-        t.add_column(col)
+def changes_table(p: dict[str, Any]) -> Table:
+    """Debate: how many agents revised their answer between rounds, and in which direction."""
+    t = table(
+        "answer changes between rounds (agents that revised after seeing their peers)",
+        [
+            Col("rounds", "label"),
+            Col("answers"),
+            Col("changed"),
+            Col("right→wrong"),
+            Col("wrong→right"),
+            Col("tasks changed"),
+        ],
+        legend="answers: agent answers compared; tasks changed: tasks where at least one agent changed",
+    )
     for ch in p.get("changes", []):
         t.add_row(
             ch["rounds"],
@@ -370,7 +419,23 @@ def debate_demo(
             str(ch["wrong_to_right"]),
             str(ch["tasks_with_a_change"]),
         )
-    console.print(t)
+    return t
+
+
+def debate_demo(
+    tasks: TasksOpt = 200,
+    seed: SeedOpt = 7,
+    out: OutOpt = None,
+    broker: BrokerOpt = None,
+    concurrency: ConcOpt = 8,
+    testbed: TestbedOpt = None,
+    wide: WideOpt = False,
+) -> None:
+    """Multi-agent debate on arithmetic: accuracy per round."""
+    report = _demo(["debate"], "debate", tasks, seed, out, broker, concurrency, testbed=testbed, wide=wide)
+    p = report["patterns"]["debate"]
+    console.print(f"per-round majority accuracy: {', '.join(pct(x) for x in p.get('per_round', []))} %")
+    emit(console, changes_table(p), wide=wide)
     if p.get("changes") and not any(ch["changed"] for ch in p["changes"]):
         console.print(
             "no agent changed its answer in any round: this debate decided exactly what cross-scoring the "
@@ -385,9 +450,10 @@ def moa_demo(
     broker: BrokerOpt = None,
     concurrency: ConcOpt = 8,
     testbed: TestbedOpt = None,
+    wide: WideOpt = False,
 ) -> None:
     """Mixture of agents: a layer of proposers, the cloud exit aggregates."""
-    _demo(["moa"], "moa", tasks, seed, out, broker, concurrency, testbed=testbed)
+    _demo(["moa"], "moa", tasks, seed, out, broker, concurrency, testbed=testbed, wide=wide)
 
 
 __all__ = ["MEMBERS", "debate_demo", "ensemble_demo", "eval_command", "moa_demo", "relay"]

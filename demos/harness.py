@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import tempfile
 import uuid
@@ -19,8 +20,8 @@ from aiflow_agents import AgentSpec, BrokerURL, broker_from_env, broker_scope
 from aiflow_agents.launch import NodeProcess
 from topologies import Pattern, RunResult, TopologyManager
 
-# wide tables stay readable in logs and CI, where no terminal tells rich its width
-console = Console() if sys.stdout.isatty() else Console(width=170)
+# logs and CI get room for --wide tables, unless COLUMNS says how wide the reader's window is
+console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else Console(width=170)
 
 
 @dataclass(frozen=True)

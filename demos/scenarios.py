@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,8 @@ class Scored:
             "model_calls_mean": statistics.fmean(calls) if calls else 0.0,
             "layers_mean": statistics.fmean(layers) if layers else 0.0,
             "bytes_mean": statistics.fmean(r.trace.bytes_total for r in self.results) if self.results else 0.0,
+            "tokens_mean": statistics.fmean(r.outcome.cost.tokens for r in self.results) if self.results else 0.0,
+            "latency_ms_mean": statistics.fmean(lat) if lat else 0.0,
             "latency_ms_p50": percentile(lat, 0.5),
             "latency_ms_p95": percentile(lat, 0.95),
             "answered_by": {k2: v / max(1, n) for k2, v in answered.items()},
@@ -257,36 +259,163 @@ async def self_ensemble_baseline(
     }
 
 
-def draw_chart(report: dict[str, Any], path: Path, title: str) -> None:
+#: Draws a report's PNG: (report, path, title).
+Chart = Callable[[dict[str, Any], Path, str], None]
+MEMBER_COLOUR, PATTERN_COLOUR, BEST_COLOUR, CEILING_COLOUR = "#8ecae6", "#fb8500", "#023047", "#2a9d8f"
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(m, s) for m, s in report.get("members", {}).items()] + list(report.get("patterns", {}).items())
+    return plt
+
+
+def draw_chart(report: dict[str, Any], path: Path, title: str) -> None:
+    """Accuracy with 95% CIs, members and patterns side by side, against the two lines a pattern must
+    be read against: its best member alone and the any-member-right ceiling (an oracle picking the
+    right member each time)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    members, pats = report.get("members", {}), report.get("patterns", {})
+    rows = [*members.items(), *pats.items()]
     names = [r[0] for r in rows]
     acc = [100 * r[1]["accuracy"] for r in rows]
     err = [
-        [100 * (r[1]["accuracy"] - r[1]["ci95"][0]) for r in rows],
-        [100 * (r[1]["ci95"][1] - r[1]["accuracy"]) for r in rows],
+        [max(0.0, 100 * (r[1]["accuracy"] - r[1]["ci95"][0])) for r in rows],
+        [max(0.0, 100 * (r[1]["ci95"][1] - r[1]["accuracy"])) for r in rows],
     ]
-    colors = ["#8ecae6" if n in report.get("members", {}) else "#fb8500" for n in names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
-    ax.bar(names, acc, yerr=err, color=colors, capsize=4)
-    ax.set_ylabel("accuracy % (95% CI)")
-    ax.set_title(title)
-    ax.tick_params(axis="x", rotation=30)
+    colours = [MEMBER_COLOUR if n in members else PATTERN_COLOUR for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(names) + 3), 4.5))
+    xs = range(len(names))
+    ax.bar(xs, acc, yerr=err, color=colours, capsize=4, ecolor="#444444")
+    for x, a in zip(xs, acc, strict=True):  # the value at the foot of its bar, clear of the error bar
+        ax.annotate(
+            f"{a:.0f}%",
+            (x, 0),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    refs = {(p["best_member"], p["best_member_accuracy"], p["any_member_right_ceiling"]) for p in pats.values()}
+    handles = [Patch(color=MEMBER_COLOUR, label="member alone"), Patch(color=PATTERN_COLOUR, label="pattern")]
+    if len(refs) == 1:  # one reference for every pattern: lines across the chart
+        [(best, best_acc, ceiling)] = refs
+        ax.axhline(100 * best_acc, color=BEST_COLOUR, ls="--", lw=1.2)
+        ax.axhline(100 * ceiling, color=CEILING_COLOUR, lw=3.5, alpha=0.45, zorder=0)
+        handles += [
+            Line2D([], [], color=BEST_COLOUR, ls="--", label=f"best member ({best}) {100 * best_acc:.0f}%"),
+            Line2D(
+                [],
+                [],
+                color=CEILING_COLOUR,
+                lw=3.5,
+                alpha=0.45,
+                label=f"any member right (oracle ceiling) {100 * ceiling:.0f}%",
+            ),
+        ]
+    elif refs:  # patterns over different members: each pattern's own references, over its bar
+        for i, (_, p) in enumerate(pats.items(), start=len(members)):
+            ax.hlines(100 * p["best_member_accuracy"], i - 0.45, i + 0.45, color=BEST_COLOUR, ls="--", lw=1.2)
+            ax.hlines(100 * p["any_member_right_ceiling"], i - 0.45, i + 0.45, color=CEILING_COLOUR, lw=3.5, alpha=0.45)
+        handles += [
+            Line2D([], [], color=BEST_COLOUR, ls="--", label="its best member alone"),
+            Line2D([], [], color=CEILING_COLOUR, lw=3.5, alpha=0.45, label="any of its members right (ceiling)"),
+        ]
+    n = report.get("n_tasks") or max((r[1].get("n", 0) for r in rows), default=0)
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("accuracy % (95% Wilson CI)")
+    ax.set_title(f"{title}\nn = {n} tasks per bar", fontsize=11)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], out: Path | None, stem: str, title: str) -> None:
+#: The relay's chart: (label, member in the report or "relay", marker, colour); points that coincide
+#: (the exits alone send the same bytes) are dodged sideways by a few points so each stays visible.
+RELAY_POINTS = (
+    ("device only", "device", "v", "#219ebc"),
+    ("edge only", "edge", "s", "#8ecae6"),
+    ("cloud only", "cloud", "^", "#023047"),
+    ("relay", "relay", "*", PATTERN_COLOUR),
+)
+
+
+def draw_relay_chart(report: dict[str, Any], path: Path, title: str) -> None:
+    """The relay's point is cost: its accuracy against the compute (layers) and the bytes each task
+    took, next to each exit of the family alone."""
+    from matplotlib.transforms import offset_copy
+
+    plt = _pyplot()
+    everyone = {**report.get("members", {}), "relay": report["patterns"]["relay"]}
+    points = [(label, everyone[k], marker, c) for label, k, marker, c in RELAY_POINTS if k in everyone]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, key, label in (
+        (axes[0], "layers_mean", "compute: model layers run per task"),
+        (axes[1], "bytes_mean", "bytes on the broker per task (hidden states included)"),
+    ):
+        xs = [s[key] for _, s, _, _ in points]
+        for i, (name, s, marker, colour) in enumerate(points):
+            a = 100 * s["accuracy"]
+            yerr = [[max(0.0, a - 100 * s["ci95"][0])], [max(0.0, 100 * s["ci95"][1] - a)]]
+            dodge = offset_copy(ax.transData, fig=fig, x=6 * (i - (len(points) - 1) / 2), units="points")
+            ax.errorbar(
+                s[key],
+                a,
+                yerr=yerr,
+                fmt=marker,
+                ms=14 if name == "relay" else 9,
+                color=colour,
+                ecolor=colour,
+                alpha=0.9,
+                capsize=3,
+                transform=dodge,
+                label=name,
+            )
+        if max(xs) > 20 * max(1e-9, min(xs)):
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(0, max(xs) * 1.15)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy % (95% Wilson CI)")
+    axes[0].set_ylim(0, 105)
+    handles, _ = axes[0].get_legend_handles_labels()
+    labels = [
+        f"{name}: {100 * s['accuracy']:.0f}%, {s['layers_mean']:.0f} layers, {s['bytes_mean'] / 1e3:.1f} kB, "
+        f"p50 {s['latency_ms_p50']:.0f} ms"
+        for name, s, _, _ in points
+    ]
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8.5, frameon=False)
+    relay = everyone["relay"]
+    share = "/".join(f"{100 * relay['answered_by'].get(m, 0.0):.0f}" for m in ("device", "edge", "cloud"))
+    n = report.get("n_tasks") or relay.get("n", 0)
+    fig.suptitle(f"{title}: n = {n} tasks; the relay answered at device/edge/cloud {share} %", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    report: dict[str, Any],
+    out: Path | None,
+    stem: str,
+    title: str,
+    chart: Chart = draw_chart,
+) -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    draw_chart(report, out / f"{stem}.png", title)
+    chart(report, out / f"{stem}.png", title)
     console.print(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}")
 
 
