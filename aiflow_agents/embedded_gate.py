@@ -405,6 +405,11 @@ class GatedWriter(WriterAdapter):
         view.release()
         del self._pending[:pos]
         if out:
+            if self._writer.transport.is_closing():
+                # the client is gone: amqtt keeps flushing its QoS 1 queue to it, and asyncio would log
+                # "socket.send() raised exception." for each write; the session's end is handled elsewhere
+                self._session.gate.stats["writes_after_close"] += 1
+                return
             self._writer.write(b"".join(out))
 
     async def drain(self) -> None:

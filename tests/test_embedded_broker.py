@@ -13,9 +13,13 @@ import asyncio
 import random
 import struct
 import time
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
 
 from aiflow_agents import EmbeddedBroker
-from aiflow_agents.embedded_gate import Gate
+from aiflow_agents.embedded_gate import Gate, GatedWriter
 
 
 def _str(b: bytes) -> bytes:
@@ -158,3 +162,21 @@ async def test_an_unanswered_mqtt5_connect_falls_back_to_311() -> None:
             assert node.connection.connected and not node.connection.is_v5
         finally:
             await node.stop()
+
+
+async def test_writes_to_a_client_that_is_gone_are_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt keeps flushing its QoS 1 queue to a subscriber whose connection has died, and asyncio logged
+    "socket.send() raised exception." for such writes (a new user saw these after demos). The gate's
+    writer drops writes to a closed connection and counts them."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    async with server:
+        _, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        stats: Counter[str] = Counter()
+        writer = GatedWriter(w, SimpleNamespace(gate=SimpleNamespace(stats=stats)))  # type: ignore[arg-type]
+        w.close()  # the connection is gone; amqtt does not know yet
+        publish = _packet(0x32, _str(b"ns/flood") + struct.pack("!H", 1) + b"x")
+        with caplog.at_level("WARNING", logger="asyncio"):
+            for _ in range(10):
+                writer.write(publish)
+        assert not [r for r in caplog.records if "socket.send" in r.getMessage()]
+        assert stats["writes_after_close"] == 10
