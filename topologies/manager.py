@@ -151,8 +151,10 @@ class TopologyManager:
         *,
         timeout: float = 60.0,
         check_online: bool = True,
+        trace: Trace | None = None,
     ) -> RunResult:
-        """Run ``pattern`` on ``task``; never takes longer than ``timeout`` (plus a small margin)."""
+        """Run ``pattern`` on ``task``; never takes longer than ``timeout`` (plus a small margin).
+        ``trace``: record into this one (e.g. a subclass that shows messages as they happen)."""
         if isinstance(pattern, AgentGraph):
             pattern = Dataflow(pattern)
         pattern.validate()
@@ -163,7 +165,7 @@ class TopologyManager:
             if missing:
                 raise AgentUnavailableError(", ".join(missing), sorted(self.client.presence.online())) from None
         started = time.time()
-        trace = Trace()
+        trace = Trace() if trace is None else trace
         rt = Runtime(self, started + timeout, trace)
         error = None
         try:
