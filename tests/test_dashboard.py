@@ -92,14 +92,18 @@ async def test_a_page_that_cannot_keep_up_is_dropped_not_waited_for() -> None:
 # -- HTTP and live events over real node processes -----------------------------------------------
 
 
-def _http(method: str, url: str, body: Any = None, content_type: str = "application/json") -> tuple[int, Any]:
+def _http(
+    method: str, url: str, body: Any = None, content_type: str = "application/json", host: str | None = None
+) -> tuple[int, Any]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type, **({"Host": host} if host else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        text = e.read()
+        return e.code, json.loads(text) if text.startswith(b"{") else text.decode()
 
 
 async def _sse(url: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -171,6 +175,9 @@ async def test_api_and_live_events_over_node_processes(mosquitto: BrokerURL, nam
         assert [t["tier"] for t in state["tiers"]] == ["device", "edge", "cloud"]
 
         # refusals are typed and say why
+        spec = {"pattern": "single", "members": ["e1"], "task": "q"}
+        status, err = await asyncio.to_thread(_http, "POST", url + "api/runs", spec, host="evil.example:80")
+        assert status == 400 and "host" in err.lower()  # a rebound name: nothing served, nothing started
         status, err = await asyncio.to_thread(_http, "POST", url + "api/runs", b"pattern=ensemble", "text/plain")
         assert status == 415 and err["error"]["code"] == "unsupported_media_type"
         status, err = await asyncio.to_thread(_http, "POST", url + "api/runs", b"{not json")

@@ -4,19 +4,22 @@ Live updates are Server-Sent Events (one long GET the browser reconnects by itse
 library). Every asset is a file in this package, so the page works with no network beyond the
 machine. Starting a run needs a JSON body: a browser on another site cannot send one without a
 CORS preflight, which this app never grants, so other pages cannot start runs through a user's
-browser."""
+browser; and served on loopback it answers only requests addressed to a loopback name, so a site
+that rebinds its own name to 127.0.0.1 (DNS rebinding) gets nothing either."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -33,8 +36,13 @@ STATIC = Path(__file__).parent / "static"
 KEEPALIVE = 15.0
 
 
-def create_app(dashboard: Dashboard) -> Starlette:
-    """The ASGI app; the caller starts and stops ``dashboard`` (the app does not own it)."""
+#: the Host names a loopback-only dashboard answers to
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def create_app(dashboard: Dashboard, *, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> Starlette:
+    """The ASGI app; the caller starts and stops ``dashboard`` (the app does not own it).
+    ``allowed_hosts``: Host header values it answers (``"*"``: any, for a deliberately exposed one)."""
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -88,7 +96,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
         Route("/api/runs/{run_id}", get_run),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))])
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

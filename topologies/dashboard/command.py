@@ -86,7 +86,7 @@ async def serve(
 
     from aiflow_agents import broker_scope
 
-    from .app import create_app
+    from .app import LOOPBACK_HOSTS, create_app
     from .hub import Dashboard
 
     sock = bind(host, port)
@@ -100,7 +100,8 @@ async def serve(
         dashboard = await stack.enter_async_context(
             Dashboard(url, namespace=namespace, signing_key=signing_key, probe_interval=probe_interval)
         )
-        config = uvicorn.Config(create_app(dashboard), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        app = create_app(dashboard, allowed_hosts=LOOPBACK_HOSTS if _loopback(host) else ["*"])
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
         server = uvicorn.Server(config)
         typer.echo(f"dashboard: {served.url}  (broker {url}, namespace {namespace}; Ctrl-C stops)")
         for callback in on_ready:
