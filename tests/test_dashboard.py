@@ -33,8 +33,9 @@ def test_run_spec_builds_each_pattern_and_refuses_what_cannot_run() -> None:
     assert RunSpec(pattern="debate", members=["a", "b"], task="t", rounds=3).build().rounds == 3  # type: ignore[attr-defined]
     cascade = RunSpec(pattern="cascade", members=["a", "b"], task="t", accept="confidence>=0.6").build()
     assert cascade.agent_ids() == ["a", "b"]
-    moa = RunSpec(pattern="moa", members=["a", "b"], task="t", aggregator="c", rounds=2).build()
+    moa = RunSpec(pattern="moa", members=["a", "b"], task="t", aggregator="c").build()
     assert sorted(moa.agent_ids()) == ["a", "b", "c"]
+    moa.validate()  # one proposer layer: an agent in two layers would be a cycle
     assert RunSpec(pattern="single", members=["a"], task="t").build().agent_ids() == ["a"]
     with pytest.raises(GraphError, match="aggregator"):
         RunSpec(pattern="moa", members=["a"], task="t").build()
@@ -348,6 +349,23 @@ def test_dashboard_in_a_browser(dashboard_demo: str, tmp_path: Path) -> None:
             assert page.locator("#run-list li").count() == 2  # the earlier run is listed after a reload
             assert page.locator('#graph .gnode[data-node="cloud"].stood').count() == 1
             page.screenshot(path=str(shots / "dashboard-cascade.png"), full_page=True)
+
+            # a debate: every member's answer in every round; peers drawn as one frame, not n² arrows
+            page.reload()
+            page.wait_for_selector('[data-member="edge-a"] input')
+            page.select_option("#f-pattern", "debate")
+            for a in ("edge-a", "edge-b", "edge-c"):
+                page.check(f'[data-member="{a}"] input')
+            page.fill("#f-rounds", "2")
+            page.click("#f-submit")
+            page.wait_for_function(
+                "document.getElementById('run-status').textContent === 'done' && "
+                "document.getElementById('run-title').textContent.startsWith('debate')",
+                timeout=60_000,
+            )
+            assert page.locator("#contributions tbody tr").count() == 6
+            assert page.locator("#graph .peers").count() == 1
+            assert page.locator("#timeline .ev-copy").count() == 6  # one group publish per round
 
             # a refused run says why on the form (three members ticked for a single-agent run)
             page.select_option("#f-pattern", "single")

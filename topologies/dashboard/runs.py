@@ -34,7 +34,7 @@ class RunSpec(BaseModel):
     members: list[str] = Field(min_length=1, max_length=32)
     task: str = Field(min_length=1, max_length=8000)
     aggregate: Literal["vote", "weighted", "cross_score"] = "vote"
-    rounds: int = Field(default=2, ge=1, le=8)
+    rounds: int = Field(default=2, ge=1, le=8)  # debate rounds
     accept: str = "confidence>=0.8"
     aggregator: str | None = None
     timeout: float = Field(default=30.0, gt=0, le=600)
@@ -61,7 +61,8 @@ class RunSpec(BaseModel):
             return Cascade(m, accept=parse_policy(self.accept))
         if not self.aggregator:
             raise GraphError("a mixture of agents needs an aggregator agent")
-        return MixtureOfAgents([m] * self.rounds, self.aggregator)
+        # one layer of proposers (an agent in two layers would answer itself: the graph forbids it)
+        return MixtureOfAgents([m], self.aggregator)
 
 
 def graph_json(graph: AgentGraph) -> dict[str, Any]:

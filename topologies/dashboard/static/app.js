@@ -113,7 +113,7 @@ async function submitRun(ev) {
   const pattern = $("f-pattern").value;
   const body = {pattern, members: app.picked, task: $("f-task").value.trim(), timeout: Number($("f-timeout").value)};
   if (pattern === "ensemble" || pattern === "debate") body.aggregate = $("f-aggregate").value;
-  if (pattern === "debate" || pattern === "moa") body.rounds = Number($("f-rounds").value);
+  if (pattern === "debate") body.rounds = Number($("f-rounds").value);
   if (pattern === "cascade") body.accept = $("f-accept").value;
   if (pattern === "moa") body.aggregator = $("f-aggregator").value;
   $("f-submit").disabled = true;
@@ -227,7 +227,7 @@ function drawGraph(graph, events, res) {
   box.replaceChildren();
   const colW = 150, rowH = 46, nodeW = 118, nodeH = 30;
   const maxRows = Math.max(1, ...graph.nodes.map(n => n.rows));
-  const W = Math.max(graph.columns, 1) * colW + 20, H = maxRows * rowH + 20;
+  const W = Math.max(graph.columns, 1) * colW + 20, H = maxRows * rowH + 34;
   box.setAttribute("viewBox", `0 0 ${W} ${H}`);
   box.style.height = `${Math.min(H * 1.1, 420)}px`;
   const pos = {};
@@ -240,17 +240,21 @@ function drawGraph(graph, events, res) {
   marker.append(svg("path", {d: "M0,0 L10,5 L0,10 z", fill: "#9aa3b2"}));
   defs.append(marker);
   box.append(defs);
+  const peers = new Set();  // debate members see each other's answers: one frame, not n² arrows
   for (const e of graph.edges) {
     const a = pos[e.source], b = pos[e.target];
     if (!a || !b) continue;
-    let d;
-    if (a.x === b.x) { // same column (debate peers): a bow to the right
-      d = `M${a.x + nodeW},${a.y + nodeH / 2} C${a.x + nodeW + 40},${a.y + nodeH / 2} ${b.x + nodeW + 40},${b.y + nodeH / 2} ${b.x + nodeW},${b.y + nodeH / 2}`;
-    } else {
-      const x1 = a.x < b.x ? a.x + nodeW : a.x, x2 = a.x < b.x ? b.x : b.x + nodeW;
-      d = `M${x1},${a.y + nodeH / 2} C${(x1 + x2) / 2},${a.y + nodeH / 2} ${(x1 + x2) / 2},${b.y + nodeH / 2} ${x2},${b.y + nodeH / 2}`;
-    }
+    if (a.x === b.x) { peers.add(e.source); peers.add(e.target); continue; }
+    const x1 = a.x < b.x ? a.x + nodeW : a.x, x2 = a.x < b.x ? b.x : b.x + nodeW;
+    const d = `M${x1},${a.y + nodeH / 2} C${(x1 + x2) / 2},${a.y + nodeH / 2} ${(x1 + x2) / 2},${b.y + nodeH / 2} ${x2},${b.y + nodeH / 2}`;
     box.append(svg("path", {d, class: "gedge", "data-source": e.source, "data-target": e.target, "marker-end": "url(#arrow)"}));
+  }
+  if (peers.size) {
+    const ps = [...peers].map(id => pos[id]);
+    const x0 = Math.min(...ps.map(p => p.x)) - 8, y0 = Math.min(...ps.map(p => p.y)) - 8;
+    const y1 = Math.max(...ps.map(p => p.y)) + nodeH + 8;
+    box.append(svg("rect", {x: x0, y: y0, width: nodeW + 16, height: y1 - y0, rx: 8, class: "peers"}));
+    box.append(svg("text", {x: x0 + (nodeW + 16) / 2, y: Math.min(y1 + 13, H - 2), "text-anchor": "middle", class: "peers-label"}, "↔ each sees the others' answers"));
   }
   const state = nodeStates(events, res);
   for (const n of graph.nodes) {
