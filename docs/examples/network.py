@@ -1,7 +1,7 @@
 """The pattern of docs/dashboard.md's pictures, over the agents of ``aiflow dashboard --demo``.
 
-    aiflow graph draw docs/examples/network.py:graph --out graph.png --broker URL   # tiers from presence
-    aiflow run docs/examples/network.py:graph --task "What is 17*23?" --broker URL --timeline timeline.png
+aiflow graph draw docs/examples/network.py:graph --out graph.png --broker URL   # tiers from presence
+aiflow run docs/examples/network.py:graph --task "What is 17*23?" --broker URL --timeline timeline.png
 """
 
 from topologies import cascade, ensemble
