@@ -105,14 +105,21 @@ def test_demo_hello_runs_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_wrong_broker_port_is_one_error_not_a_warning_per_retry() -> None:
-    """Issue 16: ``send`` and ``agents list --online`` against a port nobody listens on print one error naming
+    """Issue 16: ``send``, ``agents list --online``, ``run`` and ``dashboard`` against a port nobody listens on
+    print one error naming
     the broker, nothing about a "connection lost" (there was none) and no line per retry."""
     from aiflow_agents.testing import free_port
 
     url = f"mqtt://127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("AIFLOW_LOG_LEVEL", "AIFLOW_BROKER")}
     env["COLUMNS"] = "400"  # one error line, not wrapped
-    commands = {"send": ["send", "s1", "hi"], "list": ["agents", "list", "--online"]}
+    example = str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "network.py") + ":graph"
+    commands = {
+        "send": ["send", "s1", "hi"],
+        "list": ["agents", "list", "--online"],
+        "run": ["run", example, "--task", "hi"],
+        "dashboard": ["dashboard", "--port", "0"],
+    }
     procs = {
         name: subprocess.Popen(
             [*AIFLOW, *args, "--broker", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

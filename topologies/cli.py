@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from aiflow_agents import AiflowError, Client, broker_scope
+from aiflow_agents import AiflowError, Client, broker_scope, configure_logging
 from aiflow_agents.cli import signing_key_or_exit
+from aiflow_agents.commands import QuietLogOpt
 
 from .graph import AgentGraph, GraphError
 from .manager import RunResult, TopologyManager
@@ -70,11 +71,13 @@ def draw(
     ] = None,
     namespace: Annotated[str, typer.Option("--namespace", "-n", envvar="AIFLOW_NAMESPACE")] = "default",
     wait: Annotated[float, typer.Option(help="seconds to wait for the agents' presence (with --broker)")] = 1.0,
+    log_level: QuietLogOpt = "warning",
 ) -> None:
     """Render a graph or pattern (tiers shown as colours); also prints its Mermaid text.
 
     Tiers come from the pattern (``agent(id, tier=...)``); with ``--broker``, agents without one
     take the tier their online node announces. Agents with neither are drawn grey, "tier unknown"."""
+    configure_logging(log_level)
     obj = load_object(ref)
     try:
         if isinstance(obj, Pattern):
@@ -182,9 +185,11 @@ def run(
     wide: Annotated[
         bool, typer.Option("--wide", help="every trace field (via, times, correlation ids, full errors)")
     ] = False,
+    log_level: QuietLogOpt = "warning",
 ) -> None:
     """Run a graph or pattern on one task; print the answer and the trace. Signs its requests with
     $AIFLOW_SIGNING_KEY (hex) when set."""
+    configure_logging(log_level)
     obj = load_object(ref)
     signing_key = signing_key_or_exit()
 

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from aiflow_agents.commands import QuietLogOpt
+
 #: ``--demo``: scripted stand-ins on three tiers, so a first look shows a network without models.
 #: The device is quick and unsure, the edge pair disagree a little, the cloud is slow and sure.
 DEMO_NODES: dict[str, list[str]] = {
@@ -137,10 +139,13 @@ def dashboard_command(
     probe_interval: Annotated[
         float, typer.Option(help="seconds between link probes to each node (0: measure real traffic only)")
     ] = 2.0,
+    log_level: QuietLogOpt = "warning",
 ) -> None:
     """A live web page of the network: nodes by tier, links, runs as they happen; start runs from it."""
-    from aiflow_agents import AiflowError
+    from aiflow_agents import AiflowError, configure_logging
     from aiflow_agents.cli import broker_or_exit, fail, signing_key_or_exit
+
+    configure_logging(log_level)
 
     url = broker_or_exit(broker)
     key = signing_key_or_exit()
