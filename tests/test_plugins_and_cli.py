@@ -106,8 +106,7 @@ def test_demo_hello_runs_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_wrong_broker_port_is_one_error_not_a_warning_per_retry() -> None:
     """Issue 16: ``send``, ``agents list --online``, ``run`` and ``dashboard`` against a port nobody listens on
-    print one error naming
-    the broker, nothing about a "connection lost" (there was none) and no line per retry."""
+    print one error naming the broker, nothing about a "connection lost" (there was none) and no line per retry."""
     from aiflow_agents.testing import free_port
 
     url = f"mqtt://127.0.0.1:{free_port()}"
