@@ -71,6 +71,32 @@ def signing_key_or_exit() -> bytes | None:
         raise fail(str(e)) from None
 
 
+# this distribution's own entry-point commands -> one-line help (their first sentence), so ``aiflow --help``
+# and ``aiflow demo --help`` describe them without importing them; third-party ones show where they come from
+DIST = "aiflow-agents"
+SHIPPED: dict[str, dict[str, str]] = {
+    CLI_GROUP: {
+        "bench": "Measure the framework against the raw floor (codec, MQTT clients, CLI start-up).",
+        "dashboard": "A live web page of the network: nodes by tier, links, runs as they happen; start runs from it.",
+        "eval": "Evaluate patterns against every member alone (--bench real LMs, --testbed scheduling policies).",
+        "graph": "Agent graphs: draw them.",
+        "models": "Real small models that ship inside PyPI packages (offline).",
+        "run": "Run a graph or pattern on one task; print the answer and the trace.",
+        "testbed": "Device-edge-cloud testbed: tiers as places, emulated links.",
+        "train": "Train the shipped models.",
+    },
+    DEMO_GROUP: {
+        "hello": "Two nodes (device, edge) in separate processes exchange text + latent envelopes.",
+        "relay": "Device -> edge -> cloud familial cascade: hidden states relayed, not recomputed.",
+        "ensemble": "Diverse members: vote vs cross-scoring vs latent (distribution) averaging vs each member.",
+        "debate": "Multi-agent debate on arithmetic: accuracy per round.",
+        "moa": "Mixture of agents: a layer of proposers, the cloud exit aggregates.",
+        "cascade": "SmolLM2 (device) -> Gemma-3 (cloud): different architectures and tokenizers.",
+        "speculative": "Speculative decoding across tiers: a device drafts, the cloud verifies.",
+    },
+}
+
+
 @dataclass
 class _Lazy:
     """A subcommand known by name and one-line help, imported only when it is used."""
@@ -142,7 +168,8 @@ def _entry_point_commands(group: str) -> dict[str, _Lazy]:
     out: dict[str, _Lazy] = {}
     for ep in entry_points(group=group):
         dist = ep.dist.name if ep.dist is not None else "?"
-        out[ep.name] = _Lazy(ep.load, f"(from {dist}: {ep.value})")
+        shipped = SHIPPED.get(group, {}).get(ep.name) if dist == DIST else None
+        out[ep.name] = _Lazy(ep.load, shipped or f"(from {dist}: {ep.value})")
     return out
 
 
@@ -181,4 +208,4 @@ def main() -> None:
     app()
 
 
-__all__ = ["BUILTINS", "app", "broker_or_exit", "fail", "main", "signing_key_or_exit"]
+__all__ = ["BUILTINS", "SHIPPED", "app", "broker_or_exit", "fail", "main", "signing_key_or_exit"]

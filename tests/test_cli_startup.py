@@ -81,6 +81,23 @@ def test_builtin_help_lines_match_the_commands() -> None:
         assert cmd is not None and text.rstrip(".") in " ".join((cmd.help or "").split()), name
 
 
+def test_shipped_entry_point_help_lines_match_the_commands() -> None:
+    """``aiflow --help`` lists this distribution's plugin commands with a real description, not a module path,
+    and each description is what the command itself says (its first sentence, or the start of it)."""
+    group = typer.main.get_command(cli.app)
+    ctx = group.make_context("aiflow", ["version"])
+    demos = group.get_command(ctx, "demo")
+    dctx = demos.make_context("demo", ["hello"])
+    for grp, names in cli.SHIPPED.items():
+        where, wctx = (demos, dctx) if grp == cli.DEMO_GROUP else (group, ctx)
+        assert names.keys() == where._lazy().keys() - cli.BUILTINS.keys() - {"demo"}, grp
+        for name, text in names.items():
+            assert where._lazy()[name].help == text
+            cmd = where.get_command(wctx, name)
+            said = " ".join((cmd.help or "").split())
+            assert said.startswith(text[:40]), (name, said)
+
+
 class _Plugins(cli._LazyGroup):
     loads: list[str] = []
 
