@@ -348,23 +348,29 @@ class Node:
             await asyncio.wait(set(self._refusing), timeout=1.0)
         await self._stop_beating()
         await self._stop_reporting()
-        with contextlib.suppress(Exception):
-            for agent in self.agents.values():
-                # An empty retained payload deletes the retained record.
+        # Not connected: nothing can be cleared now (each publish would wait out its timeout). A connection that
+        # was lost left our Will with the broker, which has said "offline" for us; one never made left nothing.
+        if self.connection.connected:
+            with contextlib.suppress(Exception):
+                for agent in self.agents.values():
+                    # An empty retained payload deletes the retained record.
+                    await self.connection.publish(
+                        self.topics.agent_presence(agent.agent_id, self.node_id), b"", qos=1, retain=True, timeout=2.0
+                    )
+                offline = PresenceRecord(status=Status.OFFLINE, node_id=self.node_id, tier=self.tier, pid=os.getpid())
                 await self.connection.publish(
-                    self.topics.agent_presence(agent.agent_id, self.node_id), b"", qos=1, retain=True, timeout=2.0
+                    self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True, timeout=2.0
                 )
-            offline = PresenceRecord(status=Status.OFFLINE, node_id=self.node_id, tier=self.tier, pid=os.getpid())
-            await self.connection.publish(
-                self.topics.node_presence(self.node_id), offline.to_bytes(), qos=1, retain=True, timeout=2.0
-            )
         await self.client.stop()
         await self.connection.stop()
         for agent in self.agents.values():
             with contextlib.suppress(Exception):
                 await agent.teardown()
         self._stopped.set()
-        self.log.info("offline", stats=self.stats)
+        if self.connection.connects:
+            self.log.info("offline", stats=self.stats)
+        else:
+            self.log.info("stopped before it ever reached the broker", broker=str(self.connection.url))
 
     async def __aenter__(self) -> Node:
         return await self.start()

@@ -167,6 +167,8 @@ def test_node_waiting_for_its_broker_says_so_once(tmp_path: Path) -> None:
     assert [r["level"] for r in failed[:4]] == ["warning", "debug", "debug", "debug"]
     assert failed[0]["event"].startswith(f"connect failed: cannot reach broker {url}, retrying in ")
     assert not [r for r in records if r["event"] == "connection lost"]
+    events = [r["event"] for r in records]  # and stopping it says it never got there, not "offline"
+    assert "stopped before it ever reached the broker" in events and "offline" not in events
 
 
 def test_external_plugin_config_is_checked_like_the_builtins(plugin_on_path: Path) -> None:
