@@ -14,6 +14,7 @@ from typing import Literal
 
 from rich.console import Console, RenderableType
 from rich.measure import Measurement
+from rich.segment import Segments
 from rich.table import Table
 
 Kind = Literal["label", "num", "text"]
@@ -56,12 +57,9 @@ def emit(console: Console, renderable: RenderableType, *, wide: bool = False) ->
     if need <= console.width:
         console.print(renderable)
         return
-    saved = console._width  # rich has no public "print wider than the terminal" switch
-    console.width = need
-    try:
-        console.print(renderable)
-    finally:
-        console._width = saved
+    # rendered at the wider width, then printed as finished lines that the console must not wrap again
+    lines = console.render_lines(renderable, console.options.update_width(need), new_lines=True)
+    console.print(Segments([seg for line in lines for seg in line]), soft_wrap=True)
 
 
 __all__ = ["Col", "emit", "natural_width", "table"]
