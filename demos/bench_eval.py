@@ -29,12 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from aiflow_agents.models.benchmarks import MCItem, get_benchmark, load_benchmark, tuning_slice
 from protocols import Envelope, ops
 from topologies import Pattern, RunResult, TopologyManager, cascade, debate, ensemble, mixture_of_agents
 
 from .harness import NodeSpec, console, deployment, run_all
 from .stats import finite, mcnemar_p, wilson
+from .tables import Col, emit, table
 
 #: agent id -> (hf agent config: a catalog model or a path, tier). One node process per model.
 POOL: dict[str, tuple[str, str]] = {
@@ -576,66 +579,55 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def print_bench_report(report: dict[str, Any]) -> None:
-    from rich.table import Table
+BENCH_LEGEND = (
+    "p: McNemar p against the reference (the best member, or the 1.5B where the verdict names it); "
+    "1.5B: calls of the 1.5B model per item; dim rows: ceilings (any model right) and baselines. "
+    "--wide adds the reference, all calls and seconds per item"
+)
+#: the columns of a narrow table, as indices into the wide row
+_NARROW = (0, 1, 2, 4, 6, 8)
+
+
+def print_bench_report(report: dict[str, Any], wide: bool = False, out: Console | None = None) -> None:
+    """One table per benchmark; 80 columns unless ``wide`` (then every column, at its natural width)."""
+    con = out or console
+    cols = [Col("who", "label"), Col("acc %"), Col("95% CI"), Col("vs", "label"), Col("p (McNemar)")]
+    cols += [Col("calls/item"), Col("1.5B calls/item"), Col("s/item"), Col("verdict", "text")]
+    if not wide:
+        cols = [cols[i] for i in _NARROW]
+        cols[3:5] = [Col("p"), Col("1.5B")]
+
+    def head(who: str, s: dict[str, Any]) -> list[str]:  # whole CI points when narrow, as in eval's tables
+        ci = _ci(s) if wide else f"{100 * s['ci95'][0]:.0f}-{100 * s['ci95'][1]:.0f}"
+        return [who, pct(s["accuracy"]), ci]
+
+    def p_of(x: float) -> str:
+        return f"{x:.3g}" if wide else f"{x:.2g}"
 
     for bench, b in report["benchmarks"].items():
-        t = Table(title=f"{bench}: {b['items']} items (tuning slice of {b['tuning_items']} excluded), {report['date']}")
-        for col in (
-            "who",
-            "acc %",
-            "95% CI",
-            "vs",
-            "p (McNemar)",
-            "calls/item",
-            "1.5B calls/item",
-            "s/item",
-            "verdict",
-        ):
-            t.add_column(col)
+        rows: list[list[str]] = []
         for m, s in b["members"].items():
-            t.add_row(
-                m,
-                pct(s["accuracy"]),
-                _ci(s),
-                "",
-                "",
-                f"{s['calls_per_item']:.1f}",
-                "",
-                f"{s['seconds_per_item']:.2f}",
-                "",
-            )
+            rows.append([*head(m, s), "", "", f"{s['calls_per_item']:.1f}", "", f"{s['seconds_per_item']:.2f}", ""])
         for name, s in b["ceilings"].items():
-            t.add_row(f"[dim]{name}[/]", pct(s["accuracy"]), _ci(s), "", "", "", "", "", "ceiling")
+            rows.append([*head(f"[dim]{name}[/]", s), "", "", "", "", "", "ceiling"])
         for name, s in b["baselines"].items():
-            t.add_row(
-                f"[dim]{name}[/]",
-                pct(s["accuracy"]),
-                _ci(s),
-                s["vs"],
-                f"{s['mcnemar_p']:.3g}",
-                f"{s['calls_per_item']:.1f}",
-                "",
-                "",
-                "baseline",
-            )
+            rows.append([*head(f"[dim]{name}[/]", s), s["vs"], p_of(s["mcnemar_p"]), f"{s['calls_per_item']:.1f}"])
+            rows[-1] += ["", "", "baseline"]
         for name, s in b["patterns"].items():
             ref = s["vs_reference"]
-            t.add_row(
-                name,
-                pct(s["accuracy"]),
-                _ci(s),
-                ref["vs"],
-                f"{ref['mcnemar_p']:.3g}",
-                f"{s['calls_per_item']:.1f}",
-                f"{s.get('large_calls_per_item', 0.0):.2f}",
-                f"{s['seconds_per_item']:.2f}",
-                s["verdict"],
-            )
-        console.print(t)
+            rows.append([*head(name, s), ref["vs"], p_of(ref["mcnemar_p"]), f"{s['calls_per_item']:.1f}"])
+            rows[-1] += [f"{s.get('large_calls_per_item', 0.0):.2f}", f"{s['seconds_per_item']:.2f}", s["verdict"]]
+        t = table(
+            f"{bench}: {b['items']} items (tuning slice of {b['tuning_items']} excluded), {report['date']}",
+            cols,
+            legend=None if wide else BENCH_LEGEND,
+        )
+        for r in rows:
+            t.add_row(*(r if wide else [r[i] for i in _NARROW]))
+        emit(con, t, wide=wide)
         if "debate" in b["patterns"]:
             c = b["patterns"]["debate"]["changes"]
-            console.print(
+            con.print(
                 f"debate: {c['changed']} of {c['answers_compared']} answers changed between rounds "
                 f"({pct(c['change_rate'])}%): {c['wrong_to_right']} wrong→right, {c['right_to_wrong']} right→wrong, "
                 f"{c['wrong_to_other_wrong']} wrong→another wrong"

@@ -146,7 +146,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     wide: Annotated[
         bool,
-        typer.Option("--wide", help="show every column (the default tables fit 80 columns; not for --bench/--testbed)"),
+        typer.Option("--wide", help="show every column (the default tables fit 80 columns)"),
     ] = False,
     out: OutOpt = None,
     broker: BrokerOpt = None,
@@ -185,7 +185,7 @@ def eval_command(
     multiple-choice benchmarks, or (--testbed) static and adaptive scheduling policies on a device-edge-cloud
     testbed."""
     if bench:
-        _bench(bench, models, items, tune, as_json, out, broker, concurrency)
+        _bench(bench, models, items, tune, as_json, out, broker, concurrency, wide)
         return
     if testbed is not None:
         from aiflow_agents import configure_logging
@@ -208,7 +208,7 @@ def eval_command(
                 console.print(f"[bold red]error:[/] {e}")
                 raise typer.Exit(1) from None
             if not as_json:
-                print_testbed_report(report)
+                print_testbed_report(report, wide)
             write_testbed_report(report, out)
         if as_json:
             print(json.dumps(finite(report), indent=2, default=str, allow_nan=False), file=stdout)
@@ -236,6 +236,7 @@ def _bench(
     out: Path | None,
     broker: str | None,
     concurrency: int | None,
+    wide: bool = False,
 ) -> None:
     from aiflow_agents import configure_logging
     from aiflow_agents.models.benchmarks import BenchmarkError
@@ -273,7 +274,7 @@ def _bench(
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(1) from None
         if not as_json:
-            print_bench_report(report)
+            print_bench_report(report, wide)
         write_bench_report(report, out)
     if as_json:
         print(json.dumps(finite(report), indent=2, default=str, allow_nan=False), file=stdout)

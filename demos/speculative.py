@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.console import Console
 
 from protocols import Envelope, Kind, ops
 from topologies import TopologyManager, speculative
 
 from .harness import NodeSpec, console, deployment
+from .tables import Col, emit, table
 
 #: Device-to-cloud paths. ``up`` is the device's uplink. None = no link (loopback).
 PROFILES: dict[str, dict[str, float] | None] = {
@@ -390,6 +391,40 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+SPEC_LEGEND = (
+    "B/rnd: bytes of one verification (both ways) after the first, which carries the prompt; "
+    "verif. saved: the verifier's layers / seconds per generated token, against it decoding alone"
+)
+SPEC_LEGEND_NARROW = (
+    "alone: the verifier decoding alone; x: speedup over it (geometric mean); accept: drafted tokens accepted; "
+    "tok/rnd: tokens per verification round; same: outputs equal to the verifier's alone. --wide adds B/rnd "
+    "and verif. saved. "
+)
+
+
+def print_speculative_report(report: dict[str, Any], wide: bool = False, out: Console | None = None) -> None:
+    """One row per flavour and link; 80 columns unless ``wide`` (then every column, at its natural width)."""
+    names = ["flavour", "link", "tok/s", "alone", "x", "accept", "tok/rnd"]
+    names += ["B/rnd", "verif. saved", "same"] if wide else ["same"]
+    t = table(
+        "speculative decoding vs the verifier alone",
+        [Col(c, "label" if c in ("flavour", "link") else "num") for c in names],
+        legend=SPEC_LEGEND if wide else SPEC_LEGEND_NARROW + SPEC_LEGEND,
+    )
+    for r in report["runs"].values():
+        s = r["summary"]
+        row = [r["flavour"], r["profile"], f"{s['spec_tokens_per_s']:.1f}", f"{s['base_tokens_per_s']:.1f}"]
+        row += [f"{s['speedup_gmean']:.2f}", f"{100 * s['acceptance']:.0f}%", f"{s['tokens_per_round']:.2f}"]
+        if wide:
+            row += [f"{s['verify_bytes_per_later_round']:.0f}"]
+            row += [
+                f"{100 * s['verifier_compute_saved_layers']:.0f}% / "
+                f"{100 * (s['verifier_compute_saved_seconds'] or 0):.0f}%"
+            ]
+        t.add_row(*row, f"{s['identical']}/{s['prompts']}")
+    emit(out or console, t, wide=wide)
+
+
 def speculative_demo(
     flavour: Annotated[str, typer.Option(help="familial, pair or both")] = "both",
     profiles: Annotated[
@@ -403,6 +438,7 @@ def speculative_demo(
     out: Annotated[Path | None, typer.Option("--out", help="folder for speculative.json and speculative.png")] = None,
     broker: Annotated[str | None, typer.Option("--broker", "-b", envvar="AIFLOW_BROKER")] = None,
     timeout: Annotated[float, typer.Option(help="seconds per request")] = 600.0,
+    wide: Annotated[bool, typer.Option("--wide", help="show every column (the default table fits 80 columns)")] = False,
 ) -> None:
     """Speculative decoding across tiers: a device drafts, the cloud verifies (both flavours, per link)."""
     names = list(FLAVOURS) if flavour == "both" else [flavour]
@@ -413,29 +449,7 @@ def speculative_demo(
     report = asyncio.run(
         _run(names, profiles.split(","), chosen, max_new_tokens, encoding, gamma, broker, timeout, min_confidence)
     )
-    t = Table(title="speculative decoding vs the verifier alone")
-    for col in ("flavour", "link", "tok/s", "alone", "x", "accept", "tok/rnd", "B/rnd", "verif. saved", "same"):
-        t.add_column(col, overflow="fold")
-    for r in report["runs"].values():
-        s = r["summary"]
-        t.add_row(
-            r["flavour"],
-            r["profile"],
-            f"{s['spec_tokens_per_s']:.1f}",
-            f"{s['base_tokens_per_s']:.1f}",
-            f"{s['speedup_gmean']:.2f}",
-            f"{100 * s['acceptance']:.0f}%",
-            f"{s['tokens_per_round']:.2f}",
-            f"{s['verify_bytes_per_later_round']:.0f}",
-            f"{100 * s['verifier_compute_saved_layers']:.0f}% / "
-            f"{100 * (s['verifier_compute_saved_seconds'] or 0):.0f}%",
-            f"{s['identical']}/{s['prompts']}",
-        )
-    console.print(t)
-    console.print(
-        "[dim]B/rnd: bytes of one verification (both ways) after the first, which carries the prompt; "
-        "verif. saved: the verifier's layers / seconds per generated token, against it decoding alone[/]"
-    )
+    print_speculative_report(report, wide)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "speculative.json").write_text(json.dumps(report, indent=1, default=str))

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from aiflow_agents import AgentSpec
 from aiflow_agents.models.tasks import SEEDS, Task, check_answer, generate_tasks
 from aiflow_agents.testbed import Scenario, Testbed, load_scenario
@@ -41,6 +43,7 @@ from topologies.trace import MANAGER
 
 from .harness import console
 from .stats import finite, mcnemar_p, paired_quantile_diff_ci, percentile, wilson
+from .tables import Col, emit, table
 
 EXIT_OF_TYPE = {"familial-device": "device", "familial-edge": "edge", "familial-cloud": "cloud"}
 
@@ -446,44 +449,44 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 # -- output ----------------------------------------------------------------------------------------
-def print_testbed_report(report: dict[str, Any]) -> None:
-    from rich.table import Table
+TESTBED_LEGEND = (
+    "in dl: answered within the deadline; degr: answered on the device instead, flagged degraded (dead link "
+    "or deadline fallback); outage: in dl for requests sent while a link was down (-: none). --wide adds "
+    "p50/p99 and bytes per task per link"
+)
 
+
+def print_testbed_report(report: dict[str, Any], wide: bool = False, out: Console | None = None) -> None:
+    """The policies table (80 columns unless ``wide``: then every column, at its natural width) and the goals."""
+    con = out or console
     sc = report["scenario"]
     links = [t for t, s in sc["tiers"].items() if s.get("parent")]
-    t = Table(
-        title=f"{sc['name']}: {report['n_tasks']} held-out tasks (seed {report['seed']}), deadline "
-        f"{report['deadline_s']:g} s, accuracy target {100 * report['accuracy_target']:.1f}%"
+    if wide:
+        cols = [Col("policy", "label"), Col("acc %"), Col("in deadline %"), Col("p50 ms"), Col("p95 ms")]
+        cols += [Col("p99 ms"), Col("degraded %"), *[Col(f"B/task {ln}") for ln in links]]
+        cols += [Col("outage: in deadline %")]
+    else:
+        cols = [Col("policy", "label"), Col("acc %"), Col("in dl %"), Col("p95 ms"), Col("degr %"), Col("outage %")]
+    t = table(
+        f"{sc['name']}: {report['n_tasks']} held-out tasks (seed {report['seed']}), deadline "
+        f"{report['deadline_s']:g} s, accuracy target {100 * report['accuracy_target']:.1f}%",
+        cols,
+        legend=None if wide else TESTBED_LEGEND,
     )
-    for col in (
-        "policy",
-        "acc %",
-        "in deadline %",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "degraded %",
-        *[f"B/task {ln}" for ln in links],
-        "outage: in deadline %",
-    ):
-        t.add_column(col)
     for name, p in report["policies"].items():
         od = p["outage"]["answered_in_deadline"]
-        t.add_row(
-            name,
-            f"{100 * p['accuracy']:.1f}",
-            f"{100 * p['answered_in_deadline']:.1f}",
-            f"{p['latency_ms_p50']:.0f}",
-            f"{p['latency_ms_p95']:.0f}",
-            f"{p['latency_ms_p99']:.0f}",
-            f"{100 * p['degraded_share']:.1f}",
-            *[f"{p['bytes_per_task'].get(ln, 0):.0f}" for ln in links],
-            "-" if od is None else f"{100 * od:.1f}",
-        )
-    console.print(t)
+        row = [name, f"{100 * p['accuracy']:.1f}", f"{100 * p['answered_in_deadline']:.1f}"]
+        if wide:
+            row += [f"{p['latency_ms_p50']:.0f}", f"{p['latency_ms_p95']:.0f}", f"{p['latency_ms_p99']:.0f}"]
+            row += [f"{100 * p['degraded_share']:.1f}", *[f"{p['bytes_per_task'].get(ln, 0):.0f}" for ln in links]]
+        else:
+            row += [f"{p['latency_ms_p95']:.0f}", f"{100 * p['degraded_share']:.1f}"]
+        t.add_row(*row, "-" if od is None else f"{100 * od:.1f}")
+    emit(con, t, wide=wide)
     g = report.get("goals", {})
+    plain: dict[str, Any] = {"markup": False, "emoji": False}  # "text:cloud: ..." is no emoji code
     if g:
-        console.print(f"pareto front (accuracy vs p95): {', '.join(g['pareto_front'])}")
+        con.print(f"pareto front (accuracy vs p95): {', '.join(g['pareto_front'])}", **plain)
         if not g["adaptive_on_front"]:
             why = "; ".join(
                 f"{n}: McNemar p {d['mcnemar_p']:.2g}, p95 diff {d['p95_diff_ms_ci95'][0]:+.0f} ms "
@@ -491,15 +494,17 @@ def print_testbed_report(report: dict[str, Any]) -> None:
                 for n, d in g["dominated_by"].items()
             )
             verdict = "within sampling noise" if g["adaptive_on_front_within_noise"] else "significantly"
-            console.print(f"adaptive is dominated ({verdict}) by {why}")
+            con.print(f"adaptive is dominated ({verdict}) by {why}", **plain)
         v = g.get("vs_best_static_at_equal_accuracy", {})
         if v.get("static"):
-            console.print(
+            con.print(
                 f"adaptive vs {v['static']} (best static within 1 point): p95 {v['adaptive_p95_ms']:.0f} vs "
-                f"{v['static_p95_ms']:.0f} ms, cut {100 * v['p95_cut']:.0f}% (goal 30%), McNemar p {v['mcnemar_p']:.3g}"
+                f"{v['static_p95_ms']:.0f} ms, cut {100 * v['p95_cut']:.0f}% (goal 30%), "
+                f"McNemar p {v['mcnemar_p']:.3g}",
+                **plain,
             )
         elif v:
-            console.print(v["note"])
+            con.print(v["note"], **plain)
 
 
 def draw_testbed_charts(report: dict[str, Any], out: Path, stem: str) -> list[Path]:

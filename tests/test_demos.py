@@ -271,3 +271,74 @@ def test_cascade_rows_say_which_model_answered() -> None:
     assert answered_by(["smol"], alone) == {"smol": 0.5}  # a model alone names no stage, yet it answered
     both = [SimpleNamespace(answer="x", answered_by=a) for a in ("smol", "smol", "gemma", "smol")]
     assert answered_by(["smol", "gemma"], both) == {"smol": 0.75, "gemma": 0.25}
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+def shipped_tables(wide: bool) -> list[tuple[str, list[str], list[str]]]:
+    """(rendered text, row labels, wide-only headers) of the bench, testbed and speculative tables, drawn
+    from the reports shipped in docs/results into an 80-column console."""
+    from typing import Any
+
+    from rich.console import Console
+
+    from demos.bench_eval import print_bench_report
+    from demos.speculative import print_speculative_report
+    from demos.testbed_eval import print_testbed_report
+
+    def text(fn: Any, report: dict[str, Any]) -> str:
+        out = Console(width=80, record=True, color_system=None)
+        fn(report, wide=wide, out=out)
+        assert out.width == 80  # a wide table leaves the console as it was
+        return out.export_text()
+
+    bench = json.loads((RESULTS / "bench.json").read_text())
+    labels = [
+        n for b in bench["benchmarks"].values() for k in ("members", "ceilings", "baselines", "patterns") for n in b[k]
+    ]
+    tables = [
+        (text(print_bench_report, bench), labels, ["vs", "p (McNemar)", "calls/item", "1.5B calls/item", "s/item"])
+    ]
+    testbeds = sorted(RESULTS.glob("testbed-*.json"))
+    assert testbeds
+    for path in testbeds:
+        r = json.loads(path.read_text())
+        links = [t for t, s in r["scenario"]["tiers"].items() if s.get("parent")]
+        heads = ["in deadline %", "p50 ms", "p99 ms", "degraded %", "outage: in deadline %"]
+        tables.append((text(print_testbed_report, r), list(r["policies"]), heads + [f"B/task {ln}" for ln in links]))
+    spec = json.loads((RESULTS / "speculative.json").read_text())
+    spec_text = text(print_speculative_report, spec)
+    cells = {tuple(c.strip() for c in line.split("│")[1:3]) for line in spec_text.splitlines()}
+    for r in spec["runs"].values():
+        assert (r["flavour"], r["profile"]) in cells  # each flavour in full beside its link in full
+    labels = sorted({v for r in spec["runs"].values() for v in (r["flavour"], r["profile"])})
+    tables.append((spec_text, labels, ["B/rnd", "verif. saved"]))
+    return tables
+
+
+def has_header(text: str, header: str) -> bool:
+    """Whether ``header`` is a column's header in full (not a word of a legend)."""
+    import re
+
+    return re.search(rf"┃ *{re.escape(header)} *┃", text) is not None
+
+
+def test_bench_testbed_and_speculative_tables_fit_eighty_columns() -> None:
+    for text, labels, wide_headers in shipped_tables(wide=False):
+        assert "…" not in text  # no cell cut
+        assert max(len(line) for line in text.splitlines()) <= 80
+        for label in labels:
+            assert label in text  # names never wrap or get cut
+        assert "--wide adds" in text  # the legend explains the short headers and says what is left out
+        for header in wide_headers:
+            assert not has_header(text, header)  # kept for --wide
+
+
+def test_bench_testbed_and_speculative_wide_tables_show_every_column() -> None:
+    for text, labels, wide_headers in shipped_tables(wide=True):
+        assert "…" not in text
+        for label in labels:
+            assert label in text
+        for header in wide_headers:
+            assert has_header(text, header)
