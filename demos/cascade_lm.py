@@ -17,6 +17,7 @@ from rich.table import Table
 
 from topologies import RunResult, cascade, ensemble
 
+from .charts import ci_bars, pyplot
 from .harness import NodeSpec, console, deployment, run_all
 from .stats import percentile, wilson
 from .tables import Col, emit, table
@@ -147,32 +148,14 @@ def cascade_demo(
 def _chart(report: dict[str, Any], path: Path) -> None:
     """Accuracy with 95% Wilson CIs and k/n on each bar: on a dozen questions the intervals are wide,
     and the chart says so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report["results"]
     names = list(rows)
-    acc = [100 * rows[n]["accuracy"] for n in names]
-    err = [
-        [max(0.0, 100 * (rows[n]["accuracy"] - rows[n]["ci95"][0])) for n in names],
-        [max(0.0, 100 * (rows[n]["ci95"][1] - rows[n]["accuracy"])) for n in names],
-    ]
     labels = [n if len(rows[n].get("stages", ())) == 1 else f"{n}\n({answered_cell(rows[n])})" for n in names]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = range(len(names))
-    ax.bar(xs, acc, yerr=err, color=["#8ecae6", "#b5e48c", "#fb8500"][: len(names)], capsize=5, ecolor="#444444")
-    for x, name, a in zip(xs, names, acc, strict=True):  # k/n at the foot of the bar, clear of the error bar
-        ax.annotate(
-            f"{rows[name]['correct']}/{rows[name]['n']} = {a:.0f}%",
-            (x, 0),
-            xytext=(0, 4),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=9,
-        )
+    foot = [f"{rows[n]['correct']}/{rows[n]['n']} = {100 * rows[n]['accuracy']:.0f}%" for n in names]
+    ci_bars(ax, [rows[n] for n in names], ["#8ecae6", "#b5e48c", "#fb8500"][: len(names)], foot, fontsize=9)
     ax.set_xticks(list(xs), labels, fontsize=9)
     ax.set_ylim(0, 108)
     ax.set_ylabel("accuracy % (95% Wilson CI)")

@@ -15,6 +15,7 @@ from aiflow_agents.models.tasks import SEEDS, Task, check_answer, generate_tasks
 from protocols import Envelope
 from topologies import Pattern, RunResult, TopologyManager, cascade, debate, ensemble, mixture_of_agents
 
+from .charts import ci_bars, pyplot
 from .harness import NodeSpec, console, run_all
 from .stats import mcnemar_p, percentile, wilson
 
@@ -264,15 +265,6 @@ Chart = Callable[[dict[str, Any], Path, str], None]
 MEMBER_COLOUR, PATTERN_COLOUR, BEST_COLOUR, CEILING_COLOUR = "#8ecae6", "#fb8500", "#023047", "#2a9d8f"
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_chart(report: dict[str, Any], path: Path, title: str) -> None:
     """Accuracy with 95% CIs, members and patterns side by side, against the two lines a pattern must
     be read against: its best member alone and the any-member-right ceiling (an oracle picking the
@@ -280,29 +272,15 @@ def draw_chart(report: dict[str, Any], path: Path, title: str) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
+    plt = pyplot()
     members, pats = report.get("members", {}), report.get("patterns", {})
     rows = [*members.items(), *pats.items()]
     names = [r[0] for r in rows]
-    acc = [100 * r[1]["accuracy"] for r in rows]
-    err = [
-        [max(0.0, 100 * (r[1]["accuracy"] - r[1]["ci95"][0])) for r in rows],
-        [max(0.0, 100 * (r[1]["ci95"][1] - r[1]["accuracy"])) for r in rows],
-    ]
     colours = [MEMBER_COLOUR if n in members else PATTERN_COLOUR for n in names]
     fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(names) + 3), 4.5))
     xs = range(len(names))
-    ax.bar(xs, acc, yerr=err, color=colours, capsize=4, ecolor="#444444")
-    for x, a in zip(xs, acc, strict=True):  # the value at the foot of its bar, clear of the error bar
-        ax.annotate(
-            f"{a:.0f}%",
-            (x, 0),
-            xytext=(0, 3),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
+    stats = [r[1] for r in rows]
+    ci_bars(ax, stats, colours, [f"{100 * s['accuracy']:.0f}%" for s in stats])
     ax.set_xticks(list(xs), names, rotation=30, ha="right")
     refs = {(p["best_member"], p["best_member_accuracy"], p["any_member_right_ceiling"]) for p in pats.values()}
     handles = [Patch(color=MEMBER_COLOUR, label="member alone"), Patch(color=PATTERN_COLOUR, label="pattern")]
@@ -354,7 +332,7 @@ def draw_relay_chart(report: dict[str, Any], path: Path, title: str) -> None:
     took, next to each exit of the family alone."""
     from matplotlib.transforms import offset_copy
 
-    plt = _pyplot()
+    plt = pyplot()
     everyone = {**report.get("members", {}), "relay": report["patterns"]["relay"]}
     points = [(label, everyone[k], marker, c) for label, k, marker, c in RELAY_POINTS if k in everyone]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)

@@ -317,11 +317,8 @@ def test_dashboard_in_a_browser(dashboard_demo: str, tmp_path: Path) -> None:
             page.wait_for_selector(".conn.live")
 
             # an ensemble started from the form: its answer, each member's, the broker's copies on the timeline
-            page.select_option("#f-pattern", "ensemble")
-            for a in ("edge-a", "edge-b", "edge-c"):
-                page.check(f'[data-member="{a}"] input')
-            page.click("#f-submit")
-            page.wait_for_function("document.getElementById('run-status').textContent === 'done'", timeout=60_000)
+            _pick(page, "ensemble", ("edge-a", "edge-b", "edge-c"))
+            _start_and_finish(page, "ensemble")
             assert page.text_content("#run-answer") == "391"
             rows = page.locator("#contributions tbody tr")
             assert rows.count() == 3
@@ -333,17 +330,9 @@ def test_dashboard_in_a_browser(dashboard_demo: str, tmp_path: Path) -> None:
 
             # a cascade over three tiers: who answered, and the answer that stood
             page.reload()
-            page.wait_for_selector('[data-member="cloud"] input')
-            page.select_option("#f-pattern", "cascade")
-            for a in ("phone", "edge-a", "cloud"):
-                page.check(f'[data-member="{a}"] input')
+            _pick(page, "cascade", ("phone", "edge-a", "cloud"))
             assert page.text_content('[data-member="cloud"] .order') == "3"
-            page.click("#f-submit")
-            page.wait_for_function(
-                "document.getElementById('run-status').textContent === 'done' && "
-                "document.getElementById('run-title').textContent.startsWith('cascade')",
-                timeout=60_000,
-            )
+            _start_and_finish(page, "cascade")
             assert page.text_content("#run-answered-by") == "cloud"
             assert page.text_content("#run-answer") == "391"
             assert page.locator("#run-list li").count() == 2  # the earlier run is listed after a reload
@@ -352,17 +341,9 @@ def test_dashboard_in_a_browser(dashboard_demo: str, tmp_path: Path) -> None:
 
             # a debate: every member's answer in every round; peers drawn as one frame, not n² arrows
             page.reload()
-            page.wait_for_selector('[data-member="edge-a"] input')
-            page.select_option("#f-pattern", "debate")
-            for a in ("edge-a", "edge-b", "edge-c"):
-                page.check(f'[data-member="{a}"] input')
+            _pick(page, "debate", ("edge-a", "edge-b", "edge-c"))
             page.fill("#f-rounds", "2")
-            page.click("#f-submit")
-            page.wait_for_function(
-                "document.getElementById('run-status').textContent === 'done' && "
-                "document.getElementById('run-title').textContent.startsWith('debate')",
-                timeout=60_000,
-            )
+            _start_and_finish(page, "debate")
             assert page.locator("#contributions tbody tr").count() == 6
             assert page.locator("#graph .peers").count() == 1
             assert page.locator("#timeline .ev-copy").count() == 6  # one group publish per round
@@ -384,6 +365,24 @@ def test_dashboard_in_a_browser(dashboard_demo: str, tmp_path: Path) -> None:
             browser.close()
     # the browser logs the refused run's 422 as a failed resource: expected, everything else is not
     assert [e for e in errors if "status of 422" not in e] == [], errors
+
+
+def _pick(page: Any, pattern: str, members: tuple[str, ...]) -> None:
+    """Choose a pattern on the form and tick its members (in order: a cascade asks them so)."""
+    page.wait_for_selector(f'[data-member="{members[-1]}"] input')
+    page.select_option("#f-pattern", pattern)
+    for a in members:
+        page.check(f'[data-member="{a}"] input')
+
+
+def _start_and_finish(page: Any, pattern: str) -> None:
+    """Start the run on the form and wait until the page shows it finished."""
+    page.click("#f-submit")
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'done' && "
+        f"document.getElementById('run-title').textContent.startsWith('{pattern}')",
+        timeout=60_000,
+    )
 
 
 def _run_file() -> dict[str, Any]:

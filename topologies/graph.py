@@ -301,7 +301,7 @@ class AgentGraph:
         styles = {lab: (col, ls) for lab, col, ls in flow_legend}
         for e in lay.edges:
             col, ls = styles[e.label]
-            pts = _clip(_smooth(e.points), lay.boxes[e.src], lay.boxes[e.dst])
+            pts = lay.path(e)
             if len(pts) < 2:
                 continue
             ax.add_patch(
@@ -405,6 +405,10 @@ class GraphLayout:
     clusters: list[Cluster]
     width: float
     height: float
+
+    def path(self, edge: EdgeRoute) -> list[tuple[float, float]]:
+        """The curve to draw for ``edge``: smooth through its bends, from border to border of its boxes."""
+        return _clip(_smooth(edge.points), self.boxes[edge.src], self.boxes[edge.dst])
 
 
 def layered_layout(g: nx.MultiDiGraph, sizes: Mapping[str, tuple[float, float]]) -> GraphLayout:

@@ -371,10 +371,7 @@ class LinkProxy:
             return self
         host, port = self._listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
+        sock = socket.create_server((host, port), family=family, backlog=128)  # SO_REUSEADDR on POSIX
         sock.setblocking(False)
         self._sock = sock
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"{self.name}-accept")

@@ -65,7 +65,7 @@ def create_app(dashboard: Dashboard, *, allowed_hosts: Sequence[str] = LOOPBACK_
         if record is None:
             missing = request.path_params["run_id"]
             return _error(404, "unknown_run", f"no run {missing!r} (finished runs are kept a while)")
-        return JSONResponse(json.loads(json.dumps(record.to_dict(), default=str)))
+        return Response(json.dumps(record.to_dict(), default=str), media_type="application/json")
 
     async def start_run(request: Request) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":

@@ -40,10 +40,7 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening socket (``port=0``: any free port), bound before the server starts so the URL is
     known, and printed, before the first request."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    sock = socket.create_server((host, port), family=family, backlog=128)
     sock.setblocking(False)
     return sock
 

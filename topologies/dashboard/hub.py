@@ -93,13 +93,17 @@ class Dashboard:
     def snapshot(self) -> dict[str, Any]:
         """Nodes grouped by tier with their agents, load and the measured path to each (from here)."""
         presence = self.client.presence
+        hosted: dict[str, list[str]] = {}  # node -> the agents it hosts
+        for agent_id, hosts in presence.agents.items():
+            for node_id in hosts:
+                hosted.setdefault(node_id, []).append(agent_id)
         nodes: list[dict[str, Any]] = []
         for node_id, rec in sorted(presence.nodes.items()):
             online = presence.node_online(node_id)
             tele = self.telemetry.node(node_id)
             loads = tele.record.agents if tele is not None and not tele.stale else {}
             agents = []
-            for agent_id in sorted(a for a, hosts in presence.agents.items() if node_id in hosts):
+            for agent_id in sorted(hosted.get(node_id, ())):
                 arec = presence.agents[agent_id][node_id]
                 load = loads.get(agent_id)
                 agents.append(
@@ -237,6 +241,9 @@ class Dashboard:
     async def _push_state(self) -> None:
         while True:
             await asyncio.sleep(self.refresh)
+            if not self._subscribers:  # no page open: each one gets a fresh snapshot when it connects
+                self._last_state = None
+                continue
             try:
                 state = self.snapshot()
             except Exception:  # pragma: no cover - a snapshot bug must not stop the pushes

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..cascade import Cascade
@@ -65,40 +64,57 @@ class RunSpec(BaseModel):
         return MixtureOfAgents([m], self.aggregator)
 
 
+#: pixels per inch of :meth:`AgentGraph.layout` (its boxes fit labels at 9 pt, i.e. 12.5 px here)
+GRAPH_PX = 100.0
+
+
 def graph_json(graph: AgentGraph) -> dict[str, Any]:
-    """Nodes with a layered layout (left to right, by distance from the task) and edges, for the page."""
-    g = graph.g
-    try:
-        layers = [sorted(gen) for gen in nx.topological_generations(g)]
-    except nx.NetworkXUnfeasible:  # a debate: agents answer each other, so layer by distance instead
-        sources = [n for n in g if g.in_degree(n) == 0] or list(g)[:1]
-        depth: dict[str, int] = {}
-        for s in sources:
-            for n, d in nx.single_source_shortest_path_length(g, s).items():
-                depth[n] = min(d, depth.get(n, d))
-        for n in g:
-            depth.setdefault(n, 0)
-        layers = [sorted(n for n in g if depth[n] == d) for d in range(max(depth.values()) + 1)]
-    pos = {n: (x, y) for x, layer in enumerate(layers) for y, n in enumerate(layer)}
+    """The pattern as the page draws it: :meth:`AgentGraph.layout` (the layered layout ``aiflow graph draw``
+    uses) in pixels, y down. Each node also carries its column ``x`` and its row ``y`` in that column."""
+    lay = graph.layout()
+    paths = [lay.path(e) for e in lay.edges]
+    boxes = [*lay.boxes.values(), *((c.x0, c.y0, c.x1, c.y1) for c in lay.clusters)]
+    boxes += [(x, y, x, y) for path in paths for x, y in path]  # long edges bend around the columns
+    pad = 0.25
+    left, top = min(b[0] for b in boxes) - pad, max(b[3] for b in boxes) + pad
+
+    def px(p: tuple[float, float]) -> list[float]:
+        return [round((p[0] - left) * GRAPH_PX, 1), round((top - p[1]) * GRAPH_PX, 1)]
+
+    def rect(b: tuple[float, float, float, float]) -> list[float]:
+        return [*px((b[0], b[3])), round((b[2] - b[0]) * GRAPH_PX, 1), round((b[3] - b[1]) * GRAPH_PX, 1)]
+
+    columns = [sorted((n for n in layer if n in graph.g), key=lambda n: -lay.pos[n][1]) for layer in lay.layers]
     nodes = [
         {
             "id": n,
-            "kind": d.get("kind"),
-            "tier": d.get("tier"),
-            "x": pos[n][0],
-            "y": pos[n][1],
-            "rows": len(layers[pos[n][0]]),
+            "kind": graph.g.nodes[n].get("kind"),
+            "tier": graph.tier_of(n),
+            "label": graph.node_label(n),
+            "x": x,
+            "y": y,
+            "rows": len(column),
+            "box": rect(lay.boxes[n]),
         }
-        for n, d in g.nodes(data=True)
+        for x, column in enumerate(columns)
+        for y, n in enumerate(column)
     ]
-    seen: set[tuple[str, str, str]] = set()
-    edges = []
-    for u, v, d in g.edges(data=True):
-        key = (u, v, str(d.get("kind", "")))
-        if key not in seen:
-            seen.add(key)
-            edges.append({"source": u, "target": v, "kind": key[2]})
-    return {"name": graph.name, "nodes": nodes, "edges": edges, "columns": len(layers)}
+    edges = [
+        {"source": e.src, "target": e.dst, "kind": e.label, "points": [px(p) for p in path]}
+        for e, path in zip(lay.edges, paths, strict=True)
+    ]
+    clusters = [{"nodes": c.nodes, "caption": c.caption, "box": rect((c.x0, c.y0, c.x1, c.y1))} for c in lay.clusters]
+    bottom, right = min(b[1] for b in boxes) - pad, max(b[2] for b in boxes) + pad
+    size = px((right, bottom))
+    return {
+        "name": graph.name,
+        "nodes": nodes,
+        "edges": edges,
+        "clusters": clusters,
+        "columns": len(columns),
+        "width": size[0],
+        "height": size[1],
+    }
 
 
 class LiveTrace(Trace):

@@ -206,65 +206,61 @@ function renderContributions(rows) {
 
 // -- the pattern graph --------------------------------------------------------------------------
 function graphFromTrace(events) {
-  // A run file without its pattern (``aiflow run --trace-out``): draw who talked to whom.
+  // A run file without its pattern (``aiflow run --trace-out``): who talked to whom, in three columns
+  // (manager, group topics, agents), drawn like a pattern graph.
   const ids = [...new Set(events.flatMap(e => [e.sender, e.recipient]))];
-  const order = ["manager", ...ids.filter(i => i !== "manager")];
-  const nodes = order.map((id, i) => ({id, kind: id === "manager" ? "task" : (id.startsWith("group:") ? "group" : "agent"),
-    tier: null, x: id === "manager" ? 0 : (id.startsWith("group:") ? 1 : 2), y: 0, rows: 1}));
-  const cols = {};
-  for (const n of nodes) { n.y = cols[n.x] = (cols[n.x] ?? -1) + 1; }
-  for (const n of nodes) n.rows = cols[n.x] + 1;
+  const column = id => id === "manager" ? 0 : (id.startsWith("group:") ? 1 : 2);
+  const rows = [0, 0, 0];
+  const nodes = ["manager", ...ids.filter(i => i !== "manager")].map(id => {
+    const x = column(id), y = rows[x]++;
+    return {id, kind: x === 2 ? "agent" : "task", tier: null, label: id, x, y};
+  });
+  const W = 130, H = 30;
+  for (const n of nodes) n.box = [20 + n.x * 180, 20 + n.y * 50 + (Math.max(...rows) - rows[n.x]) * 25, W, H];
+  const at = Object.fromEntries(nodes.map(n => [n.id, n.box]));
   const seen = new Set(), edges = [];
   for (const e of events) {
-    const key = `${e.sender}>${e.recipient}`;
-    if (!seen.has(key) && e.sender !== e.recipient) { seen.add(key); edges.push({source: e.sender, target: e.recipient, kind: e.kind}); }
+    const key = `${e.sender}>${e.recipient}`, a = at[e.sender], b = at[e.recipient];
+    if (seen.has(key) || e.sender === e.recipient || a[0] === b[0]) continue;
+    seen.add(key);
+    const right = a[0] < b[0];  // from the sender's side facing the recipient to the recipient's
+    edges.push({source: e.sender, target: e.recipient, kind: e.kind,
+      points: [[a[0] + (right ? W : 0), a[1] + H / 2], [b[0] + (right ? 0 : W), b[1] + H / 2]]});
   }
-  return {name: "trace", nodes, edges, columns: 3};
+  return {name: "trace", nodes, edges, clusters: [], width: 20 + 3 * 180, height: 40 + Math.max(...rows) * 50};
 }
 
 function drawGraph(graph, events, res) {
+  // Positions, box sizes and edge curves come from the server: the same layered layout as
+  // ``aiflow graph draw`` (topologies.graph.AgentGraph.layout), in pixels.
   const box = $("graph");
   box.replaceChildren();
-  const colW = 150, rowH = 46, nodeW = 118, nodeH = 30;
-  const maxRows = Math.max(1, ...graph.nodes.map(n => n.rows));
-  const W = Math.max(graph.columns, 1) * colW + 20, H = maxRows * rowH + 34;
-  box.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  box.style.height = `${Math.min(H * 1.1, 420)}px`;
-  const pos = {};
-  for (const n of graph.nodes) {
-    const offset = (maxRows - n.rows) * rowH / 2;
-    pos[n.id] = {x: 10 + n.x * colW + (colW - nodeW) / 2, y: 10 + offset + n.y * rowH + (rowH - nodeH) / 2};
-  }
+  box.setAttribute("viewBox", `0 0 ${graph.width} ${graph.height}`);
+  box.style.height = `${Math.min(graph.height + 10, 420)}px`;
   const defs = svg("defs");
   const marker = svg("marker", {id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto-start-reverse"});
   marker.append(svg("path", {d: "M0,0 L10,5 L0,10 z", fill: "#9aa3b2"}));
   defs.append(marker);
   box.append(defs);
-  const peers = new Set();  // debate members see each other's answers: one frame, not n² arrows
-  for (const e of graph.edges) {
-    const a = pos[e.source], b = pos[e.target];
-    if (!a || !b) continue;
-    if (a.x === b.x) { peers.add(e.source); peers.add(e.target); continue; }
-    const x1 = a.x < b.x ? a.x + nodeW : a.x, x2 = a.x < b.x ? b.x : b.x + nodeW;
-    const d = `M${x1},${a.y + nodeH / 2} C${(x1 + x2) / 2},${a.y + nodeH / 2} ${(x1 + x2) / 2},${b.y + nodeH / 2} ${x2},${b.y + nodeH / 2}`;
-    box.append(svg("path", {d, class: "gedge", "data-source": e.source, "data-target": e.target, "marker-end": "url(#arrow)"}));
+  for (const c of graph.clusters || []) {  // a debate's members see each other's answers: one frame, not n² arrows
+    const [x, y, w] = c.box;
+    box.append(svg("rect", {x, y, width: w, height: c.box[3], rx: 8, class: "peers"}));
+    box.append(svg("text", {x: x + w / 2, y: y - 4, "text-anchor": "middle", class: "peers-label"}, c.caption));
   }
-  if (peers.size) {
-    const ps = [...peers].map(id => pos[id]);
-    const x0 = Math.min(...ps.map(p => p.x)) - 8, y0 = Math.min(...ps.map(p => p.y)) - 8;
-    const y1 = Math.max(...ps.map(p => p.y)) + nodeH + 8;
-    box.append(svg("rect", {x: x0, y: y0, width: nodeW + 16, height: y1 - y0, rx: 8, class: "peers"}));
-    box.append(svg("text", {x: x0 + (nodeW + 16) / 2, y: Math.min(y1 + 13, H - 2), "text-anchor": "middle", class: "peers-label"}, "↔ each sees the others' answers"));
+  for (const e of graph.edges) {
+    if (!e.points || e.points.length < 2) continue;
+    const d = "M" + e.points.map(p => p.join(",")).join(" L");
+    box.append(svg("path", {d, class: "gedge", "data-source": e.source, "data-target": e.target, "marker-end": "url(#arrow)"}));
   }
   const state = nodeStates(events, res);
   for (const n of graph.nodes) {
-    const p = pos[n.id];
+    const [x, y, w, h] = n.box;
     const tier = n.tier || app.tierOf[n.id] || null;
     const fill = n.kind === "agent" ? css(`--${tier || "unknown"}`) : "#ffffff";
-    const g = svg("g", {class: "gnode " + (state[n.id] || ""), "data-node": n.id, transform: `translate(${p.x},${p.y})`});
-    g.append(svg("rect", {width: nodeW, height: nodeH, rx: n.kind === "agent" ? 4 : 14, fill}));
-    const label = n.id.length > 18 ? n.id.slice(0, 17) + "…" : n.id;
-    g.append(svg("text", {x: nodeW / 2, y: nodeH / 2 + 4, "text-anchor": "middle"}, label));
+    const g = svg("g", {class: "gnode " + (state[n.id] || ""), "data-node": n.id, transform: `translate(${x},${y})`});
+    g.append(svg("rect", {width: w, height: h, rx: n.kind === "agent" ? 4 : 12, fill}));
+    const lines = String(n.label || n.id).split("\n");
+    lines.forEach((line, i) => g.append(svg("text", {x: w / 2, y: h / 2 + 4 + (i - (lines.length - 1) / 2) * 14, "text-anchor": "middle", class: "glabel"}, line)));
     g.append(svg("title", {}, `${n.id} (${n.kind}${tier ? ", " + tier : ""})`));
     box.append(g);
   }
